@@ -1,0 +1,1 @@
+//! virtio-balloon device and host-side guest page accounting.

@@ -1,0 +1,1 @@
+//! Builds the guest kernel + initramfs image from Debian packages.

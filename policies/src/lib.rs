@@ -1,0 +1,1 @@
+//! Trim policy schema, validation and the policy files users start from.

@@ -1,0 +1,1 @@
+//! Finds real KVM: the host's /dev/kvm or the nested QEMU rig, and runs payloads there.

@@ -1,0 +1,9 @@
+//! A snapshotting KVM virtual machine monitor for serverless microVMs.
+//!
+//! The crate is laid out by architecture: `boot/` puts a Linux kernel into guest memory
+//! (bzImage, e820, ACPI, command line), `kvm/` owns the VM and vCPU objects, `devices/` holds
+//! the emulated devices, `api/` the HTTP control API, and `vm.rs` ties them into a running
+//! microVM.
+
+pub mod api;
+pub mod cli;

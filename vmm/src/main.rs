@@ -1,0 +1,54 @@
+//! The `vmm` command line: boots, controls and (later) snapshots microVMs.
+
+use clap::{Parser, Subcommand};
+use vmm::cli;
+
+#[derive(Parser)]
+#[command(name = "vmm", version, about = "A snapshotting KVM virtual machine monitor for microVMs")]
+struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `vmm=debug`.
+    #[arg(long, global = true, default_value = "info", env = "VMM_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a microVM and run it until the guest powers off or the VMM is stopped.
+    Run(cli::run::RunArgs),
+    /// Build or locate the guest image (kernel + initramfs).
+    #[command(subcommand)]
+    Image(cli::image::ImageCommand),
+    /// Pause a running microVM through its API socket.
+    Pause(cli::control::SocketArgs),
+    /// Resume a paused microVM through its API socket.
+    Resume(cli::control::SocketArgs),
+    /// Print a microVM's state, configuration and uptime.
+    Status(cli::control::StatusArgs),
+    /// Shut a microVM down through its API socket.
+    Stop(cli::control::SocketArgs),
+    /// The main job end to end: build the image, boot it, report, power off.
+    Demo(cli::demo::DemoArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    cli::init_logging(&cli.log);
+    let result = match cli.command {
+        Command::Run(args) => cli::run::run(args),
+        Command::Image(cmd) => cli::image::run(cmd),
+        Command::Pause(args) => cli::control::pause(args),
+        Command::Resume(args) => cli::control::resume(args),
+        Command::Status(args) => cli::control::status(args),
+        Command::Stop(args) => cli::control::stop(args),
+        Command::Demo(args) => cli::demo::run(args),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            eprintln!("vmm: error: {err:#}");
+            std::process::exit(1);
+        }
+    }
+}
