@@ -50,7 +50,7 @@ pub enum BalloonConfigError {
         max_s: u16,
     },
     /// The JSON text is not a valid balloon configuration.
-    #[error("parse balloon config: {0}")]
+    #[error("parse balloon config")]
     Parse(#[source] serde_json::Error),
 }
 
@@ -125,12 +125,16 @@ mod tests {
             512,
         )
         .unwrap_err();
+        let BalloonConfigError::Parse(source) = &err else {
+            panic!("{err:?}")
+        };
         assert!(
-            err.to_string().contains("unknown field `amount_kib`"),
-            "{err}"
+            source.to_string().contains("unknown field `amount_kib`"),
+            "{source}"
         );
         let err = BalloonConfig::from_json_str(r#"{"amount_mib": 1}"#, 512).unwrap_err();
-        assert!(err.to_string().contains("deflate_on_oom"), "{err}");
+        let source = std::error::Error::source(&err).unwrap().to_string();
+        assert!(source.contains("deflate_on_oom"), "{source}");
     }
 
     #[test]
