@@ -1,0 +1,52 @@
+//! Boot scenarios under real KVM: one `#[test]` per scenario of `tests::scenarios`.
+//!
+//! The first test to run starts the whole suite (one rig boot for all scenarios, see
+//! `tests::harness`); the others wait for it and assert on their own scenario's result. A
+//! scenario that did not run fails. Live consoles are on stderr; the full log goes to
+//! `target/e2e/last-run.log`.
+
+use tests::harness::{assert_scenario, suite};
+
+macro_rules! scenario_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                assert_scenario(stringify!($name));
+            }
+        )*
+
+        /// Every scenario the runner knows has a test here, and every one reported a result.
+        #[test]
+        fn every_scenario_has_a_test_and_a_result() {
+            let tested = [$(stringify!($name)),*];
+            let known = tests::scenarios::names();
+            for n in &known {
+                assert!(tested.contains(n), "scenario {n} has no #[test] in boot.rs");
+            }
+            for n in &tested {
+                assert!(known.contains(n), "#[test] {n} names no scenario");
+            }
+            let suite = suite().unwrap_or_else(|e| panic!("the e2e suite could not run: {e}"));
+            let missing: Vec<_> = known.iter().filter(|n| !suite.results.contains_key(**n)).collect();
+            assert!(missing.is_empty(), "scenarios without a result: {missing:?}");
+        }
+    };
+}
+
+scenario_tests!(
+    bad_missing_kernel,
+    bad_not_bzimage,
+    bad_initrd_too_big,
+    bad_mem_too_small,
+    bad_zero_vcpus,
+    bad_config_unknown_field,
+    bad_kvm_not_permitted,
+    bad_api_sock_in_use,
+    bad_api_malformed_json,
+    boot_1vcpu,
+    boot_2vcpu,
+    poweroff_exits_fast,
+    sigterm_stops_cleanly,
+    pause_resume,
+);
