@@ -1,1 +1,106 @@
-//! HTTP/1.1 + JSON control API over a unix socket (owned by the API helper).
+//! HTTP/1.1 + JSON control API over a unix socket, in Firecracker's shape.
+//!
+//! - [`http`] parses requests and writes responses (hand-written, bounded, panic-free).
+//! - [`routes`] maps `(method, path)` to a typed [`ApiRequest`], one small parser per resource.
+//! - [`server`] owns the socket and serves connections on background threads.
+//! - [`client`] is the small client `vmm pause|resume|status|stop` use.
+//!
+//! The VMM plugs in by implementing [`ApiHandler`]; the API knows nothing else about it.
+//! Errors are returned as `{"fault_message": "..."}` with a 4xx/5xx status; successful actions
+//! answer `204 No Content` and queries `200 OK` with a JSON body.
+
+pub mod client;
+pub mod http;
+pub mod routes;
+pub mod server;
+
+pub use server::{ApiServer, ApiServerError, ApiServerHandle};
+
+use serde::{Deserialize, Serialize};
+
+/// A typed request for the VMM, produced by routing an HTTP request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRequest {
+    /// `GET /`: the VM's state, configuration and uptime.
+    GetVmInfo,
+    /// `PATCH /vm`: pause or resume the vCPUs.
+    SetVmState(VmStateRequest),
+    /// `PUT /actions {"action_type": "Shutdown"}`: stop the VM and the VMM.
+    Shutdown,
+}
+
+/// The target state of `PATCH /vm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmStateRequest {
+    /// Stop running the vCPUs (idempotent: pausing a paused VM succeeds).
+    Paused,
+    /// Run the vCPUs again (idempotent: resuming a running VM succeeds).
+    Resumed,
+}
+
+/// A successful result of [`ApiHandler::handle`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiReply {
+    /// The action was done: `204 No Content`.
+    Empty,
+    /// A query's result: `200 OK` with this JSON body.
+    Json(serde_json::Value),
+}
+
+/// A failed request. The message becomes the response's `fault_message`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// `400`: the request is malformed (bad JSON, unknown field, invalid value).
+    #[error("{0}")]
+    BadRequest(String),
+    /// `404`: no such resource.
+    #[error("{0}")]
+    NotFound(String),
+    /// `405`: the resource exists but does not support the method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// `409`: the request conflicts with the VM's state (e.g. resume before boot).
+    #[error("{0}")]
+    Conflict(String),
+    /// `500`: the VMM failed to carry out a valid request.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The HTTP status code for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::BadRequest(_) => 400,
+            ApiError::NotFound(_) => 404,
+            ApiError::MethodNotAllowed(_) => 405,
+            ApiError::Conflict(_) => 409,
+            ApiError::Internal(_) => 500,
+        }
+    }
+}
+
+/// The VMM side of the API.
+///
+/// The server calls `handle` from its connection threads, one request at a time (calls are
+/// serialised), so implementations need no extra locking against each other. `handle` should
+/// not block for long, and must not wait for the [`ApiServerHandle`] to be dropped (e.g. a
+/// `Shutdown` should signal the VMM's main loop and return).
+pub trait ApiHandler: Send + Sync {
+    /// Carries out one request.
+    fn handle(&self, request: ApiRequest) -> Result<ApiReply, ApiError>;
+}
+
+/// The suggested body of `GET /`. `vmm status` summarises these fields (it also finds them in
+/// nested objects, and tolerates their absence); a handler may return more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// The VM's state, e.g. `"NotStarted"`, `"Running"`, `"Paused"`.
+    pub state: String,
+    /// Milliseconds since the VM was started.
+    pub uptime_ms: u64,
+    /// Number of vCPUs.
+    pub vcpu_count: u64,
+    /// Guest memory size in MiB.
+    pub mem_size_mib: u64,
+}
