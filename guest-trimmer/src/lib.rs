@@ -1,0 +1,25 @@
+//! `guest-trimmer`: the in-guest daemon that frees memory before a snapshot.
+//!
+//! The binary (`main.rs`) is a thin command line over these modules, which are kept here so
+//! they are unit-testable with fake `/proc` and `/sys` trees:
+//!
+//! - [`meminfo`]: `/proc/meminfo` and `/proc/vmstat` as typed structs;
+//! - [`sysinfo`]: online CPUs, memory size, kernel release and uptime, printed at boot;
+//! - [`damon`]: the DAMON sysfs driver.
+
+pub mod damon;
+pub mod meminfo;
+pub mod sysinfo;
+
+/// Formats an error and its chain of causes as `outer: cause: cause`, the way the binary
+/// prints errors.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
