@@ -541,7 +541,7 @@ impl PageStateMap {
             if run.nr_pages == 0 {
                 return Err(invalid("empty run"));
             }
-            if index > 0 && run.start_pfn < next_free_pfn {
+            if run.start_pfn < next_free_pfn {
                 return Err(invalid("overlaps or precedes the previous run"));
             }
             let (region, from, to) = map
