@@ -6,4 +6,10 @@
 //! microVM.
 
 pub mod api;
+pub mod boot;
 pub mod cli;
+pub mod config;
+pub mod devices;
+pub mod kvm;
+pub mod metrics;
+pub mod vm;

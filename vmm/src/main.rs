@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use vmm::cli;
 
 #[derive(Parser)]
-#[command(name = "vmm", version, about = "A snapshotting KVM virtual machine monitor for microVMs")]
+#[command(
+    name = "vmm",
+    version,
+    about = "A snapshotting KVM virtual machine monitor for microVMs"
+)]
 struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `vmm=debug`.
     #[arg(long, global = true, default_value = "info", env = "VMM_LOG")]
@@ -33,6 +37,7 @@ enum Command {
 }
 
 fn main() {
+    vmm::metrics::mark_process_start();
     let cli = Cli::parse();
     cli::init_logging(&cli.log);
     let result = match cli.command {

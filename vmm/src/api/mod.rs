@@ -13,6 +13,7 @@ pub mod client;
 pub mod http;
 pub mod routes;
 pub mod server;
+pub mod vm_handler;
 
 pub use server::{ApiServer, ApiServerError, ApiServerHandle};
 

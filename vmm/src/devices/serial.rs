@@ -1,0 +1,185 @@
+//! COM1: a 16550 UART (`vm-superio`) whose interrupt reaches the guest through an irqfd, and
+//! whose output goes to stdout or a file while the VMM watches it for boot milestones.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::{BusDevice, GuestRequest};
+use crate::metrics::{BootTimeline, READY_MARKER};
+
+/// Raises the UART's interrupt by signalling an eventfd registered as an irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Console output: forwards every byte to the sink and records the first byte and the
+/// readiness marker on the boot timeline.
+pub struct ConsoleOutput {
+    sink: Box<dyn Write + Send>,
+    timeline: Arc<BootTimeline>,
+    /// The current line, up to the marker's length (enough to recognise it).
+    line: Vec<u8>,
+}
+
+impl ConsoleOutput {
+    /// Wraps `sink`.
+    pub fn new(sink: Box<dyn Write + Send>, timeline: Arc<BootTimeline>) -> Self {
+        Self {
+            sink,
+            timeline,
+            line: Vec::with_capacity(READY_MARKER.len()),
+        }
+    }
+
+    fn watch(&mut self, bytes: &[u8]) {
+        self.timeline.mark_first_console();
+        if self.timeline.is_ready() {
+            return;
+        }
+        for &byte in bytes {
+            if byte == b'\n' || byte == b'\r' {
+                self.line.clear();
+            } else if self.line.len() < READY_MARKER.len() {
+                self.line.push(byte);
+                if self.line == READY_MARKER.as_bytes() {
+                    self.timeline.mark_ready();
+                }
+            }
+        }
+    }
+}
+
+impl Write for ConsoleOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.watch(buf);
+        // A console whose reader went away must not stop the guest: drop the output.
+        if let Err(err) = self.sink.write_all(buf) {
+            tracing::debug!(%err, "console output dropped");
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let _ = self.sink.flush();
+        Ok(())
+    }
+}
+
+/// The UART as a port-I/O bus device.
+pub struct SerialDevice {
+    uart: Serial<IrqTrigger, NoEvents, ConsoleOutput>,
+}
+
+impl SerialDevice {
+    /// A UART raising `irq` and writing to `output`.
+    pub fn new(irq: EventFd, output: ConsoleOutput) -> Self {
+        Self {
+            uart: Serial::new(IrqTrigger(irq), output),
+        }
+    }
+
+    /// Queues bytes typed on the host console for the guest to read.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.uart.fifo_capacity();
+        let count = bytes.len().min(room);
+        if count > 0 {
+            if let Err(err) = self.uart.enqueue_raw_bytes(&bytes[..count]) {
+                tracing::debug!(?err, "serial input dropped");
+                return 0;
+            }
+        }
+        count
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // The UART's registers are bytes; wider accesses read the first and pad with zeros.
+        data.fill(0);
+        if let (Some(first), Ok(offset)) = (data.first_mut(), u8::try_from(offset)) {
+            *first = self.uart.read(offset);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Option<GuestRequest> {
+        if let (Some(&value), Ok(offset)) = (data.first(), u8::try_from(offset)) {
+            if let Err(err) = self.uart.write(offset, value) {
+                tracing::debug!(?err, "serial write failed");
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn guest_output_reaches_the_sink_and_marks_milestones() {
+        let timeline = Arc::new(BootTimeline::new(Instant::now()));
+        let capture = Capture::default();
+        let output = ConsoleOutput::new(Box::new(capture.clone()), timeline.clone());
+        let mut serial = SerialDevice::new(EventFd::new(0).unwrap(), output);
+        let text = format!("boot\r\nxx {READY_MARKER}\n{READY_MARKER}\n");
+        for byte in text.bytes() {
+            serial.write(0, &[byte]);
+        }
+        assert_eq!(capture.0.lock().unwrap().as_slice(), text.as_bytes());
+        let timings = timeline.timings();
+        assert!(timings.first_console_ms.is_some());
+        assert!(
+            timings.ready_ms.is_some(),
+            "marker at the start of a line is recognised"
+        );
+    }
+
+    #[test]
+    fn marker_inside_a_line_does_not_count() {
+        let timeline = Arc::new(BootTimeline::new(Instant::now()));
+        let mut out = ConsoleOutput::new(Box::new(io::sink()), timeline.clone());
+        out.write_all(format!("echo {READY_MARKER}\n").as_bytes())
+            .unwrap();
+        assert!(!timeline.is_ready());
+    }
+
+    #[test]
+    fn odd_accesses_do_not_panic() {
+        let timeline = Arc::new(BootTimeline::new(Instant::now()));
+        let mut serial = SerialDevice::new(
+            EventFd::new(0).unwrap(),
+            ConsoleOutput::new(Box::new(io::sink()), timeline),
+        );
+        let mut wide = [0xffu8; 4];
+        serial.read(5, &mut wide);
+        serial.read(300, &mut wide);
+        serial.read(0, &mut []);
+        assert_eq!(serial.write(0, &[]), None);
+        assert_eq!(serial.write(1000, &[1, 2]), None);
+        assert!(serial.enqueue_input(b"ls\n") > 0);
+    }
+}

@@ -1,0 +1,542 @@
+//! A running microVM: builds guest memory, the KVM VM, devices and vCPUs from a
+//! [`VmConfig`], then serves control requests (pause, resume, info, shutdown) and guest
+//! events (power off, reset) until it ends.
+
+use std::io::Read;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use serde::Serialize;
+use serde_json::json;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::boot::acpi::{build_acpi_tables, AcpiConfig, AcpiError};
+use crate::boot::e820::ram_ranges;
+use crate::boot::layout::{ACPI_SLEEP_CONTROL_PORT, COM1_GSI, COM1_PORT, COM1_PORT_COUNT};
+use crate::boot::loader::{load_linux, BootSource, LoadError};
+use crate::config::{ConfigError, SerialOutput, VmConfig};
+use crate::devices::acpi_pm::{self, AcpiPmDevice};
+use crate::devices::bus::{Bus, BusError, GuestRequest};
+use crate::devices::serial::{ConsoleOutput, SerialDevice};
+use crate::kvm::vcpu::{self, RunState, Vcpu, VcpuControl, VcpuError, VcpuEvent, VcpuSetup};
+use crate::kvm::vm::{create_vm, VmError};
+use crate::kvm::{kvm_device_path, open_kvm, KvmError};
+use crate::metrics::BootTimeline;
+
+/// How long vCPUs get to park when pausing.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a control request waits for the VM's event loop.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound on CPUID entries asked of KVM.
+const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+
+/// Errors building and booting a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// KVM cannot be used.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Guest memory cannot be reserved.
+    #[error("cannot reserve {mem_mib} MiB of guest memory")]
+    GuestMemory {
+        /// Requested size.
+        mem_mib: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// Creating the KVM VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A KVM query failed.
+    #[error("KVM failed to {operation}")]
+    KvmQuery {
+        /// What the VMM asked.
+        operation: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The ACPI tables cannot be built.
+    #[error("cannot build the ACPI tables")]
+    Acpi(#[from] AcpiError),
+    /// Loading the kernel, initrd or command line failed.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The boot page tables cannot be written.
+    #[error("cannot write the boot page tables into guest memory")]
+    BootTables(#[source] vm_memory::GuestMemoryError),
+    /// A device cannot be set up.
+    #[error("cannot set up {device}")]
+    Device {
+        /// Which device.
+        device: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Two devices claim the same addresses (a VMM bug).
+    #[error("device layout conflict")]
+    Bus(#[from] BusError),
+    /// The serial output file cannot be opened.
+    #[error("cannot open serial output file {path}")]
+    SerialFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A vCPU cannot be created or configured.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// A vCPU thread cannot be started.
+    #[error("cannot start the thread of vCPU {id}")]
+    Thread {
+        /// Which vCPU.
+        id: u8,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The VM's state as the API reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum VmState {
+    /// vCPUs run.
+    Running,
+    /// vCPUs are parked.
+    Paused,
+}
+
+/// Why the VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest rebooted or triple-faulted; the VMM does not restart it.
+    Reset,
+    /// A signal (SIGINT/SIGTERM/SIGHUP) stopped the VMM.
+    Signal(i32),
+    /// The control API asked for shutdown.
+    Shutdown,
+    /// A vCPU failed.
+    VcpuFailed(String),
+}
+
+impl ExitReason {
+    /// The VMM's exit code: 0 for a clean stop, 1 for a failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::VcpuFailed(_) => 1,
+            _ => 0,
+        }
+    }
+
+    /// A short machine-readable name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ExitReason::PowerOff => "poweroff",
+            ExitReason::Reset => "reset",
+            ExitReason::Signal(_) => "signal",
+            ExitReason::Shutdown => "shutdown",
+            ExitReason::VcpuFailed(_) => "vcpu-failed",
+        }
+    }
+}
+
+/// A request from the control API (or another thread) to the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlRequest {
+    /// State, configuration, uptime and boot timings.
+    Info,
+    /// Park all vCPUs.
+    Pause,
+    /// Un-park them.
+    Resume,
+    /// Stop the VM.
+    Shutdown,
+}
+
+/// Errors answering a control request.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    /// The request cannot be honoured in the VM's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The VM did not answer (it is ending or stuck).
+    #[error("the VM did not answer the control request in time")]
+    Timeout,
+    /// The VM has ended.
+    #[error("the VM has stopped")]
+    Stopped,
+}
+
+type ControlReply = Result<Option<serde_json::Value>, ControlError>;
+
+/// Everything the VM's event loop reacts to.
+pub enum VmEvent {
+    /// From a vCPU thread.
+    Vcpu(VcpuEvent),
+    /// A termination signal arrived.
+    Signal(i32),
+    /// A control request, with where to send the answer.
+    Control(ControlRequest, Sender<ControlReply>),
+}
+
+/// A cloneable way to send control requests to a running VM.
+#[derive(Clone)]
+pub struct VmHandle {
+    events: Sender<VmEvent>,
+}
+
+impl VmHandle {
+    /// Sends `request` and waits for the answer.
+    pub fn request(&self, request: ControlRequest) -> ControlReply {
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.events
+            .send(VmEvent::Control(request, reply_tx))
+            .map_err(|_| ControlError::Stopped)?;
+        match reply_rx.recv_timeout(CONTROL_TIMEOUT) {
+            Ok(reply) => reply,
+            Err(RecvTimeoutError::Timeout) => Err(ControlError::Timeout),
+            Err(RecvTimeoutError::Disconnected) => Err(ControlError::Stopped),
+        }
+    }
+
+    /// Tells the VM a termination signal arrived.
+    pub fn signal(&self, signal: i32) {
+        let _ = self.events.send(VmEvent::Signal(signal));
+    }
+}
+
+/// A booted microVM.
+pub struct Vm {
+    config: VmConfig,
+    // Field order matters on drop: vCPU threads are joined in `stop`, then the VM fd closes,
+    // then guest memory is unmapped.
+    vcpu_threads: Vec<JoinHandle<()>>,
+    _vm_fd: VmFd,
+    _kvm: Kvm,
+    _mem: GuestMemoryMmap,
+    serial: Arc<Mutex<SerialDevice>>,
+    control: Arc<VcpuControl>,
+    timeline: Arc<BootTimeline>,
+    state: VmState,
+    events_tx: Sender<VmEvent>,
+    events_rx: Receiver<VmEvent>,
+}
+
+fn open_serial_sink(output: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>, BootError> {
+    Ok(match output {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::File(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| BootError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+    })
+}
+
+impl Vm {
+    /// Builds the VM described by `config` and starts its vCPUs.
+    pub fn boot(config: VmConfig, timeline: Arc<BootTimeline>) -> Result<Self, BootError> {
+        config.validate()?;
+        let machine = &config.machine_config;
+        let mem_bytes = machine.mem_size_mib << 20;
+        let serial_sink = open_serial_sink(&config.serial.output)?;
+
+        let kvm = open_kvm(&kvm_device_path())?;
+        let ranges: Vec<_> = ram_ranges(mem_bytes)
+            .into_iter()
+            .map(|(s, l)| (GuestAddress(s), l as usize))
+            .collect();
+        let mem =
+            GuestMemoryMmap::from_ranges(&ranges).map_err(|source| BootError::GuestMemory {
+                mem_mib: machine.mem_size_mib,
+                source,
+            })?;
+        let vm_fd = create_vm(&kvm, &mem)?;
+
+        let acpi = build_acpi_tables(&AcpiConfig {
+            vcpu_count: machine.vcpu_count,
+            virtio_mmio: Vec::new(),
+        })?;
+        let boot = config.boot_source.clone();
+        let entry = load_linux(
+            &mem,
+            mem_bytes,
+            &BootSource {
+                kernel: &boot.kernel_image_path,
+                initrd: boot.initrd_path.as_deref(),
+                extra_cmdline: boot.boot_args.as_deref(),
+            },
+            &acpi,
+        )?;
+        crate::kvm::regs::write_boot_tables(&mem).map_err(BootError::BootTables)?;
+
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BootError::Device {
+            device: "the serial interrupt",
+            source,
+        })?;
+        vm_fd
+            .register_irqfd(&serial_irq, COM1_GSI)
+            .map_err(|e| BootError::Device {
+                device: "the serial interrupt",
+                source: e.into(),
+            })?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            serial_irq,
+            ConsoleOutput::new(serial_sink, timeline.clone()),
+        )));
+        let mut pio = Bus::default();
+        pio.insert(COM1_PORT.into(), COM1_PORT_COUNT.into(), serial.clone())?;
+        pio.insert(
+            ACPI_SLEEP_CONTROL_PORT.into(),
+            acpi_pm::PORT_COUNT,
+            Arc::new(Mutex::new(AcpiPmDevice)),
+        )?;
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(Bus::default());
+
+        let supported_cpuid = kvm
+            .get_supported_cpuid(MAX_CPUID_ENTRIES)
+            .map_err(|source| BootError::KvmQuery {
+                operation: "report supported CPUID",
+                source,
+            })?;
+        for entry in supported_cpuid.as_slice() {
+            tracing::trace!(
+                function = format_args!("{:#x}", entry.function),
+                index = entry.index,
+                eax = format_args!("{:#x}", entry.eax),
+                ebx = format_args!("{:#x}", entry.ebx),
+                ecx = format_args!("{:#x}", entry.ecx),
+                edx = format_args!("{:#x}", entry.edx),
+                "supported CPUID"
+            );
+        }
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map_err(|source| BootError::KvmQuery {
+                operation: "list MSRs",
+                source,
+            })?;
+        let setup = VcpuSetup {
+            supported_cpuid: &supported_cpuid,
+            msr_indices: msr_list.as_slice(),
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+            vcpu_count: machine.vcpu_count,
+        };
+        let vcpus = (0..machine.vcpu_count)
+            .map(|id| {
+                Vcpu::new(
+                    &vm_fd,
+                    id,
+                    &setup,
+                    (id == 0).then_some(entry),
+                    pio.clone(),
+                    mmio.clone(),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        vcpu::install_kick_handler().map_err(|source| BootError::Device {
+            device: "the vCPU kick signal",
+            source,
+        })?;
+        let (events_tx, events_rx) = mpsc::channel();
+        let control = Arc::new(VcpuControl::default());
+        let mut vcpu_threads = Vec::with_capacity(vcpus.len());
+        for (id, vcpu) in vcpus.into_iter().enumerate() {
+            let (control, timeline) = (control.clone(), timeline.clone());
+            let events = events_tx.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    vcpu.run(control, timeline, |event| {
+                        drop(events.send(VmEvent::Vcpu(event)))
+                    })
+                })
+                .map_err(|source| BootError::Thread {
+                    id: id as u8,
+                    source,
+                })?;
+            vcpu_threads.push(thread);
+        }
+        tracing::info!(
+            vcpus = machine.vcpu_count,
+            mem_mib = machine.mem_size_mib,
+            kernel = %boot.kernel_image_path.display(),
+            "microVM started"
+        );
+        Ok(Self {
+            config,
+            vcpu_threads,
+            _vm_fd: vm_fd,
+            _kvm: kvm,
+            _mem: mem,
+            serial,
+            control,
+            timeline,
+            state: VmState::Running,
+            events_tx,
+            events_rx,
+        })
+    }
+
+    /// A handle for control requests from other threads.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            events: self.events_tx.clone(),
+        }
+    }
+
+    /// Feeds the host's standard input to the guest's serial console, on a background thread.
+    pub fn forward_stdin(&self) {
+        let serial = self.serial.clone();
+        let _ = std::thread::Builder::new()
+            .name("serial-in".into())
+            .spawn(move || {
+                let mut stdin = std::io::stdin();
+                let mut buf = [0u8; 256];
+                while let Ok(count) = stdin.read(&mut buf) {
+                    if count == 0 {
+                        break;
+                    }
+                    let mut pending = &buf[..count];
+                    while !pending.is_empty() {
+                        let taken = serial
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .enqueue_input(pending);
+                        pending = &pending[taken..];
+                        if taken == 0 {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                }
+            });
+    }
+
+    /// The VM's boot timeline, readable after the VM has ended.
+    pub fn timings_source(&self) -> Arc<BootTimeline> {
+        self.timeline.clone()
+    }
+
+    fn info(&self) -> serde_json::Value {
+        let machine = &self.config.machine_config;
+        json!({
+            "state": self.state,
+            "vcpu_count": machine.vcpu_count,
+            "mem_size_mib": machine.mem_size_mib,
+            "vmm_version": env!("CARGO_PKG_VERSION"),
+            "uptime_ms": self.timeline.uptime_ms(),
+            "config": self.config,
+            "boot_timings_ms": self.timeline.timings(),
+        })
+    }
+
+    fn kick_vcpus(&self) {
+        for thread in &self.vcpu_threads {
+            if !thread.is_finished() {
+                let _ = thread.kill(vcpu::kick_signal());
+            }
+        }
+    }
+
+    fn pause(&mut self) -> ControlReply {
+        if self.state == VmState::Paused {
+            return Ok(None);
+        }
+        self.control.set(RunState::Paused);
+        self.kick_vcpus();
+        if !self
+            .control
+            .wait_parked(self.vcpu_threads.len(), PAUSE_TIMEOUT)
+        {
+            self.control.set(RunState::Running);
+            return Err(ControlError::Conflict(
+                "vCPUs did not pause in time; the VM keeps running".into(),
+            ));
+        }
+        self.state = VmState::Paused;
+        tracing::info!("microVM paused");
+        Ok(None)
+    }
+
+    fn resume(&mut self) -> ControlReply {
+        if self.state == VmState::Running {
+            return Ok(None);
+        }
+        self.control.set(RunState::Running);
+        self.state = VmState::Running;
+        tracing::info!("microVM resumed");
+        Ok(None)
+    }
+
+    /// Serves events until the VM ends, then stops the vCPUs and returns why it ended.
+    pub fn run(mut self) -> ExitReason {
+        let reason = loop {
+            let Ok(event) = self.events_rx.recv() else {
+                break ExitReason::VcpuFailed("event channel closed".into());
+            };
+            match event {
+                VmEvent::Vcpu(VcpuEvent::Guest(GuestRequest::PowerOff)) => {
+                    break ExitReason::PowerOff
+                }
+                VmEvent::Vcpu(VcpuEvent::Guest(GuestRequest::Reset)) => break ExitReason::Reset,
+                VmEvent::Vcpu(VcpuEvent::Failed { id, error }) => {
+                    break ExitReason::VcpuFailed(format!("vCPU {id}: {error}"))
+                }
+                VmEvent::Signal(signal) => break ExitReason::Signal(signal),
+                VmEvent::Control(request, reply) => {
+                    let answer = match request {
+                        ControlRequest::Info => Ok(Some(self.info())),
+                        ControlRequest::Pause => self.pause(),
+                        ControlRequest::Resume => self.resume(),
+                        ControlRequest::Shutdown => {
+                            let _ = reply.send(Ok(None));
+                            break ExitReason::Shutdown;
+                        }
+                    };
+                    let _ = reply.send(answer);
+                }
+            }
+        };
+        self.stop();
+        match &reason {
+            ExitReason::VcpuFailed(error) => tracing::error!(%error, "microVM failed"),
+            other => tracing::info!(reason = other.name(), "microVM stopped"),
+        }
+        reason
+    }
+
+    fn stop(&mut self) {
+        self.control.set(RunState::Exiting);
+        self.kick_vcpus();
+        for thread in self.vcpu_threads.drain(..) {
+            let _ = thread.join();
+        }
+        // Answer requests that raced with the stop.
+        while let Ok(event) = self.events_rx.try_recv() {
+            if let VmEvent::Control(_, reply) = event {
+                let _ = reply.send(Err(ControlError::Stopped));
+            }
+        }
+    }
+}
