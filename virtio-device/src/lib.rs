@@ -1,0 +1,76 @@
+//! The contract between a virtio device and the transport that exposes it to the guest.
+//!
+//! A device (the balloon, later vsock and blk) implements [`VirtioDevice`]: its features, its
+//! configuration space, and what to do once the guest driver has set up its queues
+//! ([`VirtioDevice::activate`]). The transport (virtio-mmio, in the `vmm` crate) owns the
+//! registers, feature negotiation and queue set-up, turns guest queue notifications into
+//! [`EventFd`] signals (ioeventfd) and delivers the device's interrupts ([`Interrupt`]). Devices
+//! never see the transport, so they are testable with `virtio-queue`'s mock queues.
+
+use std::sync::Arc;
+
+pub use virtio_queue::{Queue, QueueT};
+pub use vm_memory::GuestMemoryMmap;
+pub use vmm_sys_util::eventfd::EventFd;
+
+/// `VIRTIO_F_VERSION_1`: every device offers it; the transport requires the guest to accept it.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// How a device tells the guest something happened.
+pub trait Interrupt: Send + Sync {
+    /// The device added buffers to the used ring of queue `queue_index`.
+    fn signal_used_queue(&self, queue_index: u16) -> std::io::Result<()>;
+    /// The device's configuration space changed (e.g. a new balloon target).
+    fn signal_config_change(&self) -> std::io::Result<()>;
+}
+
+/// What a device receives when the guest driver sets `DRIVER_OK`.
+pub struct ActivateContext {
+    /// Guest memory; queues' rings and buffers live there. Cheap to clone.
+    pub mem: GuestMemoryMmap,
+    /// The queues the driver set up, in queue-index order (ready or not).
+    pub queues: Vec<Queue>,
+    /// One event per queue, signalled when the guest notifies that queue.
+    pub queue_events: Vec<EventFd>,
+    /// How to interrupt the guest.
+    pub interrupt: Arc<dyn Interrupt>,
+}
+
+/// Errors activating a device.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up fewer queues than the device needs, or invalid ones.
+    #[error("invalid queue set-up: {0}")]
+    BadQueues(String),
+    /// The device could not start its worker.
+    #[error("cannot start the device's worker")]
+    Worker(#[source] std::io::Error),
+}
+
+/// A virtio device, independent of the transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (`virtio_bindings::virtio_ids`), e.g. 5 for the balloon.
+    fn device_type(&self) -> u32;
+
+    /// The largest size the driver may give each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// Feature bits the device offers, including [`VIRTIO_F_VERSION_1`].
+    fn avail_features(&self) -> u64;
+
+    /// Records the features the driver accepted (a subset of `avail_features`).
+    fn set_acked_features(&mut self, features: u64);
+
+    /// Reads `data.len()` bytes of configuration space at `offset`; out-of-range bytes read 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes configuration space; writes to read-only or out-of-range bytes are ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// Starts serving the queues. Called once per driver initialisation.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+
+    /// Stops serving and returns to the pre-activation state (driver reset). Returns `false`
+    /// when the device cannot be reset, in which case the transport marks it failed.
+    fn reset(&mut self) -> bool;
+}
