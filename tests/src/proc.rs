@@ -295,9 +295,11 @@ fn read_lines(stream: Stream, pipe: Box<dyn Read + Send>, tag: &str, tx: Sender<
             Ok(0) | Err(_) => break,
             Ok(_) => {
                 let at = Instant::now();
-                let line = String::from_utf8_lossy(&buf)
-                    .trim_end_matches(['\n', '\r'])
-                    .replace('\r', "");
+                let line = strip_ansi(
+                    &String::from_utf8_lossy(&buf)
+                        .trim_end_matches(['\n', '\r'])
+                        .replace('\r', ""),
+                );
                 console(tag, &line);
                 if tx.send(Event::Line(stream, at, line)).is_err() {
                     break;
@@ -308,10 +310,43 @@ fn read_lines(stream: Stream, pipe: Box<dyn Read + Send>, tag: &str, tx: Sender<
     let _ = tx.send(Event::Closed);
 }
 
+/// `s` without ANSI escape sequences (the VMM's log colours), so logs and details read plainly.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\x1b' {
+            out.push(c);
+            continue;
+        }
+        if chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameters and intermediates, then one final byte in '@'..='~'.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            chars.next();
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn ansi_is_stripped() {
+        assert_eq!(
+            strip_ansi("\x1b[2m2026\x1b[0m \x1b[32m INFO\x1b[0m a \x1b[3mk\x1b[0m\x1b[2m=\x1b[0m1"),
+            "2026  INFO a k=1"
+        );
+        assert_eq!(strip_ansi("plain"), "plain");
+    }
 
     #[test]
     fn waits_for_lines_and_exit_with_times() {

@@ -2,7 +2,10 @@
 //!
 //! The runner's output reaches the harness through the rig's serial console, mixed with the
 //! guests' consoles and the odd kernel message, so every marker is one line that is looked for
-//! anywhere in a line and carries JSON.
+//! anywhere in a line. A result is printed twice: readable (`E2E-RESULT {json}`, for people) and
+//! hex-encoded (`E2E-RESULT-HEX <hex of the json>`, what the harness parses), because the text
+//! of a detail is arbitrary console text and the rig's `run.sh` drops every line containing
+//! `reboot: Power down`.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,6 +13,8 @@ use serde::{Deserialize, Serialize};
 pub const BEGIN_MARKER: &str = "E2E-BEGIN ";
 /// Prefix of a scenario's result: `E2E-RESULT {json ScenarioResult}`.
 pub const RESULT_MARKER: &str = "E2E-RESULT ";
+/// Prefix of a scenario's hex-encoded result: `E2E-RESULT-HEX <hex of the JSON>`.
+pub const RESULT_HEX_MARKER: &str = "E2E-RESULT-HEX ";
 /// Prefix of the final tally: `E2E-SUMMARY {"passed":N,"failed":M}`.
 pub const SUMMARY_MARKER: &str = "E2E-SUMMARY ";
 
@@ -27,17 +32,36 @@ pub struct ScenarioResult {
 }
 
 impl ScenarioResult {
-    /// The marker line for this result.
+    /// The readable marker line for this result (people read it; it may not survive the rig).
     pub fn to_line(&self) -> String {
-        format!(
-            "{RESULT_MARKER}{}",
-            serde_json::to_string(self).expect("a ScenarioResult serializes")
-        )
+        format!("{RESULT_MARKER}{}", self.json())
+    }
+
+    /// The hex-encoded marker line for this result (what [`parse_result`] reads).
+    pub fn to_hex_line(&self) -> String {
+        let hex: String = self.json().bytes().map(|b| format!("{b:02x}")).collect();
+        format!("{RESULT_HEX_MARKER}{hex}")
+    }
+
+    fn json(&self) -> String {
+        serde_json::to_string(self).expect("a ScenarioResult serializes")
     }
 }
 
-/// Parses a result marker found anywhere in `line` (console noise before it is ignored).
+/// Parses a result marker found anywhere in `line` (console noise before it is ignored): the
+/// hex-encoded form, or else the readable one.
 pub fn parse_result(line: &str) -> Option<ScenarioResult> {
+    if let Some(at) = line.find(RESULT_HEX_MARKER) {
+        let hex = line[at + RESULT_HEX_MARKER.len()..].trim().as_bytes();
+        if hex.len() % 2 != 0 {
+            return None;
+        }
+        let bytes = hex
+            .chunks(2)
+            .map(|c| u8::from_str_radix(std::str::from_utf8(c).ok()?, 16).ok())
+            .collect::<Option<Vec<u8>>>()?;
+        return serde_json::from_slice(&bytes).ok();
+    }
     let at = line.find(RESULT_MARKER)?;
     let json = line[at + RESULT_MARKER.len()..].trim();
     serde_json::from_str(json).ok()
@@ -76,6 +100,11 @@ mod tests {
         };
         let line = format!("[   12.3] noise {}\r", r.to_line());
         assert_eq!(parse_result(&line).unwrap(), r);
+        let hex = format!("noise {}", r.to_hex_line());
+        assert!(!hex.contains("VMM-GUEST-READY"), "{hex}");
+        assert_eq!(parse_result(&hex).unwrap(), r);
+        assert!(parse_result("E2E-RESULT-HEX 7b0").is_none());
+        assert!(parse_result("E2E-RESULT-HEX zz").is_none());
         assert!(parse_result("E2E-RESULT {broken").is_none());
         assert!(parse_result("nothing here").is_none());
     }

@@ -145,6 +145,7 @@ fn main() {
             failed += 1;
         }
         println!("{}", result.to_line());
+        println!("{}", result.to_hex_line());
     }
     println!(
         "{SUMMARY_MARKER}{}",
