@@ -53,11 +53,11 @@ impl ScenarioResult {
 pub fn parse_result(line: &str) -> Option<ScenarioResult> {
     if let Some(at) = line.find(RESULT_HEX_MARKER) {
         let hex = line[at + RESULT_HEX_MARKER.len()..].trim().as_bytes();
-        if hex.len() % 2 != 0 {
+        let pairs = hex.chunks_exact(2);
+        if !pairs.remainder().is_empty() {
             return None;
         }
-        let bytes = hex
-            .chunks(2)
+        let bytes = pairs
             .map(|c| u8::from_str_radix(std::str::from_utf8(c).ok()?, 16).ok())
             .collect::<Option<Vec<u8>>>()?;
         return serde_json::from_slice(&bytes).ok();
