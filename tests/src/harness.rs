@@ -4,7 +4,7 @@
 //!
 //! Environment:
 //! - `VMM_E2E_BIN_DIR`: take `vmm`, `guest-trimmer` and `e2e-runner` from here instead of building
-//!   them (they must be statically linked);
+//!   them (they must be statically linked; without an `e2e-runner` there, only that is built);
 //! - `VMM_E2E_KERNEL` + `VMM_E2E_INITRD`: use this guest image instead of `vmm image build`;
 //! - `VMM_E2E_ONLY=a,b`: run only these scenarios (the others then fail as not run);
 //! - `VMM_E2E_RIG_MEM` (MiB, default 3072), `VMM_E2E_RIG_SMP` (default 1),
@@ -118,11 +118,12 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// A harness message on stderr, bypassing the test harness's output capture (so it is live).
-fn say(msg: &str) {
+pub fn say(msg: &str) {
     let _ = writeln!(std::io::stderr().lock(), "e2e: {msg}");
 }
 
-fn env_num<T: std::str::FromStr>(var: &str, default: T) -> T {
+/// `$var` parsed, or `default` when unset or unparsable.
+pub fn env_num<T: std::str::FromStr>(var: &str, default: T) -> T {
     std::env::var(var)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -137,14 +138,21 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The static binaries the payload needs.
-struct Binaries {
-    vmm: PathBuf,
-    trimmer: PathBuf,
-    runner: PathBuf,
+/// The static binaries payloads need.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// `vmm`.
+    pub vmm: PathBuf,
+    /// `guest-trimmer`.
+    pub trimmer: PathBuf,
+    /// `e2e-runner`.
+    pub runner: PathBuf,
+    /// The directory holding them (the other binaries of `tests`, e.g. `bench-boot`, are here too).
+    pub dir: PathBuf,
 }
 
-fn binaries(root: &Path) -> Result<Binaries, HarnessError> {
+/// The static binaries: from `$VMM_E2E_BIN_DIR` if set, else built into `<root>/target/static`.
+pub fn binaries(root: &Path) -> Result<Binaries, HarnessError> {
     if let Some(dir) = std::env::var_os("VMM_E2E_BIN_DIR").filter(|d| !d.is_empty()) {
         let dir = PathBuf::from(dir);
         let get = |name: &str| -> Result<PathBuf, HarnessError> {
@@ -159,10 +167,30 @@ fn binaries(root: &Path) -> Result<Binaries, HarnessError> {
             }
         };
         say(&format!("using prebuilt binaries from {}", dir.display()));
+        let (vmm, trimmer) = (get("vmm")?, get("guest-trimmer")?);
+        // A prebuild of only vmm + guest-trimmer (scripts/build-static.sh) lacks the runner:
+        // build just this package then.
+        let runner = if dir.join("e2e-runner").exists() {
+            get("e2e-runner")?
+        } else {
+            let target = root.join("target/static");
+            say(&format!(
+                "{} has no e2e-runner: building it statically into {}",
+                dir.display(),
+                target.display()
+            ));
+            let built =
+                rig::build_static(root, &["tests"], &target).map_err(HarnessError::Build)?;
+            built
+                .into_iter()
+                .find(|p| p.file_name().is_some_and(|f| f == "e2e-runner"))
+                .ok_or_else(|| HarnessError::Prebuilt("cargo built no e2e-runner".into()))?
+        };
         return Ok(Binaries {
-            vmm: get("vmm")?,
-            trimmer: get("guest-trimmer")?,
-            runner: get("e2e-runner")?,
+            vmm,
+            trimmer,
+            runner,
+            dir,
         });
     }
     let target = root.join("target/static");
@@ -179,20 +207,27 @@ fn binaries(root: &Path) -> Result<Binaries, HarnessError> {
             .cloned()
             .ok_or_else(|| HarnessError::Prebuilt(format!("cargo built no {name}")))
     };
+    let vmm = find("vmm")?;
     Ok(Binaries {
-        vmm: find("vmm")?,
+        dir: vmm.parent().map(Path::to_path_buf).unwrap_or_default(),
+        vmm,
         trimmer: find("guest-trimmer")?,
         runner: find("e2e-runner")?,
     })
 }
 
 /// Kernel and initrd of the guest image.
-struct Image {
-    kernel: PathBuf,
-    initrd: PathBuf,
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The bzImage.
+    pub kernel: PathBuf,
+    /// The initramfs.
+    pub initrd: PathBuf,
 }
 
-fn image(vmm: &Path, trimmer: &Path) -> Result<Image, HarnessError> {
+/// The guest image: `$VMM_E2E_KERNEL` + `$VMM_E2E_INITRD` if set, else what
+/// `vmm image build --json --trimmer TRIMMER` prints.
+pub fn image(vmm: &Path, trimmer: &Path) -> Result<Image, HarnessError> {
     if let (Some(k), Some(i)) = (
         std::env::var_os("VMM_E2E_KERNEL"),
         std::env::var_os("VMM_E2E_INITRD"),

@@ -1,6 +1,9 @@
 //! The boot scenarios `e2e-runner` executes where real KVM is (inside the rig or on a host whose
 //! /dev/kvm boots stock guests). Each returns `Ok(detail)` or `Err(detail)`; none may hang: every
 //! wait has a timeout and the runner's watchdog kills what a scenario leaves running.
+//!
+//! Only the two plain boot scenarios print the kernel's full boot log: under the rig every console
+//! byte is a nested exit, and `quiet` cuts a boot from ~45 s to ~8 s there.
 
 use crate::proc::{describe, Proc};
 use std::io::{Read, Write};
@@ -309,8 +312,8 @@ fn stop_via_api(ctx: &Ctx, p: &mut Proc, sock: &Path) -> Result<(), String> {
 
 fn bad_api_sock_in_use(ctx: &Ctx) -> Outcome {
     let sock = ctx.work.join("api.sock");
-    let mut first = start_with_api(ctx, &sock, "vmm_workload=idle")?;
-    let mut args = ctx.boot_args(256, 1, "vmm_workload=idle");
+    let mut first = start_with_api(ctx, &sock, "quiet vmm_workload=idle")?;
+    let mut args = ctx.boot_args(256, 1, "quiet vmm_workload=idle");
     args.extend(["--api-sock".to_string(), sock.display().to_string()]);
     let rejected = expect_rejected(
         ctx,
@@ -371,7 +374,7 @@ fn raw_http(sock: &Path, request: &str) -> Result<String, String> {
 
 fn bad_api_malformed_json(ctx: &Ctx) -> Outcome {
     let sock = ctx.work.join("api.sock");
-    let mut p = start_with_api(ctx, &sock, "vmm_workload=idle")?;
+    let mut p = start_with_api(ctx, &sock, "quiet vmm_workload=idle")?;
     let mut seen = Vec::new();
     for body in [
         r#"{"state": "Paused""#,
@@ -475,7 +478,11 @@ fn boot_2vcpu(ctx: &Ctx) -> Outcome {
 }
 
 fn poweroff_exits_fast(ctx: &Ctx) -> Outcome {
-    let mut p = ctx.vmm("", &ctx.boot_args(256, 1, "vmm_run=\"poweroff -f\""), &[])?;
+    let mut p = ctx.vmm(
+        "",
+        &ctx.boot_args(256, 1, "quiet vmm_run=\"poweroff -f\""),
+        &[],
+    )?;
     p.wait_stdout(READY_MARKER, READY_TIMEOUT)?;
     let st = p.wait_exit(Duration::from_secs(60))?;
     no_panic(&p)?;
@@ -498,7 +505,7 @@ fn poweroff_exits_fast(ctx: &Ctx) -> Outcome {
 }
 
 fn sigterm_stops_cleanly(ctx: &Ctx) -> Outcome {
-    let mut p = ctx.vmm("", &ctx.boot_args(256, 1, "vmm_workload=idle"), &[])?;
+    let mut p = ctx.vmm("", &ctx.boot_args(256, 1, "quiet vmm_workload=idle"), &[])?;
     p.wait_stdout(READY_MARKER, READY_TIMEOUT)?;
     p.pump_for(Duration::from_millis(500));
     ensure(p.running(), || {
@@ -550,7 +557,7 @@ fn counters(p: &Proc) -> Vec<u64> {
 
 fn pause_resume(ctx: &Ctx) -> Outcome {
     let sock = ctx.work.join("api.sock");
-    let mut p = start_with_api(ctx, &sock, "vmm_workload=counter")?;
+    let mut p = start_with_api(ctx, &sock, "quiet vmm_workload=counter")?;
     p.wait_stdout(READY_MARKER, READY_TIMEOUT)?;
     let counting = p.pump_until(Duration::from_secs(60), |p| counters(p).len() >= 3);
     ensure(counting, || {
