@@ -1,0 +1,956 @@
+//! `bench boot`: the host side. Builds the static binaries and the guest image, measures set-up
+//! on this host's /dev/kvm and the binary size, bundles QEMU, runs the in-rig driver
+//! (`bench rig-boot`) in one rig run, and writes `boot.json` and `boot.md`.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rig::{KvmBackend, Payload, RigOptions};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::cmdline::{self, GroupSpec, IDLE_WORKLOAD, POWEROFF_RUN};
+use crate::console::{describe_status, TimedChild};
+use crate::protocol::{
+    self, BootRecord, Case, Kind, MemCase, MemRecord, Message, Plan, RigFacts, StopHow, VmmMetrics,
+};
+use crate::qemu::{self, QemuBundle};
+use crate::report::{self, BinarySize, GroupStats, HostSetup, MarkdownInput, MemStats};
+use crate::stats::Summary;
+
+/// The readiness line the guest image prints.
+pub const READY_MARKER: &str = "VMM-GUEST-READY";
+/// The lock every rig user on this machine takes (as `flock /tmp/kvm-rig.lock ...` does).
+pub const RIG_LOCK: &str = "/tmp/kvm-rig.lock";
+/// Guest memory of the boot benchmark (the project's standard S512 guest).
+pub const BOOT_MEM_MIB: u32 = 512;
+
+/// Arguments of `bench boot`.
+#[derive(clap::Args, Debug)]
+pub struct BootArgs {
+    /// Measured boots of each VMM in each configuration.
+    #[arg(long, default_value_t = 10)]
+    pub runs: u32,
+    /// Unmeasured warm-up boots of each VMM (first configuration only; reported in the JSON).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: u32,
+    /// The JSON result file; the Markdown goes next to it with the extension `.md`.
+    #[arg(long, default_value = "bench-results/boot.json")]
+    pub out: PathBuf,
+    /// Configurations as `VCPUS:default|quiet`, comma-separated (`quiet` appends `quiet` to the
+    /// kernel command line; `default` is the VMM's default command line).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "2:default,2:quiet,1:quiet"
+    )]
+    pub groups: Vec<GroupSpec>,
+    /// `vmm run` set-up measurements on this host's own /dev/kvm.
+    #[arg(long, default_value_t = 10)]
+    pub host_runs: u32,
+    /// Memory-overhead measurements of each VMM inside the rig.
+    #[arg(long, default_value_t = 3)]
+    pub memory_runs: u32,
+    /// The QEMU to compare against (copied into the rig with its libraries and firmware).
+    #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// QEMU's `-M` value.
+    #[arg(long, default_value = "microvm,acpi=on")]
+    pub qemu_machine: String,
+    /// Rig memory, MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub rig_mem: u32,
+    /// Rig vCPUs (run.sh uses 1 with QEMU < 10 anyway, see shared/kvm-rig/NOTES.md).
+    #[arg(long, default_value_t = 1)]
+    pub rig_smp: u32,
+    /// Seconds one boot may take inside the rig before it is killed and reported as failed.
+    #[arg(long, default_value_t = 240)]
+    pub boot_timeout: u64,
+    /// Seconds the whole rig run may take.
+    #[arg(long, default_value_t = 1500)]
+    pub rig_timeout: u64,
+}
+
+/// Prints a progress line on stderr.
+fn say(msg: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "bench: {msg}");
+}
+
+/// The workspace root (this crate's parent).
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ has a parent")
+        .to_path_buf()
+}
+
+/// An exclusive `flock(2)` on [`RIG_LOCK`], held until dropped.
+struct RigLock {
+    _file: File,
+}
+
+impl RigLock {
+    fn acquire(what: &str) -> anyhow::Result<RigLock> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(RIG_LOCK)
+            .with_context(|| format!("opening the rig lock {RIG_LOCK}"))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            say(&format!(
+                "waiting for {RIG_LOCK} (another rig or benchmark is running) before {what}"
+            ));
+            let t = Instant::now();
+            // SAFETY: as above, blocking this time.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("locking {RIG_LOCK}"));
+            }
+            say(&format!(
+                "got {RIG_LOCK} after {:.0} s",
+                t.elapsed().as_secs_f64()
+            ));
+        }
+        Ok(RigLock { _file: file })
+    }
+}
+
+/// Runs `program args` and returns its stdout; stderr goes to ours. Fails with the status.
+fn output_of(program: &Path, args: &[&str], cwd: &Path) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {} {}", program.display(), args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`{} {}` failed ({})",
+            program.display(),
+            args.join(" "),
+            out.status
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The guest image.
+#[derive(Debug, Clone, Serialize)]
+struct Image {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    kernel_version: Option<String>,
+    kernel_package: Option<String>,
+    kernel_bytes: u64,
+    initrd_bytes: u64,
+}
+
+fn build_image(vmm: &Path, root: &Path) -> anyhow::Result<Image> {
+    let text =
+        output_of(vmm, &["image", "build", "--json"], root).context("building the guest image")?;
+    let v: serde_json::Value = serde_json::from_str(text.trim())
+        .with_context(|| format!("parsing `vmm image build --json` output {text:?}"))?;
+    let path = |k: &str| {
+        v.get(k)
+            .and_then(|p| p.as_str())
+            .map(PathBuf::from)
+            .with_context(|| format!("`vmm image build --json` printed no {k:?}: {v}"))
+    };
+    let (kernel, initrd) = (path("kernel")?, path("initrd")?);
+    let size = |p: &Path| -> anyhow::Result<u64> {
+        Ok(std::fs::metadata(p)
+            .with_context(|| format!("stat {}", p.display()))?
+            .len())
+    };
+    Ok(Image {
+        kernel_bytes: size(&kernel)?,
+        initrd_bytes: size(&initrd)?,
+        kernel_version: v
+            .get("kernel_version")
+            .and_then(|s| s.as_str())
+            .map(String::from),
+        kernel_package: v
+            .get("kernel_package")
+            .and_then(|s| s.as_str())
+            .map(String::from),
+        kernel,
+        initrd,
+    })
+}
+
+/// Builds `vmm` + `guest-trimmer` with `scripts/build-static.sh` and `bench` with
+/// [`rig::build_static`]; returns (vmm, bench).
+fn build(root: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    say("building the static vmm and guest-trimmer (scripts/build-static.sh)");
+    let text = output_of(&root.join("scripts/build-static.sh"), &[], root)
+        .context("building the static vmm")?;
+    let bin_dir = text
+        .lines()
+        .last()
+        .map(PathBuf::from)
+        .context("scripts/build-static.sh printed no bin dir")?;
+    let vmm = bin_dir.join("vmm");
+    if !rig::is_static_executable(&vmm).with_context(|| format!("checking {}", vmm.display()))? {
+        bail!("{} is not statically linked", vmm.display());
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|d| !d.is_empty())
+        .map(|d| PathBuf::from(d).join("static"))
+        .unwrap_or_else(|| root.join("target/bench-static"));
+    say(&format!(
+        "building the static bench driver into {}",
+        target.display()
+    ));
+    let built =
+        rig::build_static(root, &["bench"], &target).context("building the static bench")?;
+    let bench = built
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|f| f == "bench"))
+        .context("cargo built no bench binary")?;
+    Ok((vmm, bench))
+}
+
+/// The size of `vmm`, and of a stripped copy.
+fn binary_size(vmm: &Path, qemu: &QemuBundle) -> anyhow::Result<BinarySize> {
+    let bytes = std::fs::metadata(vmm)
+        .with_context(|| format!("stat {}", vmm.display()))?
+        .len();
+    let dir = tempfile_dir()?;
+    let copy = dir.join("vmm.stripped");
+    let (stripped_bytes, note) = match Command::new("strip").arg("-o").arg(&copy).arg(vmm).status()
+    {
+        Ok(st) if st.success() => {
+            let s = std::fs::metadata(&copy)?.len();
+            let note = if s == bytes {
+                "`strip` changes nothing: the release profile (`strip = \"symbols\"`) already strips it.".to_string()
+            } else {
+                format!(
+                    "`strip` removes {} more bytes (the release profile strips symbols; the rest is other non-loaded sections).",
+                    bytes - s
+                )
+            };
+            (Some(s), note)
+        }
+        Ok(st) => (None, format!("`strip -o` failed ({st})")),
+        Err(e) => (None, format!("`strip` could not run: {e}")),
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(BinarySize {
+        path: vmm.display().to_string(),
+        bytes,
+        stripped_bytes,
+        note,
+        qemu_with_libs_bytes: qemu.bytes,
+    })
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// What /dev/kvm is on this host.
+fn dev_kvm_kind() -> String {
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        "kvm_pvm (PVM: runs until the first KVM_RUN, then a stock guest fails)".into()
+    } else if Path::new("/dev/kvm").exists() {
+        "hardware KVM".into()
+    } else {
+        "absent".into()
+    }
+}
+
+/// `setup_ms` of `runs` `vmm run`s on this host's /dev/kvm.
+fn host_setup(vmm: &Path, image: &Image, runs: u32) -> anyhow::Result<HostSetup> {
+    let dir = tempfile_dir()?;
+    let metrics = dir.join("host-metrics.json");
+    let argv: Vec<String> = vec![
+        vmm.display().to_string(),
+        "run".into(),
+        "--kernel".into(),
+        image.kernel.display().to_string(),
+        "--initrd".into(),
+        image.initrd.display().to_string(),
+        "--mem-mib".into(),
+        BOOT_MEM_MIB.to_string(),
+        "--vcpus".into(),
+        "2".into(),
+        "--cmdline".into(),
+        POWEROFF_RUN.into(),
+        "--metrics-file".into(),
+        metrics.display().to_string(),
+    ];
+    let mut h = HostSetup {
+        dev_kvm: dev_kvm_kind(),
+        argv: argv.clone(),
+        runs: runs as usize,
+        samples_ms: vec![],
+        setup_ms: None,
+        endings: vec![],
+        failures: vec![],
+        goal_met: None,
+    };
+    for i in 0..runs {
+        let _ = std::fs::remove_file(&metrics);
+        let mut child = TimedChild::spawn(&argv, READY_MARKER)?;
+        let exit = child.wait_exit(Instant::now() + Duration::from_secs(120))?;
+        let status = exit
+            .status
+            .as_ref()
+            .map(describe_status)
+            .unwrap_or_default();
+        let parsed: anyhow::Result<VmmMetrics> = std::fs::read_to_string(&metrics)
+            .with_context(|| format!("no metrics file {}", metrics.display()))
+            .and_then(|t| serde_json::from_str(&t).context("parsing the metrics file"));
+        match parsed {
+            Ok(m) => {
+                h.endings.push(format!(
+                    "{} ({status}{})",
+                    m.exit_reason.as_deref().unwrap_or("?"),
+                    if exit.killed {
+                        ", killed after 120 s"
+                    } else {
+                        ""
+                    }
+                ));
+                match m.setup_ms {
+                    Some(s) => h.samples_ms.push(s),
+                    None => h
+                        .failures
+                        .push(format!("run {i}: the metrics file has no setup_ms")),
+                }
+            }
+            Err(e) => {
+                let (out, err) = child.tails();
+                let all: Vec<String> = out.into_iter().chain(err).collect();
+                h.failures.push(format!(
+                    "run {i}: {e:#} ({status}); last output: {}",
+                    all[all.len().saturating_sub(5)..].join(" | ")
+                ));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    h.setup_ms = Summary::of(&h.samples_ms);
+    h.goal_met = h.setup_ms.map(|s| s.median <= report::GOAL_HOST_SETUP_MS);
+    Ok(h)
+}
+
+/// Paths of the payload's files as the driver will see them.
+struct Layout {
+    root: String,
+}
+
+impl Layout {
+    fn p(&self, name: &str) -> String {
+        format!("{}/{name}", self.root)
+    }
+
+    fn qemu_prefix(&self) -> Vec<String> {
+        vec![
+            self.p("lib/ld-linux-x86-64.so.2"),
+            "--library-path".into(),
+            self.p("lib"),
+            self.p("qemu-system-x86_64"),
+        ]
+    }
+}
+
+/// The plan: for each configuration our `vmm run` and QEMU with the same kernel, initramfs,
+/// memory, vCPUs and command line; then the memory cases.
+fn make_plan(args: &BootArgs, l: &Layout, default_cmdline: &str) -> Plan {
+    let ours = |mem: u32, vcpus: u32, extra: &str, tail: &[String]| -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            l.p("vmm"),
+            "run".into(),
+            "--kernel".into(),
+            l.p("vmlinuz"),
+            "--initrd".into(),
+            l.p("initrd"),
+            "--mem-mib".into(),
+            mem.to_string(),
+            "--vcpus".into(),
+            vcpus.to_string(),
+            "--cmdline".into(),
+            extra.into(),
+        ];
+        v.extend_from_slice(tail);
+        v
+    };
+    let qemu = |mem: u32, vcpus: u32, extra: &str| -> Vec<String> {
+        let mut v = l.qemu_prefix();
+        v.extend(
+            [
+                "-L",
+                &l.p("fw"),
+                "-enable-kvm",
+                "-M",
+                &args.qemu_machine,
+                "-cpu",
+                "host",
+                "-m",
+                &mem.to_string(),
+                "-smp",
+                &vcpus.to_string(),
+                "-nodefaults",
+                "-no-user-config",
+                "-nographic",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+                "-kernel",
+                &l.p("vmlinuz"),
+                "-initrd",
+                &l.p("initrd"),
+                "-append",
+                &format!("{default_cmdline} {extra}"),
+            ]
+            .map(String::from),
+        );
+        v
+    };
+    let metrics = l.p("metrics.json");
+    let groups = args
+        .groups
+        .iter()
+        .map(|g| {
+            let extra = g.extra_cmdline(POWEROFF_RUN);
+            let case = |kind, argv, metrics_file| Case {
+                group: g.name(),
+                kind,
+                vcpus: g.vcpus,
+                mem_mib: BOOT_MEM_MIB,
+                quiet: g.quiet,
+                argv,
+                metrics_file,
+            };
+            vec![
+                case(
+                    Kind::Ours,
+                    ours(
+                        BOOT_MEM_MIB,
+                        g.vcpus,
+                        &extra,
+                        &["--metrics-file".into(), metrics.clone()],
+                    ),
+                    Some(metrics.clone()),
+                ),
+                case(Kind::Qemu, qemu(BOOT_MEM_MIB, g.vcpus, &extra), None),
+            ]
+        })
+        .collect();
+    let sock = l.p("mem.sock");
+    let idle = format!("quiet {IDLE_WORKLOAD}");
+    let memory = vec![
+        MemCase {
+            kind: Kind::Ours,
+            mem_mib: 128,
+            vcpus: 1,
+            argv: ours(128, 1, &idle, &["--api-sock".into(), sock.clone()]),
+            remove_before: Some(sock.clone()),
+            stop: StopHow::Command(vec![l.p("vmm"), "stop".into(), "--api-sock".into(), sock]),
+        },
+        MemCase {
+            kind: Kind::Qemu,
+            mem_mib: 128,
+            vcpus: 1,
+            argv: qemu(128, 1, &idle),
+            remove_before: None,
+            stop: StopHow::Sigterm,
+        },
+    ];
+    let mut qemu_version_argv = l.qemu_prefix();
+    qemu_version_argv.push("--version".into());
+    Plan {
+        runs: args.runs,
+        warmup: args.warmup,
+        boot_timeout_s: args.boot_timeout,
+        ready_marker: READY_MARKER.into(),
+        groups,
+        memory,
+        memory_runs: args.memory_runs,
+        memory_settle_ms: 1000,
+        qemu_version_argv,
+    }
+}
+
+/// What came back from the driver.
+#[derive(Default)]
+struct Collected {
+    facts: Option<RigFacts>,
+    boots: Vec<BootRecord>,
+    memory: Vec<MemRecord>,
+    done: Option<(usize, usize)>,
+    damaged: Vec<String>,
+    tail: std::collections::VecDeque<String>,
+}
+
+impl Collected {
+    fn line(&mut self, line: &str, expected: usize) {
+        self.tail.push_back(line.to_string());
+        if self.tail.len() > 60 {
+            self.tail.pop_front();
+        }
+        match protocol::decode(line) {
+            Some(Ok(Message::Facts(f))) => {
+                say(&format!(
+                    "rig: {} CPU(s), kernel {}, {}",
+                    f.cpus,
+                    f.kernel,
+                    f.qemu_version.as_deref().unwrap_or("QEMU version unknown")
+                ));
+                self.facts = Some(f);
+            }
+            Some(Ok(Message::Boot(b))) => {
+                say(&format!(
+                    "boot {}/{expected}: {}{} {} {} ready {} ms, exit {} ms{}",
+                    self.boots.len() + 1,
+                    if b.warmup { "warm-up " } else { "" },
+                    b.group,
+                    b.kind.label(),
+                    if b.ok { "ok" } else { "FAILED" },
+                    b.ready_ms.map(|v| format!("{v:.0}")).unwrap_or("–".into()),
+                    b.exit_ms.map(|v| format!("{v:.0}")).unwrap_or("–".into()),
+                    b.failure
+                        .as_deref()
+                        .map(|f| format!(": {f}"))
+                        .unwrap_or_default()
+                ));
+                if !b.ok {
+                    for l in &b.console_tail {
+                        say(&format!("  console| {l}"));
+                    }
+                }
+                self.boots.push(b);
+            }
+            Some(Ok(Message::Memory(m))) => {
+                say(&format!(
+                    "memory {}: {} overhead {} KiB{}",
+                    m.kind.label(),
+                    if m.ok { "ok" } else { "FAILED" },
+                    m.smaps
+                        .as_ref()
+                        .map(|s| s.overhead_kib.to_string())
+                        .unwrap_or("–".into()),
+                    m.failure
+                        .as_deref()
+                        .map(|f| format!(": {f}"))
+                        .unwrap_or_default()
+                ));
+                self.memory.push(m);
+            }
+            Some(Ok(Message::Done { boots, failed })) => self.done = Some((boots, failed)),
+            Some(Err(e)) => self.damaged.push(format!("{e}: {:.120}", line)),
+            None => {
+                if !line.starts_with("BENCH-") {
+                    say(&format!("rig| {line}"));
+                }
+            }
+        }
+    }
+}
+
+/// Runs `bench boot`.
+pub fn run(args: BootArgs) -> anyhow::Result<i32> {
+    let started = Instant::now();
+    let date = crate::clock::utc_now();
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    if args.groups.is_empty() {
+        bail!("--groups is empty");
+    }
+    let root = workspace_root();
+    let out_json = if args.out.is_absolute() {
+        args.out.clone()
+    } else {
+        root.join(&args.out)
+    };
+    let out_md = out_json.with_extension("md");
+    let command = std::iter::once("bench boot".to_string())
+        .chain(std::env::args().skip(2))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let loadavg_start = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+
+    let backend = rig::detect();
+    let (vmm, bench) = build(&root)?;
+    let image = build_image(&vmm, &root)?;
+    let default_cmdline = cmdline::extract_default_cmdline(
+        &std::fs::read_to_string(root.join(cmdline::CMDLINE_SOURCE))
+            .with_context(|| format!("reading {}", cmdline::CMDLINE_SOURCE))?,
+    )
+    .with_context(|| format!("reading DEFAULT_CMDLINE from {}", cmdline::CMDLINE_SOURCE))?;
+    let qemu = qemu::bundle(&args.qemu)
+        .with_context(|| format!("bundling {} for the rig", args.qemu.display()))?;
+    let binary = binary_size(&vmm, &qemu)?;
+    let mut problems: Vec<String> = Vec::new();
+
+    say(&format!(
+        "measuring set-up on this host's /dev/kvm ({} runs)",
+        args.host_runs
+    ));
+    let host = {
+        let _lock = RigLock::acquire("the host set-up runs")?;
+        host_setup(&vmm, &image, args.host_runs)?
+    };
+    for f in &host.failures {
+        problems.push(format!("host set-up: {f}"));
+    }
+    say(&format!(
+        "host set-up: {} ms median of {}",
+        host.setup_ms
+            .map(|s| format!("{:.2}", s.median))
+            .unwrap_or("–".into()),
+        host.samples_ms.len()
+    ));
+
+    // The payload.
+    let mut payload = Payload::new().context("creating the rig payload")?;
+    payload
+        .add_file(&vmm, "vmm", 0o755)
+        .and_then(|p| p.add_file(&bench, "bench", 0o755))
+        .and_then(|p| p.add_file(&image.kernel, "vmlinuz", 0o644))
+        .and_then(|p| p.add_file(&image.initrd, "initrd", 0o644))
+        .and_then(|p| p.add_file(&qemu.binary, "qemu-system-x86_64", 0o755))
+        .and_then(|p| p.add_file(&qemu.loader, "lib/ld-linux-x86-64.so.2", 0o755))
+        .context("assembling the rig payload")?;
+    for lib in &qemu.libs {
+        payload
+            .add_file(&lib.path, &format!("lib/{}", lib.name), 0o755)
+            .context("assembling the rig payload (QEMU's libraries)")?;
+    }
+    for (name, path) in &qemu.firmware {
+        payload
+            .add_file(path, &format!("fw/{name}"), 0o644)
+            .context("assembling the rig payload (QEMU's firmware)")?;
+    }
+    let layout = Layout {
+        root: match &backend {
+            KvmBackend::NestedRig { .. } => "/payload".into(),
+            _ => payload.path().display().to_string(),
+        },
+    };
+    let plan = make_plan(&args, &layout, &default_cmdline);
+    payload
+        .add_bytes("plan.json", &serde_json::to_vec_pretty(&plan)?, 0o644)
+        .context("writing the plan into the payload")?;
+    let expected = plan.warmup as usize * plan.groups.first().map_or(0, Vec::len)
+        + plan.runs as usize * plan.groups.iter().map(Vec::len).sum::<usize>();
+
+    let driver_cmd: Vec<String> = vec![
+        layout.p("bench"),
+        "rig-boot".into(),
+        "--plan".into(),
+        layout.p("plan.json"),
+    ];
+    let opts = RigOptions {
+        mem_mib: args.rig_mem,
+        smp: args.rig_smp,
+        timeout_s: args.rig_timeout,
+    };
+    let mut got = Collected::default();
+    let outer_qemu = std::env::var_os("KVM_RIG_QEMU")
+        .filter(|q| !q.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+    let (rig_desc, outcome) = {
+        let _lock = RigLock::acquire("the rig run")?;
+        say(&format!(
+            "running {expected} boots + {} memory measurements via {backend}",
+            plan.memory.len() * plan.memory_runs as usize
+        ));
+        match &backend {
+            KvmBackend::NestedRig { script } => (
+                json!({
+                    "script": script.display().to_string(),
+                    "command": format!("{} --mem {} --smp {} --timeout {} <payload> -- {}",
+                        script.display(), opts.mem_mib, opts.smp, opts.timeout_s, driver_cmd.join(" ")),
+                    "outer_qemu": qemu::version_of(&outer_qemu),
+                    "requested_mem_mib": opts.mem_mib,
+                    "requested_smp": opts.smp,
+                }),
+                rig::run_in_rig(script, payload.path(), &driver_cmd, opts, |l| {
+                    got.line(l, expected)
+                })
+                .context("running the driver in the rig")?,
+            ),
+            KvmBackend::HostKvm => (
+                json!({"script": null, "command": driver_cmd.join(" "), "note": "this host's /dev/kvm boots stock guests: ran without the rig"}),
+                rig::run_local(
+                    Path::new(&driver_cmd[0]),
+                    &driver_cmd[1..],
+                    payload.path(),
+                    Duration::from_secs(args.rig_timeout),
+                    |l| got.line(l, expected),
+                )
+                .context("running the driver on the host")?,
+            ),
+            KvmBackend::Unavailable { reason } => {
+                bail!("no KVM that can boot a stock guest: {reason}")
+            }
+        }
+    };
+    if outcome.timed_out {
+        problems.push(format!(
+            "the rig run timed out after {} s; the figures cover what finished",
+            args.rig_timeout
+        ));
+    }
+    if got.done.is_none() {
+        problems.push(format!(
+            "the driver did not finish (exit {}); last rig output: {}",
+            outcome.exit_code,
+            got.tail.iter().cloned().collect::<Vec<_>>().join(" | ")
+        ));
+    }
+    for d in &got.damaged {
+        problems.push(format!("a damaged result line was dropped: {d}"));
+    }
+    for b in got.boots.iter().filter(|b| !b.ok) {
+        problems.push(format!(
+            "boot failed: {}{} {} round {}: {}; console tail: {}",
+            if b.warmup { "warm-up " } else { "" },
+            b.group,
+            b.kind.label(),
+            b.round,
+            b.failure.as_deref().unwrap_or("?"),
+            b.console_tail
+                .iter()
+                .rev()
+                .take(8)
+                .rev()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" | ")
+        ));
+    }
+    for m in got.memory.iter().filter(|m| !m.ok) {
+        problems.push(format!(
+            "memory measurement failed: {} round {}: {}",
+            m.kind.label(),
+            m.round,
+            m.failure.as_deref().unwrap_or("?")
+        ));
+    }
+    if got.boots.len() < expected {
+        problems.push(format!(
+            "only {} of {expected} boots reported",
+            got.boots.len()
+        ));
+    }
+
+    // Same command line for both? (visible only without `quiet`)
+    for g in &args.groups {
+        let seen = |kind| {
+            got.boots
+                .iter()
+                .filter(|b| b.group == g.name() && b.kind == kind)
+                .find_map(|b| b.kernel_cmdline.clone())
+        };
+        if let (Some(a), Some(b)) = (seen(Kind::Ours), seen(Kind::Qemu)) {
+            if a != b {
+                problems.push(format!(
+                    "{}: the guests saw different command lines: ours {a:?}, QEMU {b:?}",
+                    g.name()
+                ));
+            }
+        }
+    }
+    let qemu_warnings: Vec<String> = {
+        let mut w: Vec<String> = got
+            .boots
+            .iter()
+            .filter(|b| b.kind == Kind::Qemu)
+            .flat_map(|b| b.warnings.iter().map(|x| format!("{} vCPU: {x}", b.vcpus)))
+            .collect();
+        w.sort();
+        w.dedup();
+        w
+    };
+
+    let groups: Vec<GroupStats> = args
+        .groups
+        .iter()
+        .map(|g| GroupStats::of(&got.boots, &g.name(), g.vcpus, BOOT_MEM_MIB, g.quiet))
+        .collect();
+    let memory = vec![
+        (Kind::Ours, MemStats::of(&got.memory, Kind::Ours)),
+        (Kind::Qemu, MemStats::of(&got.memory, Kind::Qemu)),
+    ];
+    let headline_group = args
+        .groups
+        .iter()
+        .find(|g| g.quiet && g.vcpus == 2)
+        .or(args.groups.first())
+        .map(|g| g.name())
+        .unwrap_or_default();
+    let headline = format!(
+        "Headline configuration: **{headline_group}**. The README's `vmm run` example appends \
+         `quiet` to the kernel command line, so the `quiet` rows are what a README user gets; \
+         the `default` rows use the VMM's default command line unchanged (`{default_cmdline}`), \
+         whose boot is dominated by printing the kernel log on the emulated serial port."
+    );
+    let rig_facts = got.facts.clone();
+    let facts: Vec<String> = vec![
+        format!(
+            "Guest: {} ({} bytes) + the project's initramfs ({} bytes), {BOOT_MEM_MIB} MiB; \
+             both VMMs get the same files, memory, vCPUs and command line: the VMM's default \
+             (`{default_cmdline}`) + `[quiet] {POWEROFF_RUN}`.",
+            image.kernel_package.as_deref().unwrap_or("kernel"),
+            image.kernel_bytes,
+            image.initrd_bytes
+        ),
+        format!(
+            "QEMU: `{}` (host: {}; inside the rig: {}), run with the copied loader and {} copied \
+             libraries; machine `-M {}`, firmware from `-L` ({}); `-no-reboot` added so a guest \
+             reset ends QEMU as it ends our VMM.",
+            args.qemu.display(),
+            qemu.version,
+            rig_facts
+                .as_ref()
+                .and_then(|f| f.qemu_version.clone())
+                .unwrap_or_else(|| "unknown".into()),
+            qemu.libs.len(),
+            args.qemu_machine,
+            qemu.firmware
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        format!(
+            "Rig: `{}`; {} vCPU(s) inside (requested {}), {} MiB requested; rig kernel {}; outer QEMU: {}.",
+            rig_desc["command"].as_str().unwrap_or(""),
+            rig_facts
+                .as_ref()
+                .map(|f| f.cpus.to_string())
+                .unwrap_or("?".into()),
+            args.rig_smp,
+            args.rig_mem,
+            rig_facts
+                .as_ref()
+                .map(|f| f.kernel.clone())
+                .unwrap_or("?".into()),
+            rig_desc["outer_qemu"].as_str().unwrap_or("n/a")
+        ),
+        format!(
+            "Boots: {} measured per VMM and configuration ({} warm-up per VMM, not summarised), \
+             alternating ours/QEMU (the first VMM alternates between rounds), all in one rig run.",
+            args.runs, args.warmup
+        ),
+    ]
+    .into_iter()
+    .chain(
+        qemu_warnings
+            .iter()
+            .map(|w| format!("QEMU printed: `{w}`")),
+    )
+    .collect();
+    let md = report::markdown(&MarkdownInput {
+        date: &date,
+        command: &command,
+        facts: &facts,
+        groups: &groups,
+        headline: &headline,
+        host: Some(&host),
+        memory: &memory,
+        memory_guest: (128, 1),
+        binary: Some(&binary),
+        problems: &problems,
+    });
+    let git = |a: &[&str]| {
+        Command::new("git")
+            .args(a)
+            .current_dir(&root)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let report = json!({
+        "benchmark": "boot",
+        "date": date,
+        "command": command,
+        "duration_s": started.elapsed().as_secs_f64().round(),
+        "git": {
+            "commit": git(&["rev-parse", "HEAD"]),
+            "uncommitted_in_measured_crates": git(&["status", "--porcelain", "--", "vmm", "guest-image", "rig", "bench"]),
+        },
+        "host": {
+            "kernel": crate::driver::uname_release(),
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "dev_kvm": dev_kvm_kind(),
+            "loadavg_at_start": loadavg_start,
+            "kvm_backend": backend.to_string(),
+        },
+        "rig": {
+            "run": rig_desc,
+            "facts_inside": rig_facts,
+            "exit_code": outcome.exit_code,
+            "timed_out": outcome.timed_out,
+            "wall_s": outcome.duration.as_secs_f64().round(),
+        },
+        "guest": {
+            "image": image,
+            "vmm_default_cmdline": default_cmdline,
+            "cmdline_source": cmdline::CMDLINE_SOURCE,
+            "extra_cmdline": {"default": POWEROFF_RUN, "quiet": format!("quiet {POWEROFF_RUN}"), "memory": format!("quiet {IDLE_WORKLOAD}")},
+        },
+        "qemu": {
+            "binary": args.qemu.display().to_string(),
+            "version_host": qemu.version,
+            "version_in_rig": rig_facts.as_ref().and_then(|f| f.qemu_version.clone()),
+            "machine": args.qemu_machine,
+            "firmware": qemu.firmware.iter().map(|(n, p)| json!({"name": n, "from": p.display().to_string()})).collect::<Vec<_>>(),
+            "libraries": qemu.libs.iter().map(|l| l.path.display().to_string()).collect::<Vec<_>>(),
+            "loader": qemu.loader.display().to_string(),
+            "warnings": qemu_warnings,
+        },
+        "plan": plan,
+        "goals": {
+            "ready_ratio_max": report::GOAL_READY_RATIO,
+            "setup_pct_of_ready_max": report::GOAL_SETUP_PCT,
+            "host_setup_ms_max": report::GOAL_HOST_SETUP_MS,
+            "overhead_mib_max": report::GOAL_OVERHEAD_MIB,
+        },
+        "headline_group": headline_group,
+        "boot": groups,
+        "host_setup": host,
+        "memory": {
+            "guest_mem_mib": 128,
+            "vcpus": 1,
+            "ours": memory[0].1,
+            "qemu": memory[1].1,
+            "ours_goal_met": memory[0].1.overhead_mib.map(|o| o.median <= report::GOAL_OVERHEAD_MIB),
+        },
+        "binary": binary,
+        "problems": problems,
+        "records": {"boots": got.boots, "memory": got.memory},
+    });
+    if let Some(dir) = out_json.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&out_json, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", out_json.display()))?;
+    std::fs::write(&out_md, &md).with_context(|| format!("writing {}", out_md.display()))?;
+    println!("{md}");
+    say(&format!(
+        "wrote {} and {} in {:.0} s",
+        out_json.display(),
+        out_md.display(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(if got.done.is_some() { 0 } else { 1 })
+}

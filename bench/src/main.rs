@@ -1,0 +1,54 @@
+//! `bench`: the project's benchmarks.
+//!
+//! `bench boot` (host side, `cargo run --release -p bench -- boot`) measures, and writes to
+//! `bench-results/boot.json` and `boot.md`:
+//! 1. boot time of our static `vmm run` against QEMU's microvm machine under the same real KVM
+//!    (inside the nested rig on a PVM host), alternating boots in one rig run;
+//! 2. VMM set-up (process start → first `KVM_RUN`) on this host's own /dev/kvm;
+//! 3. the VMM's memory overhead (Rss minus the guest RAM mapping's Rss) inside the rig;
+//! 4. the static `vmm` binary's size.
+//!
+//! `bench rig-boot --plan FILE` is the in-rig driver the host side starts (statically linked).
+
+mod clock;
+mod cmdline;
+mod console;
+mod driver;
+mod host;
+mod protocol;
+mod qemu;
+mod report;
+mod smaps;
+mod stats;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "bench", about = "Benchmarks of the VMM")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot time vs QEMU (in the rig), host set-up time, memory overhead, binary size.
+    Boot(host::BootArgs),
+    /// The in-rig driver: run a plan's boots and print one result line per boot.
+    RigBoot(driver::RigBootArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Boot(args) => host::run(args),
+        Cmd::RigBoot(args) => driver::run(args).map(|()| 0),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
