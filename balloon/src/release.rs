@@ -1,0 +1,18 @@
+//! Giving guest RAM back to the host.
+//!
+//! The device decides *which* guest pages the host may drop (inflated and reported pages); the
+//! VMM decides *how*, because only it knows the backing of guest RAM: `MADV_DONTNEED` on private
+//! anonymous memory, hole punching on a memfd, or remapping anonymous memory over a privately
+//! mapped snapshot file (where `MADV_DONTNEED` would bring back the file's old contents, see
+//! README.md "Known pitfalls").
+
+/// Releases ranges of guest RAM on the host. After a successful call the range must read as
+/// zeros to the guest, and its host memory may be reclaimed.
+///
+/// The device only calls it with page-aligned ranges that lie inside guest RAM (both the
+/// page-state map's layout and the guest memory given at activation), after marking the pages
+/// in the page-state map. Calls come from the device's worker thread.
+pub trait RamReleaser: Send + Sync {
+    /// Releases `len_bytes` bytes of guest RAM starting at guest physical address `gpa`.
+    fn release(&self, gpa: u64, len_bytes: u64) -> std::io::Result<()>;
+}
