@@ -95,13 +95,19 @@ pub fn assert_scenario(name: &str) {
             ));
         }
         Some(r) => panic!("{name} failed after {} ms: {}", r.duration_ms, r.detail),
-        None => panic!(
+        None if suite.exit_code != 0 || suite.timed_out => panic!(
             "{name} did not run (a scenario that did not run is a failure): the runner ended with \
              exit {}{}; full log {}; last lines:\n{}",
             suite.exit_code,
             if suite.timed_out { " (timed out)" } else { "" },
             suite.log.display(),
             suite.tail.join("\n")
+        ),
+        None => panic!(
+            "{name} did not run (a scenario that did not run is a failure): the runner finished \
+             normally without it (VMM_E2E_ONLY={:?}); full log {}",
+            std::env::var("VMM_E2E_ONLY").unwrap_or_default(),
+            suite.log.display()
         ),
     }
 }
@@ -369,7 +375,10 @@ fn run_suite() -> Result<Suite, HarnessError> {
     let log_path = log_dir.join("last-run.log");
     let log = Mutex::new(std::fs::File::create(&log_path).ok());
     let on_line = |line: &str| {
-        let _ = writeln!(std::io::stderr().lock(), "{line}");
+        // The hex copies of results are for parsing; people read the plain line before them.
+        if !line.contains(crate::protocol::RESULT_HEX_MARKER) {
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
+        }
         if let Ok(mut g) = log.lock() {
             if let Some(f) = g.as_mut() {
                 let _ = writeln!(f, "{line}");
@@ -415,8 +424,16 @@ fn run_suite() -> Result<Suite, HarnessError> {
             results.insert(r.name.clone(), r);
         }
     }
-    let n = outcome.lines.len();
-    let tail = outcome.lines[n.saturating_sub(40)..].to_vec();
+    let readable: Vec<&String> = outcome
+        .lines
+        .iter()
+        .filter(|l| !l.contains(crate::protocol::RESULT_HEX_MARKER))
+        .collect();
+    let n = readable.len();
+    let tail = readable[n.saturating_sub(40)..]
+        .iter()
+        .map(|l| l.to_string())
+        .collect();
     let passed = results.values().filter(|r| r.passed).count();
     say(&format!(
         "suite done in {:.0} s (run {:.0} s): {} results, {passed} passed; runner exit {}{}; log {}",
