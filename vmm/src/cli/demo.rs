@@ -107,7 +107,7 @@ fn run_in_rig(args: &DemoArgs, script: &Path) -> CliResult {
         bail!(
             "{} is dynamically linked, but the rig's busybox userland needs a static binary; build \
              one with `RUSTFLAGS=\"{}\" cargo build --release --target {} -p vmm -p guest-trimmer` \
-             and run target/{}/release/vmm demo",
+             and run target/{}/release/vmm demo (scripts/demo does both)",
             exe.display(),
             rig::STATIC_RUSTFLAGS,
             rig::STATIC_TARGET,
