@@ -4,13 +4,16 @@
 //! {
 //!   "boot-source": {"kernel_image_path": "vmlinuz", "initrd_path": "initrd.cpio", "boot_args": "quiet"},
 //!   "machine-config": {"vcpu_count": 2, "mem_size_mib": 512},
-//!   "serial": {"output": "stdout"}
+//!   "serial": {"output": "stdout"},
+//!   "balloon": {"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_s": 1,
+//!               "free_page_reporting": true, "free_page_hinting": false}
 //! }
 //! ```
 //! Unknown fields are rejected so that a typo never silently falls back to a default.
 
 use std::path::{Path, PathBuf};
 
+use balloon::{BalloonConfig, BalloonConfigError};
 use serde::{Deserialize, Serialize};
 
 /// Smallest guest the VMM boots: below this the stock kernel and initramfs do not fit.
@@ -115,6 +118,9 @@ pub struct VmConfig {
     /// Console.
     #[serde(default)]
     pub serial: SerialConfig,
+    /// A virtio-balloon device, if any (Firecracker's balloon resource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
 }
 
 /// Errors reading or validating a configuration.
@@ -137,6 +143,9 @@ pub enum ConfigError {
         /// serde's message, with line and column.
         message: String,
     },
+    /// The balloon section is invalid for this VM.
+    #[error("invalid balloon configuration")]
+    Balloon(#[source] BalloonConfigError),
     /// A value is out of range.
     #[error("{field}: {message}")]
     Invalid {
@@ -180,6 +189,11 @@ impl VmConfig {
                     machine.mem_size_mib
                 ),
             });
+        }
+        if let Some(balloon) = &self.balloon {
+            balloon
+                .validate(machine.mem_size_mib)
+                .map_err(ConfigError::Balloon)?;
         }
         Ok(())
     }
@@ -248,6 +262,43 @@ mod tests {
             err.contains("mem_size_mib") && err.contains("got 16"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn balloon_section_parses_and_is_validated() {
+        let mut config = parse(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+                "balloon": {"amount_mib": 16, "deflate_on_oom": true,
+                            "stats_polling_interval_s": 1, "free_page_reporting": true}}"#,
+        )
+        .unwrap();
+        let balloon = config.balloon.clone().unwrap();
+        assert_eq!(balloon.amount_mib, 16);
+        assert!(balloon.free_page_reporting && !balloon.free_page_hinting);
+        config.validate().unwrap();
+        let round_trip: VmConfig =
+            serde_json::from_value(serde_json::to_value(&config).unwrap()).unwrap();
+        assert_eq!(round_trip, config);
+
+        config.balloon.as_mut().unwrap().amount_mib = 129;
+        let err = config.validate().unwrap_err();
+        assert!(matches!(err, ConfigError::Balloon(_)));
+        let source = std::error::Error::source(&err).unwrap().to_string();
+        assert!(
+            source.contains("amount_mib") && source.contains("129"),
+            "{source}"
+        );
+
+        let err = parse(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "balloon": {"amount_mib": 1, "deflate_on_oom": true, "size": 2}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `size`"), "{err}");
+        let without = parse(r#"{"boot-source": {"kernel_image_path": "/k"}}"#).unwrap();
+        assert_eq!(without.balloon, None);
+        assert!(!serde_json::to_string(&without).unwrap().contains("balloon"));
     }
 
     #[test]

@@ -32,6 +32,9 @@ enum Command {
     Status(cli::control::StatusArgs),
     /// Shut a microVM down through its API socket.
     Stop(cli::control::SocketArgs),
+    /// Control a running microVM's balloon through its API socket.
+    #[command(subcommand)]
+    Balloon(cli::balloon::BalloonCommand),
     /// The main job end to end: build the image, boot it, report, power off.
     Demo(cli::demo::DemoArgs),
 }
@@ -47,6 +50,7 @@ fn main() {
         Command::Resume(args) => cli::control::resume(args),
         Command::Status(args) => cli::control::status(args),
         Command::Stop(args) => cli::control::stop(args),
+        Command::Balloon(cmd) => cli::balloon::run(cmd),
         Command::Demo(args) => cli::demo::run(args),
     };
     match result {

@@ -1,6 +1,7 @@
 //! A running microVM: builds guest memory, the KVM VM, devices and vCPUs from a
 //! [`VmConfig`], then serves control requests (pause, resume, info, shutdown) and guest
-//! events (power off, reset) until it ends.
+//! events (power off, reset) until it ends. virtio devices (the balloon) are built and placed
+//! by [`crate::devices::virtio`]; their host-side controls travel in the [`VmHandle`].
 
 use std::io::Read;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -23,9 +24,11 @@ use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::devices::acpi_pm::{self, AcpiPmDevice};
 use crate::devices::bus::{Bus, BusError, GuestRequest};
 use crate::devices::serial::{ConsoleOutput, SerialDevice};
+use crate::devices::virtio::{self, AttachError, AttachedDevice, BuildError};
 use crate::kvm::vcpu::{self, RunState, Vcpu, VcpuControl, VcpuError, VcpuEvent, VcpuSetup};
 use crate::kvm::vm::{create_vm, VmError};
 use crate::kvm::{kvm_device_path, open_kvm, KvmError};
+use crate::memory::GuestRam;
 use crate::metrics::BootTimeline;
 
 /// How long vCPUs get to park when pausing.
@@ -83,6 +86,12 @@ pub enum BootError {
         #[source]
         source: std::io::Error,
     },
+    /// The virtio devices of the configuration cannot be created.
+    #[error("cannot create the virtio devices")]
+    VirtioBuild(#[from] BuildError),
+    /// The virtio devices cannot be attached to the VM.
+    #[error("cannot attach the virtio devices")]
+    VirtioAttach(#[from] AttachError),
     /// Two devices claim the same addresses (a VMM bug).
     #[error("device layout conflict")]
     Bus(#[from] BusError),
@@ -197,6 +206,8 @@ pub enum VmEvent {
 #[derive(Clone)]
 pub struct VmHandle {
     events: Sender<VmEvent>,
+    /// The balloon's controls and its configuration at start, if the VM has one.
+    balloon: Option<(balloon::BalloonHandle, balloon::BalloonConfig)>,
 }
 
 impl VmHandle {
@@ -217,6 +228,11 @@ impl VmHandle {
     pub fn signal(&self, signal: i32) {
         let _ = self.events.send(VmEvent::Signal(signal));
     }
+
+    /// The balloon's controls and its configuration at start, if the VM has a balloon.
+    pub fn balloon(&self) -> Option<&(balloon::BalloonHandle, balloon::BalloonConfig)> {
+        self.balloon.as_ref()
+    }
 }
 
 /// A booted microVM.
@@ -225,9 +241,12 @@ pub struct Vm {
     // Field order matters on drop: vCPU threads are joined in `stop`, then the VM fd closes,
     // then guest memory is unmapped.
     vcpu_threads: Vec<JoinHandle<()>>,
+    // virtio devices (and their workers) stop when their transports drop, after the vCPUs.
+    virtio_devices: Vec<AttachedDevice>,
+    balloon: Option<balloon::BalloonHandle>,
     _vm_fd: VmFd,
     _kvm: Kvm,
-    _mem: GuestMemoryMmap,
+    ram: Arc<GuestRam>,
     serial: Arc<Mutex<SerialDevice>>,
     control: Arc<VcpuControl>,
     timeline: Arc<BootTimeline>,
@@ -271,10 +290,16 @@ impl Vm {
                 source,
             })?;
         let vm_fd = create_vm(&kvm, &mem)?;
+        let ram = Arc::new(GuestRam::new(mem.clone()));
+
+        let devices = virtio::build_virtio_devices(&config, &ram)?;
+        let mut mmio = Bus::default();
+        let virtio_devices = virtio::attach_virtio_devices(&vm_fd, &mem, &mut mmio, devices.specs)?;
+        let mmio = Arc::new(mmio);
 
         let acpi = build_acpi_tables(&AcpiConfig {
             vcpu_count: machine.vcpu_count,
-            virtio_mmio: Vec::new(),
+            virtio_mmio: virtio_devices.iter().map(AttachedDevice::acpi).collect(),
         })?;
         let boot = config.boot_source.clone();
         let entry = load_linux(
@@ -311,7 +336,6 @@ impl Vm {
             Arc::new(Mutex::new(AcpiPmDevice)),
         )?;
         let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::default());
 
         let supported_cpuid = kvm
             .get_supported_cpuid(MAX_CPUID_ENTRIES)
@@ -382,14 +406,17 @@ impl Vm {
             vcpus = machine.vcpu_count,
             mem_mib = machine.mem_size_mib,
             kernel = %boot.kernel_image_path.display(),
+            virtio_devices = virtio_devices.len(),
             "microVM started"
         );
         Ok(Self {
             config,
             vcpu_threads,
+            virtio_devices,
+            balloon: devices.balloon,
             _vm_fd: vm_fd,
             _kvm: kvm,
-            _mem: mem,
+            ram,
             serial,
             control,
             timeline,
@@ -403,6 +430,7 @@ impl Vm {
     pub fn handle(&self) -> VmHandle {
         VmHandle {
             events: self.events_tx.clone(),
+            balloon: self.balloon.clone().zip(self.config.balloon.clone()),
         }
     }
 
@@ -448,6 +476,15 @@ impl Vm {
             "uptime_ms": self.timeline.uptime_ms(),
             "config": self.config,
             "boot_timings_ms": self.timeline.timings(),
+            "devices": self
+                .virtio_devices
+                .iter()
+                .map(AttachedDevice::info)
+                .collect::<Vec<_>>(),
+            "balloon": self.balloon.as_ref().map(balloon::BalloonHandle::status),
+            "memory": {
+                "released_bytes": self.ram.released_bytes(),
+            },
         })
     }
 

@@ -3,7 +3,7 @@
 //! - [`http`] parses requests and writes responses (hand-written, bounded, panic-free).
 //! - [`routes`] maps `(method, path)` to a typed [`ApiRequest`], one small parser per resource.
 //! - [`server`] owns the socket and serves connections on background threads.
-//! - [`client`] is the small client `vmm pause|resume|status|stop` use.
+//! - [`client`] is the small client `vmm pause|resume|status|stop|balloon` use.
 //!
 //! The VMM plugs in by implementing [`ApiHandler`]; the API knows nothing else about it.
 //! Errors are returned as `{"fault_message": "..."}` with a 4xx/5xx status; successful actions
@@ -28,6 +28,37 @@ pub enum ApiRequest {
     SetVmState(VmStateRequest),
     /// `PUT /actions {"action_type": "Shutdown"}`: stop the VM and the VMM.
     Shutdown,
+    /// `/balloon...`: the virtio-balloon resource.
+    Balloon(BalloonRequest),
+}
+
+/// A request on the balloon resource (Firecracker's shape).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BalloonRequest {
+    /// `PUT /balloon`: add a balloon device. Firecracker takes it before boot; this VMM boots
+    /// at `vmm run`, so the balloon comes from `vmm run --balloon` and this answers `409`.
+    Configure(balloon::BalloonConfig),
+    /// `PATCH /balloon {"amount_mib": N}`: a new balloon target.
+    SetTarget {
+        /// Target size in MiB.
+        amount_mib: u32,
+    },
+    /// `GET /balloon`: the balloon's configuration and state.
+    Get,
+    /// `GET /balloon/statistics`: the guest's latest memory statistics.
+    GetStatistics,
+    /// `PATCH /balloon/statistics {"stats_polling_interval_s": N}`.
+    SetStatisticsInterval {
+        /// New polling interval in seconds.
+        stats_polling_interval_s: u16,
+    },
+    /// `PUT /balloon/hinting/start [{"acknowledge_on_stop": bool}]`: start a free page hinting
+    /// run (no body: the defaults).
+    StartHinting(balloon::HintingOptions),
+    /// `GET /balloon/hinting/status`: the current or last hinting run.
+    GetHintingStatus,
+    /// `PUT /balloon/hinting/stop`: end the hinting run.
+    StopHinting,
 }
 
 /// The target state of `PATCH /vm`.

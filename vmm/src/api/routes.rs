@@ -1,15 +1,14 @@
 //! Routing: one entry per `(method, path pattern)` in [`ROUTES`], each with a small parser that
 //! turns the HTTP request into a typed [`ApiRequest`].
 //!
-//! Adding a resource is one table row plus one parser, e.g. for later:
-//! `PUT /balloon`, `PATCH /balloon`, `GET /balloon/statistics`, `PUT /snapshot/create`,
+//! Adding a resource is one table row plus one parser, e.g. for later: `PUT /snapshot/create`,
 //! `PUT /drives/{id}` (the `{id}` segment is passed to the parser in `captures`).
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::http::{Method, Request, Response};
-use super::{ApiError, ApiReply, ApiRequest, VmStateRequest};
+use super::{ApiError, ApiReply, ApiRequest, BalloonRequest, VmStateRequest};
 
 /// Turns a request (and the path segments matched by `{...}` in its pattern) into an
 /// [`ApiRequest`].
@@ -39,6 +38,46 @@ const ROUTES: &[Route] = &[
         method: Method::Put,
         pattern: "/actions",
         parse: put_actions,
+    },
+    Route {
+        method: Method::Put,
+        pattern: "/balloon",
+        parse: put_balloon,
+    },
+    Route {
+        method: Method::Patch,
+        pattern: "/balloon",
+        parse: patch_balloon,
+    },
+    Route {
+        method: Method::Get,
+        pattern: "/balloon",
+        parse: get_balloon,
+    },
+    Route {
+        method: Method::Get,
+        pattern: "/balloon/statistics",
+        parse: get_balloon_statistics,
+    },
+    Route {
+        method: Method::Patch,
+        pattern: "/balloon/statistics",
+        parse: patch_balloon_statistics,
+    },
+    Route {
+        method: Method::Put,
+        pattern: "/balloon/hinting/start",
+        parse: put_balloon_hinting_start,
+    },
+    Route {
+        method: Method::Get,
+        pattern: "/balloon/hinting/status",
+        parse: get_balloon_hinting_status,
+    },
+    Route {
+        method: Method::Put,
+        pattern: "/balloon/hinting/stop",
+        parse: put_balloon_hinting_stop,
     },
 ];
 
@@ -173,6 +212,90 @@ fn put_actions(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiError> {
     }
 }
 
+/// `PUT /balloon` with a full balloon configuration (unknown fields rejected).
+fn put_balloon(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiError> {
+    Ok(ApiRequest::Balloon(BalloonRequest::Configure(parse_body(
+        request,
+    )?)))
+}
+
+/// Body of `PATCH /balloon`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalloonUpdateBody {
+    amount_mib: u32,
+}
+
+/// `PATCH /balloon {"amount_mib": N}`
+fn patch_balloon(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiError> {
+    let body: BalloonUpdateBody = parse_body(request)?;
+    Ok(ApiRequest::Balloon(BalloonRequest::SetTarget {
+        amount_mib: body.amount_mib,
+    }))
+}
+
+/// `GET /balloon`
+fn get_balloon(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiError> {
+    expect_no_body(request)?;
+    Ok(ApiRequest::Balloon(BalloonRequest::Get))
+}
+
+/// `GET /balloon/statistics`
+fn get_balloon_statistics(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiError> {
+    expect_no_body(request)?;
+    Ok(ApiRequest::Balloon(BalloonRequest::GetStatistics))
+}
+
+/// Body of `PATCH /balloon/statistics`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalloonStatsUpdateBody {
+    stats_polling_interval_s: u16,
+}
+
+/// `PATCH /balloon/statistics {"stats_polling_interval_s": N}`
+fn patch_balloon_statistics(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiError> {
+    let body: BalloonStatsUpdateBody = parse_body(request)?;
+    Ok(ApiRequest::Balloon(BalloonRequest::SetStatisticsInterval {
+        stats_polling_interval_s: body.stats_polling_interval_s,
+    }))
+}
+
+/// `PUT /balloon/hinting/start [{"acknowledge_on_stop": bool}]` (no body: the defaults)
+fn put_balloon_hinting_start(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiError> {
+    let options = if request.body.iter().all(u8::is_ascii_whitespace) {
+        balloon::HintingOptions::default()
+    } else {
+        parse_body(request)?
+    };
+    Ok(ApiRequest::Balloon(BalloonRequest::StartHinting(options)))
+}
+
+/// `GET /balloon/hinting/status`
+fn get_balloon_hinting_status(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiError> {
+    expect_no_body(request)?;
+    Ok(ApiRequest::Balloon(BalloonRequest::GetHintingStatus))
+}
+
+/// `PUT /balloon/hinting/stop` (no body, or an empty JSON object)
+fn put_balloon_hinting_stop(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiError> {
+    expect_empty_object(request)?;
+    Ok(ApiRequest::Balloon(BalloonRequest::StopHinting))
+}
+
+/// An empty body, or `{}` (what some clients send with every `PUT`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyBody {}
+
+/// Accepts no body or an empty JSON object.
+fn expect_empty_object(request: &Request) -> Result<(), ApiError> {
+    if request.body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    parse_body::<EmptyBody>(request).map(|_| ())
+}
+
 /// The non-empty segments of a path: `/`, `//` → `[]`; `/vm/` → `["vm"]`.
 fn segments(path: &str) -> Vec<&str> {
     path.split('/').filter(|s| !s.is_empty()).collect()
@@ -258,6 +381,142 @@ mod tests {
     }
 
     #[test]
+    fn balloon_routes() {
+        let config = balloon::BalloonConfig {
+            amount_mib: 8,
+            deflate_on_oom: true,
+            stats_polling_interval_s: 1,
+            free_page_reporting: false,
+            free_page_hinting: true,
+        };
+        let body = serde_json::to_string(&config).unwrap();
+        for (method, path, body, expected) in [
+            (
+                Method::Put,
+                "/balloon",
+                body.as_str(),
+                BalloonRequest::Configure(config.clone()),
+            ),
+            (
+                Method::Patch,
+                "/balloon",
+                r#"{"amount_mib": 100}"#,
+                BalloonRequest::SetTarget { amount_mib: 100 },
+            ),
+            (Method::Get, "/balloon", "", BalloonRequest::Get),
+            (
+                Method::Get,
+                "/balloon/statistics",
+                "",
+                BalloonRequest::GetStatistics,
+            ),
+            (
+                Method::Patch,
+                "/balloon/statistics",
+                r#"{"stats_polling_interval_s": 5}"#,
+                BalloonRequest::SetStatisticsInterval {
+                    stats_polling_interval_s: 5,
+                },
+            ),
+            (
+                Method::Put,
+                "/balloon/hinting/start",
+                "",
+                BalloonRequest::StartHinting(balloon::HintingOptions::default()),
+            ),
+            (
+                Method::Put,
+                "/balloon/hinting/start",
+                r#"{"acknowledge_on_stop": false}"#,
+                BalloonRequest::StartHinting(balloon::HintingOptions {
+                    acknowledge_on_stop: false,
+                }),
+            ),
+            (
+                Method::Put,
+                "/balloon/hinting/start",
+                "{}",
+                BalloonRequest::StartHinting(balloon::HintingOptions::default()),
+            ),
+            (
+                Method::Get,
+                "/balloon/hinting/status",
+                "",
+                BalloonRequest::GetHintingStatus,
+            ),
+            (
+                Method::Put,
+                "/balloon/hinting/stop",
+                " ",
+                BalloonRequest::StopHinting,
+            ),
+        ] {
+            assert_eq!(
+                route(&request(method, path, body)),
+                Ok(ApiRequest::Balloon(expected)),
+                "{method} {path} {body}"
+            );
+        }
+        assert_eq!(allowed_methods("/balloon"), ["PUT", "PATCH", "GET"]);
+        for (method, path, body, needle) in [
+            (
+                Method::Patch,
+                "/balloon",
+                r#"{"amount_mib": -1}"#,
+                "invalid value",
+            ),
+            (
+                Method::Patch,
+                "/balloon",
+                r#"{"amount_mib": 1, "x": 2}"#,
+                "unknown field `x`",
+            ),
+            (Method::Patch, "/balloon", "", "needs a JSON request body"),
+            (
+                Method::Put,
+                "/balloon",
+                r#"{"amount_mib": 1}"#,
+                "deflate_on_oom",
+            ),
+            (
+                Method::Patch,
+                "/balloon/statistics",
+                r#"{"stats_polling_interval_s": 70000}"#,
+                "invalid value",
+            ),
+            (
+                Method::Put,
+                "/balloon/hinting/start",
+                r#"{"now": true}"#,
+                "unknown field `now`",
+            ),
+            (
+                Method::Get,
+                "/balloon/statistics",
+                "{}",
+                "takes no request body",
+            ),
+        ] {
+            let message = bad_request_message(route(&request(method, path, body)));
+            assert!(message.contains(needle), "{method} {path}: {message}");
+        }
+        for (method, path) in [
+            (Method::Delete, "/balloon"),
+            (Method::Put, "/balloon/statistics"),
+            (Method::Get, "/balloon/hinting/start"),
+            (Method::Put, "/balloon/hinting/status"),
+        ] {
+            assert!(
+                matches!(
+                    route(&request(method, path, "")),
+                    Err(ApiError::MethodNotAllowed(_))
+                ),
+                "{method} {path}"
+            );
+        }
+    }
+
+    #[test]
     fn from_raw_bytes() {
         let raw = b"PATCH /vm HTTP/1.1\r\nContent-Length: 19\r\n\r\n{\"state\":\"Resumed\"}";
         let Ok(ParsedRequest::Complete { request, .. }) = parse_request(raw) else {
@@ -271,7 +530,14 @@ mod tests {
 
     #[test]
     fn unknown_paths_are_404() {
-        for path in ["/vms", "/vm/extra", "/actions/x", "/balloon", "/%2F"] {
+        for path in [
+            "/vms",
+            "/vm/extra",
+            "/actions/x",
+            "/balloons",
+            "/balloon/x",
+            "/%2F",
+        ] {
             for method in [Method::Get, Method::Put, Method::Patch] {
                 let result = route(&request(method, path, "{}"));
                 assert!(

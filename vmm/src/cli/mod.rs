@@ -1,6 +1,7 @@
 //! One module per `vmm` subcommand. Each exposes its clap arguments and a `run`-style
 //! function returning the process exit code.
 
+pub mod balloon;
 pub mod control;
 pub mod demo;
 pub mod image;

@@ -37,6 +37,11 @@ pub struct RunArgs {
     /// Where the serial console goes: `stdout` or a file.
     #[arg(long)]
     pub serial: Option<String>,
+    /// Add a virtio-balloon: comma-separated `key=value` pairs, e.g.
+    /// `amount_mib=0,deflate_on_oom=true,stats_polling_interval_s=1,free_page_reporting=true,free_page_hinting=true`
+    /// (missing keys: 0 / false).
+    #[arg(long, value_parser = super::balloon::parse_balloon_spec)]
+    pub balloon: Option<balloon::BalloonConfig>,
     /// A JSON VM configuration (Firecracker's shape); flags given too override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -65,6 +70,7 @@ fn resolve_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
                 },
                 machine_config: MachineConfig::default(),
                 serial: SerialConfig::default(),
+                balloon: None,
             }
         }
     };
@@ -90,6 +96,9 @@ fn resolve_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     }
     if let Some(serial) = &args.serial {
         config.serial.output = SerialOutput::parse(serial);
+    }
+    if let Some(balloon) = &args.balloon {
+        config.balloon = Some(balloon.clone());
     }
     config.validate()?;
     if !config.boot_source.kernel_image_path.is_file() {

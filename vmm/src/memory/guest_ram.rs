@@ -1,0 +1,235 @@
+//! The guest's RAM as the VMM holds it, and releasing ranges the guest gave up.
+//!
+//! Guest RAM is private anonymous memory (`GuestMemoryMmap::from_ranges`). Releasing a range
+//! (`madvise(MADV_DONTNEED)` on its host mapping) frees the host pages at once; the guest reads
+//! zeros there afterwards, and the pages count against the VMM's RSS again only when touched.
+//! This is what the balloon device calls (through [`balloon::RamReleaser`]) for inflated and
+//! reported pages.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
+
+/// Granularity of a release: the guest page size (and the host's, on x86-64).
+pub const RELEASE_ALIGN_BYTES: u64 = 4096;
+
+/// Why a range cannot be released. The guest chose the range, so none of these is a VMM bug.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ReleaseError {
+    /// Start or length is not a multiple of 4 KiB.
+    #[error("cannot release {len_bytes:#x} bytes at guest address {gpa:#x}: not 4 KiB aligned")]
+    Unaligned {
+        /// Guest physical start.
+        gpa: u64,
+        /// Length.
+        len_bytes: u64,
+    },
+    /// The range is not entirely inside one RAM region.
+    #[error("cannot release {len_bytes:#x} bytes at guest address {gpa:#x}: not inside guest RAM")]
+    OutOfRange {
+        /// Guest physical start.
+        gpa: u64,
+        /// Length.
+        len_bytes: u64,
+    },
+    /// `madvise` failed.
+    #[error("madvise(MADV_DONTNEED) of {len_bytes:#x} bytes at guest address {gpa:#x} failed")]
+    Madvise {
+        /// Guest physical start.
+        gpa: u64,
+        /// Length.
+        len_bytes: u64,
+        /// errno.
+        #[source]
+        source: nix::errno::Errno,
+    },
+}
+
+impl From<ReleaseError> for std::io::Error {
+    fn from(err: ReleaseError) -> Self {
+        let kind = match &err {
+            ReleaseError::Madvise { source, .. } => std::io::Error::from(*source).kind(),
+            _ => std::io::ErrorKind::InvalidInput,
+        };
+        std::io::Error::new(kind, err)
+    }
+}
+
+/// Guest RAM: the mappings plus release accounting. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    released_bytes: AtomicU64,
+}
+
+impl GuestRam {
+    /// Wraps the guest's memory.
+    pub fn new(mem: GuestMemoryMmap) -> Self {
+        Self {
+            mem,
+            released_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// The guest memory mappings.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// `(guest physical start, length in bytes)` of each RAM region, in address order.
+    pub fn regions(&self) -> Vec<(u64, u64)> {
+        let mut regions: Vec<_> = self
+            .mem
+            .iter()
+            .map(|region| (region.start_addr().0, region.len()))
+            .collect();
+        regions.sort_unstable();
+        regions
+    }
+
+    /// Bytes released since boot (counting a range released twice twice).
+    pub fn released_bytes(&self) -> u64 {
+        self.released_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Gives the host pages behind `gpa..gpa + len_bytes` back to the host; the guest reads
+    /// zeros there afterwards. The range must be 4 KiB aligned and lie inside one RAM region. A
+    /// zero length does nothing.
+    pub fn release(&self, gpa: u64, len_bytes: u64) -> Result<(), ReleaseError> {
+        if (gpa | len_bytes) & (RELEASE_ALIGN_BYTES - 1) != 0 {
+            return Err(ReleaseError::Unaligned { gpa, len_bytes });
+        }
+        if len_bytes == 0 {
+            return Ok(());
+        }
+        let out_of_range = ReleaseError::OutOfRange { gpa, len_bytes };
+        let end = gpa.checked_add(len_bytes).ok_or(out_of_range.clone())?;
+        let region = self
+            .mem
+            .find_region(GuestAddress(gpa))
+            .ok_or(out_of_range.clone())?;
+        let region_start = region.start_addr().0;
+        let region_end = region_start + region.len();
+        if end > region_end {
+            return Err(out_of_range);
+        }
+        let host = region
+            .get_host_address(MemoryRegionAddress(gpa - region_start))
+            .map_err(|_| out_of_range)?;
+        // SAFETY: `host..host + len_bytes` lies inside the region's live mapping (checked
+        // above), which `self.mem` keeps mapped. MADV_DONTNEED on private anonymous memory only
+        // drops the pages' contents (they read as zero afterwards); it cannot unmap or change
+        // protection, so no Rust reference into guest memory is invalidated — the VMM accesses
+        // guest memory only through volatile accessors, and the guest gave these pages up.
+        let rc = unsafe {
+            libc::madvise(
+                host.cast::<libc::c_void>(),
+                len_bytes as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if rc != 0 {
+            return Err(ReleaseError::Madvise {
+                gpa,
+                len_bytes,
+                source: nix::errno::Errno::last(),
+            });
+        }
+        self.released_bytes.fetch_add(len_bytes, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl balloon::RamReleaser for GuestRam {
+    fn release(&self, gpa: u64, len_bytes: u64) -> std::io::Result<()> {
+        GuestRam::release(self, gpa, len_bytes).map_err(Into::into)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn ram() -> GuestRam {
+        GuestRam::new(
+            GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0), MIB as usize),
+                (GuestAddress(4 * MIB), 2 * MIB as usize),
+            ])
+            .unwrap(),
+        )
+    }
+
+    /// How many of the pages of `gpa..gpa + len` are resident in the host mapping.
+    fn resident_pages(ram: &GuestRam, gpa: u64, len: u64) -> usize {
+        let region = ram.memory().find_region(GuestAddress(gpa)).unwrap();
+        let host = region
+            .get_host_address(MemoryRegionAddress(gpa - region.start_addr().0))
+            .unwrap();
+        let mut vec = vec![0u8; (len / RELEASE_ALIGN_BYTES) as usize];
+        // SAFETY: the range is mapped (inside the region) and `vec` has one byte per page.
+        let rc = unsafe { libc::mincore(host.cast(), len as usize, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        vec.iter().filter(|b| **b & 1 == 1).count()
+    }
+
+    #[test]
+    fn released_pages_read_zero_and_leave_the_host() {
+        let ram = ram();
+        let mem = ram.memory();
+        let start = 4 * MIB + 0x10000;
+        let len = 16 * RELEASE_ALIGN_BYTES;
+        mem.write_slice(
+            &vec![0xab; (len + 2 * RELEASE_ALIGN_BYTES) as usize],
+            GuestAddress(start - RELEASE_ALIGN_BYTES),
+        )
+        .unwrap();
+        assert_eq!(resident_pages(&ram, start, len), 16);
+        ram.release(start, len).unwrap();
+        assert_eq!(resident_pages(&ram, start, len), 0);
+        let mut buf = vec![0xffu8; len as usize];
+        mem.read_slice(&mut buf, GuestAddress(start)).unwrap();
+        assert!(buf.iter().all(|b| *b == 0));
+        // The neighbouring pages keep their contents.
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(start - 1)).unwrap(), 0xab);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(start + len)).unwrap(), 0xab);
+        assert_eq!(ram.released_bytes(), len);
+        // A region's last page can be released.
+        ram.release(MIB - RELEASE_ALIGN_BYTES, RELEASE_ALIGN_BYTES)
+            .unwrap();
+        ram.release(0, 0).unwrap();
+    }
+
+    #[test]
+    fn bad_ranges_are_refused_without_touching_memory() {
+        let ram = ram();
+        ram.memory()
+            .write_obj(0x5au8, GuestAddress(MIB - 1))
+            .unwrap();
+        for (gpa, len) in [
+            (1, RELEASE_ALIGN_BYTES),
+            (0, 100),
+            (MIB - RELEASE_ALIGN_BYTES, 2 * RELEASE_ALIGN_BYTES), // crosses a region's end
+            (2 * MIB, RELEASE_ALIGN_BYTES),                       // in the hole
+            (6 * MIB, RELEASE_ALIGN_BYTES),                       // past the end
+            (!0xfff, RELEASE_ALIGN_BYTES),                        // wraps
+            (4 * MIB, !0xfff),
+        ] {
+            let err = ram.release(gpa, len).unwrap_err();
+            let io: std::io::Error = err.clone().into();
+            assert_eq!(io.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+        }
+        assert_eq!(
+            ram.memory().read_obj::<u8>(GuestAddress(MIB - 1)).unwrap(),
+            0x5a
+        );
+        assert_eq!(ram.released_bytes(), 0);
+        assert_eq!(ram.regions(), [(0, MIB), (4 * MIB, 2 * MIB)]);
+    }
+}
