@@ -577,3 +577,38 @@ impl Vm {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ApiError, ApiHandler, ApiRequest, BalloonRequest};
+
+    #[test]
+    fn balloon_requests_without_a_balloon_are_409_with_how_to_add_one() {
+        let (events, _rx) = mpsc::channel();
+        let handle = VmHandle {
+            events,
+            balloon: None,
+        };
+        let config = balloon::BalloonConfig {
+            amount_mib: 0,
+            deflate_on_oom: true,
+            stats_polling_interval_s: 0,
+            free_page_reporting: false,
+            free_page_hinting: false,
+        };
+        for request in [
+            BalloonRequest::Configure(config),
+            BalloonRequest::SetTarget { amount_mib: 1 },
+            BalloonRequest::Get,
+        ] {
+            match handle.handle(ApiRequest::Balloon(request)) {
+                Err(ApiError::Conflict(message)) => assert!(
+                    message.contains("the balloon must be configured at start: vmm run --balloon"),
+                    "{message}"
+                ),
+                other => panic!("expected 409, got {other:?}"),
+            }
+        }
+    }
+}

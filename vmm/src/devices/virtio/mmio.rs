@@ -146,6 +146,8 @@ pub struct TransportInfo {
     pub acked_features: u64,
     /// Interrupts raised but not yet acknowledged (`InterruptStatus`).
     pub interrupt_status: u32,
+    /// `QueueNotify` writes that reached the VMM (0 when the ioeventfds absorb them all).
+    pub exit_notifications: u64,
 }
 
 /// The virtio-mmio register block of one device.
@@ -169,6 +171,8 @@ pub struct MmioTransport {
     acked_unknown_features: bool,
     queue_select: u32,
     activated: bool,
+    /// `QueueNotify` writes that exited to the VMM instead of hitting an ioeventfd.
+    exit_notifications: u64,
     ignored: IgnoredAccessLog,
 }
 
@@ -216,6 +220,7 @@ impl MmioTransport {
             acked_unknown_features: false,
             queue_select: 0,
             activated: false,
+            exit_notifications: 0,
             ignored: IgnoredAccessLog::default(),
         })
     }
@@ -228,6 +233,7 @@ impl MmioTransport {
             activated: self.activated,
             acked_features: self.acked_features,
             interrupt_status: self.interrupt.status(),
+            exit_notifications: self.exit_notifications,
         }
     }
 
@@ -417,6 +423,7 @@ impl MmioTransport {
 
     /// A `QueueNotify` that KVM did not absorb through an ioeventfd.
     fn notify(&mut self, value: u32) {
+        self.exit_notifications = self.exit_notifications.saturating_add(1);
         if !self.activated {
             self.ignore(format_args!("QueueNotify {value} before DRIVER_OK"));
             return;
@@ -926,6 +933,7 @@ mod tests {
         assert!(events[1].read().is_err(), "queue 1 was not notified");
         write(&mut r.transport, VIRTIO_MMIO_QUEUE_NOTIFY, 7);
         assert!(events[0].read().is_err() && events[1].read().is_err());
+        assert_eq!(r.transport.info().exit_notifications, 2);
 
         // The device consumes it and interrupts; the status register shows why.
         let chain = queue.iter(&mem).unwrap().next().unwrap();
