@@ -5,6 +5,15 @@ use std::path::PathBuf;
 /// An operation of this crate failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RigError {
+    /// The host-wide rig lock cannot be taken.
+    #[error("taking the KVM rig lock {path}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Creating the payload's temporary directory failed.
     #[error("creating a payload directory")]
     PayloadDir(#[source] std::io::Error),

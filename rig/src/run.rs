@@ -69,6 +69,9 @@ pub fn run_in_rig<S: AsRef<OsStr>>(
         .arg(payload.as_ref())
         .arg("--")
         .args(command);
+    // One rig at a time per host: each saturates every core, and two at once slow both past
+    // their timeouts. The lock is released when `_lock` drops (or the process dies).
+    let _lock = lock_rig()?;
     tracing::info!(script = %script.display(), payload = %payload.as_ref().display(), ?opts, "starting the KVM rig");
     let guard = Duration::from_secs(opts.timeout_s) + RIG_GUARD_SLACK;
     let mut outcome = run_streaming(cmd, "kvm-rig run.sh", guard, on_line)?;
@@ -81,6 +84,41 @@ pub fn run_in_rig<S: AsRef<OsStr>>(
         outcome.timed_out = true;
     }
     Ok(outcome)
+}
+
+/// The host-wide rig lock file (`$VMM_KVM_RIG_LOCK`, default `/tmp/kvm-rig.lock`); shell users
+/// share it with `flock /tmp/kvm-rig.lock run.sh ...`.
+pub fn rig_lock_path() -> std::path::PathBuf {
+    std::env::var_os("VMM_KVM_RIG_LOCK")
+        .map(Into::into)
+        .unwrap_or_else(|| "/tmp/kvm-rig.lock".into())
+}
+
+/// Takes the rig lock, waiting (and saying so) while another rig runs.
+fn lock_rig() -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = rig_lock_path();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| RigError::Lock {
+            path: path.clone(),
+            source,
+        })?;
+    // SAFETY: flock on a descriptor this function owns; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        tracing::info!(lock = %path.display(), "another KVM rig is running; waiting for it");
+        // SAFETY: as above, blocking this time.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(RigError::Lock {
+                path,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(file)
 }
 
 /// Runs `program args...` on the host in `cwd`, streaming its output like [`run_in_rig`] and
