@@ -62,6 +62,17 @@ const DRIVER_STATUS_BITS: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
     | VIRTIO_CONFIG_S_DRIVER_OK
     | VIRTIO_CONFIG_S_FAILED;
 
+/// The three areas of a split virtqueue the driver places.
+#[derive(Clone, Copy)]
+enum Ring {
+    /// The descriptor table (`QueueDesc`).
+    Desc,
+    /// The available ring (`QueueDriver`).
+    Driver,
+    /// The used ring (`QueueDevice`).
+    Device,
+}
+
 /// Guest mistakes logged in full before the log thins out to powers of two.
 const IGNORED_LOG_BURST: u64 = 32;
 
@@ -387,18 +398,12 @@ impl MmioTransport {
     }
 
     fn write_queue_address(&mut self, register: u32, value: u32) {
-        let name = match register {
-            VIRTIO_MMIO_QUEUE_DESC_LOW | VIRTIO_MMIO_QUEUE_DESC_HIGH => "QueueDesc",
-            VIRTIO_MMIO_QUEUE_AVAIL_LOW | VIRTIO_MMIO_QUEUE_AVAIL_HIGH => "QueueDriver",
-            _ => "QueueDevice",
-        };
-        let Some(queue) = self.queue_for_setup(name) else {
-            return;
-        };
-        let current = match name {
-            "QueueDesc" => queue.desc_table(),
-            "QueueDriver" => queue.avail_ring(),
-            _ => queue.used_ring(),
+        let (ring, name) = match register {
+            VIRTIO_MMIO_QUEUE_DESC_LOW | VIRTIO_MMIO_QUEUE_DESC_HIGH => (Ring::Desc, "QueueDesc"),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW | VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
+                (Ring::Driver, "QueueDriver")
+            }
+            _ => (Ring::Device, "QueueDevice"),
         };
         let high = matches!(
             register,
@@ -406,15 +411,24 @@ impl MmioTransport {
                 | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
                 | VIRTIO_MMIO_QUEUE_USED_HIGH
         );
+        let Some(queue) = self.queue_for_setup(name) else {
+            return;
+        };
+        let current = match ring {
+            Ring::Desc => queue.desc_table(),
+            Ring::Driver => queue.avail_ring(),
+            Ring::Device => queue.used_ring(),
+        };
         let address = GuestAddress(if high {
             (current & 0xffff_ffff) | (u64::from(value) << 32)
         } else {
             (current & !0xffff_ffff) | u64::from(value)
         });
-        let result = match name {
-            "QueueDesc" => queue.try_set_desc_table_address(address),
-            "QueueDriver" => queue.try_set_avail_ring_address(address),
-            _ => queue.try_set_used_ring_address(address),
+        // Misaligned addresses are refused by the queue and leave the old value.
+        let result = match ring {
+            Ring::Desc => queue.try_set_desc_table_address(address),
+            Ring::Driver => queue.try_set_avail_ring_address(address),
+            Ring::Device => queue.try_set_used_ring_address(address),
         };
         if let Err(err) = result {
             self.ignore(format_args!("{name} address {:#x}: {err}", address.0));
@@ -473,10 +487,13 @@ impl MmioTransport {
         const DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
         const FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
         const DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+        const NEGOTIATING: u32 = ACK | DRIVER;
+        const NEGOTIATED: u32 = ACK | DRIVER | FEATURES_OK;
+        // Each step adds exactly the next bit.
         match (old_driver, added) {
             (0, ACK) | (ACK, DRIVER) => self.device_status |= added,
-            (0x3, FEATURES_OK) => self.features_ok(),
-            (0xb, DRIVER_OK) => {
+            (NEGOTIATING, FEATURES_OK) => self.features_ok(),
+            (NEGOTIATED, DRIVER_OK) => {
                 self.device_status |= DRIVER_OK;
                 self.activate();
             }
