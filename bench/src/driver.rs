@@ -9,9 +9,11 @@ use anyhow::Context;
 
 use crate::console::{describe_status, TimedChild};
 use crate::protocol::{
-    BootRecord, Case, Kind, MemCase, MemRecord, Message, Plan, RigFacts, StopHow, VmmMetrics,
+    choose_machine, with_machine, BootRecord, Case, Kind, MemCase, MemRecord, Message, Plan,
+    ProbeResult, RigFacts, StopHow, VmmMetrics,
 };
 use crate::smaps;
+use crate::stats::Summary;
 
 /// Arguments of `bench rig-boot`.
 #[derive(clap::Args, Debug)]
@@ -35,36 +37,74 @@ pub fn run(args: RigBootArgs) -> anyhow::Result<()> {
         .with_context(|| format!("parsing the plan {}", args.plan.display()))?;
     emit(&Message::Facts(facts(&plan)));
 
-    let mut boots = 0;
-    let mut failed = 0;
-    let mut record = |r: BootRecord| {
-        boots += 1;
-        if !r.ok {
-            failed += 1;
-        }
-        emit(&Message::Boot(r));
-    };
-    if let Some(first) = plan.groups.first() {
-        for round in 0..plan.warmup {
-            for case in rotated(first, round) {
-                record(boot(&plan, case, round, true));
+    let mut tally = Tally::default();
+    let mut machine = plan.qemu_machines.first().cloned().unwrap_or_default();
+    if let Some(group) = plan.groups.get(plan.probe_group) {
+        let ours = group.iter().find(|c| c.kind == Kind::Ours);
+        let qemu = group.iter().find(|c| c.kind == Kind::Qemu);
+        if let Some(ours) = ours {
+            for round in 0..plan.warmup {
+                tally.emit(boot(&plan, ours, round, true, ""));
             }
+        }
+        if let Some(qemu) = qemu {
+            let mut ready: Vec<Vec<Option<f64>>> = vec![Vec::new(); plan.qemu_machines.len()];
+            for round in 0..plan.probe_runs {
+                for (i, m) in plan.qemu_machines.iter().enumerate() {
+                    let r = boot(&plan, qemu, round, true, m);
+                    ready[i].push(r.ok.then_some(r.ready_ms).flatten());
+                    tally.emit(r);
+                }
+            }
+            let probes: Vec<ProbeResult> = plan
+                .qemu_machines
+                .iter()
+                .zip(&ready)
+                .map(|(m, r)| ProbeResult {
+                    machine: m.clone(),
+                    runs: r.len(),
+                    ok: r.iter().filter(|x| x.is_some()).count(),
+                    median_ready_ms: Summary::of_some(r.iter().copied()).map(|s| s.median),
+                })
+                .collect();
+            let choice = choose_machine(&probes);
+            machine = choice.machine.clone();
+            emit(&Message::Choice(choice));
         }
     }
     for round in 0..plan.runs {
         for group in &plan.groups {
             for case in rotated(group, round) {
-                record(boot(&plan, case, round, false));
+                tally.emit(boot(&plan, case, round, false, &machine));
             }
         }
     }
-    for round in 0..plan.memory_runs {
-        for case in rotated(&plan.memory, round) {
-            emit(&Message::Memory(memory(&plan, case, round)));
+    let memory_rounds = plan.memory.iter().map(|c| c.runs).max().unwrap_or(0);
+    for round in 0..memory_rounds {
+        for case in rotated(&plan.memory, round).filter(|c| round < c.runs) {
+            emit(&Message::Memory(memory(&plan, case, round, &machine)));
         }
     }
+    let Tally { boots, failed } = tally;
     emit(&Message::Done { boots, failed });
     Ok(())
+}
+
+/// Counts boots while emitting their records.
+#[derive(Default)]
+struct Tally {
+    boots: usize,
+    failed: usize,
+}
+
+impl Tally {
+    fn emit(&mut self, r: BootRecord) {
+        self.boots += 1;
+        if !r.ok {
+            self.failed += 1;
+        }
+        emit(&Message::Boot(r));
+    }
 }
 
 /// The group's cases starting at `round % len` (so the first VMM alternates between rounds).
@@ -78,13 +118,18 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-/// One boot of `case`.
-fn boot(plan: &Plan, case: &Case, round: u32, warmup: bool) -> BootRecord {
+/// One boot of `case`; QEMU runs with the `-M` value `machine`.
+fn boot(plan: &Plan, case: &Case, round: u32, warmup: bool, machine: &str) -> BootRecord {
+    let argv = match case.kind {
+        Kind::Qemu => with_machine(&case.argv, machine),
+        Kind::Ours => case.argv.clone(),
+    };
     let mut rec = BootRecord {
         group: case.group.clone(),
         kind: case.kind,
         round,
         warmup,
+        qemu_machine: (case.kind == Kind::Qemu).then(|| machine.to_string()),
         vcpus: case.vcpus,
         mem_mib: case.mem_mib,
         quiet: case.quiet,
@@ -104,7 +149,7 @@ fn boot(plan: &Plan, case: &Case, round: u32, warmup: bool) -> BootRecord {
     if let Some(m) = &case.metrics_file {
         let _ = std::fs::remove_file(m);
     }
-    let mut child = match TimedChild::spawn(&case.argv, &plan.ready_marker) {
+    let mut child = match TimedChild::spawn(&argv, &plan.ready_marker) {
         Ok(c) => c,
         Err(e) => {
             rec.failure = Some(format!("{e:#}"));
@@ -178,10 +223,15 @@ fn read_metrics(path: &str) -> anyhow::Result<VmmMetrics> {
     serde_json::from_str(&text).with_context(|| format!("parsing the metrics file {path}: {text}"))
 }
 
-/// One memory measurement of `case`.
-fn memory(plan: &Plan, case: &MemCase, round: u32) -> MemRecord {
+/// One memory measurement of `case`; QEMU runs with the `-M` value `machine`.
+fn memory(plan: &Plan, case: &MemCase, round: u32, machine: &str) -> MemRecord {
+    let argv = match case.kind {
+        Kind::Qemu => with_machine(&case.argv, machine),
+        Kind::Ours => case.argv.clone(),
+    };
     let mut rec = MemRecord {
         kind: case.kind,
+        qemu_machine: (case.kind == Kind::Qemu).then(|| machine.to_string()),
         round,
         mem_mib: case.mem_mib,
         vcpus: case.vcpus,
@@ -198,7 +248,7 @@ fn memory(plan: &Plan, case: &MemCase, round: u32) -> MemRecord {
     if let Some(p) = &case.remove_before {
         let _ = std::fs::remove_file(p);
     }
-    let mut child = match TimedChild::spawn(&case.argv, &plan.ready_marker) {
+    let mut child = match TimedChild::spawn(&argv, &plan.ready_marker) {
         Ok(c) => c,
         Err(e) => {
             rec.failure = Some(format!("{e:#}"));
@@ -388,11 +438,13 @@ mod tests {
         let plan = Plan {
             runs: 1,
             warmup: 0,
+            qemu_machines: vec![],
+            probe_group: 0,
+            probe_runs: 0,
             boot_timeout_s: 20,
             ready_marker: "READY".into(),
             groups: vec![],
             memory: vec![],
-            memory_runs: 0,
             memory_settle_ms: 0,
             qemu_version_argv: vec![],
         };
@@ -405,13 +457,20 @@ mod tests {
             argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
             metrics_file: Some(metrics.display().to_string()),
         };
-        let good = boot(&plan, &case(Kind::Ours, &ok_script), 0, false);
+        let good = boot(&plan, &case(Kind::Ours, &ok_script), 0, false, "");
         assert!(good.ok, "{good:?}");
         assert_eq!(good.vmm_metrics.as_ref().unwrap().setup_ms, Some(1.5));
         assert!(good.ready_ms.is_some() && good.exit_ms.is_some());
         assert!(good.console_tail.is_empty());
 
-        let bad = boot(&plan, &case(Kind::Qemu, "echo panic; exit 1"), 0, false);
+        let bad = boot(
+            &plan,
+            &case(Kind::Qemu, "echo panic; exit 1"),
+            0,
+            false,
+            "m",
+        );
+        assert_eq!(bad.qemu_machine.as_deref(), Some("m"));
         assert!(!bad.ok);
         let why = bad.failure.unwrap();
         assert!(

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 /// Prefix of a hex-encoded [`Message`]; it may appear anywhere in a console line.
 pub const HEX_MARKER: &str = "BENCH-HEX ";
 
+/// Stands for QEMU's `-M` value in QEMU argvs; the driver substitutes the machine variant it
+/// chose in the probe (see [`Plan::qemu_machines`]).
+pub const MACHINE_PLACEHOLDER: &str = "{machine}";
+
 /// Which VMM a case runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -75,6 +79,8 @@ pub struct MemCase {
     pub remove_before: Option<String>,
     /// How to stop it.
     pub stop: StopHow,
+    /// How many times to measure it.
+    pub runs: u32,
 }
 
 /// Everything the in-rig driver runs.
@@ -82,8 +88,15 @@ pub struct MemCase {
 pub struct Plan {
     /// Measured boots of each case.
     pub runs: u32,
-    /// Unmeasured warm-up boots of each case of the first group (reported, not summarised).
+    /// Unmeasured warm-up boots of our VMM in the probe group, before the QEMU probe.
     pub warmup: u32,
+    /// QEMU `-M` variants to probe; the one whose probe boots all succeeded with the smallest
+    /// median time to readiness is used for every QEMU boot after the probe.
+    pub qemu_machines: Vec<String>,
+    /// Index into `groups` of the configuration the probe boots use.
+    pub probe_group: usize,
+    /// Probe boots of each QEMU variant (reported, not summarised).
+    pub probe_runs: u32,
     /// Time limit of one boot in seconds (the VMM is killed after it).
     pub boot_timeout_s: u64,
     /// The console line that marks readiness.
@@ -91,10 +104,8 @@ pub struct Plan {
     /// Cases grouped by configuration. Round `r` runs every group in order; within a group the
     /// cases alternate, starting with case `r % len`, so neither VMM always goes first.
     pub groups: Vec<Vec<Case>>,
-    /// Memory measurements, each run `memory_runs` times (alternating).
+    /// Memory measurements, each run its `runs` times (alternating while both have runs left).
     pub memory: Vec<MemCase>,
-    /// How many times each memory case runs.
-    pub memory_runs: u32,
     /// Milliseconds to wait after readiness before reading smaps.
     pub memory_settle_ms: u64,
     /// A command printing the benchmarked QEMU's version (run once inside).
@@ -125,8 +136,10 @@ pub struct BootRecord {
     pub kind: Kind,
     /// Round number (0-based; warm-ups have their own count).
     pub round: u32,
-    /// A warm-up boot (not summarised).
+    /// A warm-up or probe boot (not summarised).
     pub warmup: bool,
+    /// QEMU's `-M` value (QEMU only).
+    pub qemu_machine: Option<String>,
     /// Guest vCPUs.
     pub vcpus: u32,
     /// Guest memory in MiB.
@@ -164,6 +177,8 @@ pub struct BootRecord {
 pub struct MemRecord {
     /// Which VMM.
     pub kind: Kind,
+    /// QEMU's `-M` value (QEMU only).
+    pub qemu_machine: Option<String>,
     /// Repetition number.
     pub round: u32,
     /// Guest memory in MiB.
@@ -209,6 +224,70 @@ pub struct RigFacts {
     pub dev_kvm: bool,
 }
 
+/// How one QEMU machine variant did in the probe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeResult {
+    /// The `-M` value.
+    pub machine: String,
+    /// Probe boots.
+    pub runs: usize,
+    /// Of which succeeded.
+    pub ok: usize,
+    /// Median spawn → readiness of the successful ones, ms.
+    pub median_ready_ms: Option<f64>,
+}
+
+/// The driver's choice of QEMU machine variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineChoice {
+    /// The `-M` value used from now on.
+    pub machine: String,
+    /// Why.
+    pub reason: String,
+    /// Every variant's probe.
+    pub probes: Vec<ProbeResult>,
+}
+
+/// Picks the variant whose probe boots all succeeded with the smallest median readiness; when
+/// none fully succeeded, the first variant (its boots will then fail visibly).
+pub fn choose_machine(probes: &[ProbeResult]) -> MachineChoice {
+    let best = probes
+        .iter()
+        .filter(|p| p.runs > 0 && p.ok == p.runs)
+        .filter_map(|p| p.median_ready_ms.map(|m| (p, m)))
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    match best {
+        Some((p, m)) => MachineChoice {
+            machine: p.machine.clone(),
+            reason: format!(
+                "fastest to readiness among the variants that booted in the probe ({m:.0} ms)"
+            ),
+            probes: probes.to_vec(),
+        },
+        None => MachineChoice {
+            machine: probes
+                .first()
+                .map(|p| p.machine.clone())
+                .unwrap_or_default(),
+            reason: "no variant booted in the probe; using the first".into(),
+            probes: probes.to_vec(),
+        },
+    }
+}
+
+/// `argv` with [`MACHINE_PLACEHOLDER`] replaced by `machine`.
+pub fn with_machine(argv: &[String], machine: &str) -> Vec<String> {
+    argv.iter()
+        .map(|a| {
+            if a == MACHINE_PLACEHOLDER {
+                machine.to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect()
+}
+
 /// A message from the driver.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -217,6 +296,8 @@ pub enum Message {
     Facts(RigFacts),
     /// One per boot.
     Boot(BootRecord),
+    /// After the probe.
+    Choice(MachineChoice),
     /// One per memory measurement.
     Memory(MemRecord),
     /// Sent last.
@@ -234,6 +315,7 @@ impl Message {
         let tag = match self {
             Message::Facts(_) => "BENCH-FACTS",
             Message::Boot(_) => "BENCH-BOOT",
+            Message::Choice(_) => "BENCH-CHOICE",
             Message::Memory(_) => "BENCH-MEMORY",
             Message::Done { .. } => "BENCH-DONE",
         };
@@ -296,6 +378,7 @@ mod tests {
             kind: Kind::Qemu,
             round: 3,
             warmup: false,
+            qemu_machine: Some("microvm".into()),
             vcpus: 2,
             mem_mib: 512,
             quiet: true,
@@ -335,6 +418,31 @@ mod tests {
     }
 
     #[test]
+    fn machine_choice() {
+        let p = |m: &str, runs, ok, med| ProbeResult {
+            machine: m.into(),
+            runs,
+            ok,
+            median_ready_ms: med,
+        };
+        let probes = [
+            p("a", 1, 1, Some(300.0)),
+            p("b", 2, 1, Some(100.0)), // one probe boot failed: not chosen
+            p("c", 1, 1, Some(200.0)),
+        ];
+        let c = choose_machine(&probes);
+        assert_eq!(c.machine, "c");
+        assert_eq!(c.probes.len(), 3);
+        let none = choose_machine(&[p("a", 1, 0, None), p("b", 1, 0, None)]);
+        assert_eq!(none.machine, "a");
+        assert!(none.reason.contains("no variant"));
+        let argv: Vec<String> = ["q", "-M", MACHINE_PLACEHOLDER, "-m", "1"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(with_machine(&argv, "microvm,rtc=off")[2], "microvm,rtc=off");
+    }
+
+    #[test]
     fn done_and_plan_serialize() {
         let done = Message::Done {
             boots: 4,
@@ -344,6 +452,9 @@ mod tests {
         let plan = Plan {
             runs: 10,
             warmup: 1,
+            qemu_machines: vec!["microvm".into()],
+            probe_group: 0,
+            probe_runs: 1,
             boot_timeout_s: 60,
             ready_marker: "VMM-GUEST-READY".into(),
             groups: vec![vec![Case {
@@ -362,8 +473,8 @@ mod tests {
                 argv: vec!["q".into()],
                 remove_before: None,
                 stop: StopHow::Sigterm,
+                runs: 1,
             }],
-            memory_runs: 3,
             memory_settle_ms: 1000,
             qemu_version_argv: vec!["q".into(), "--version".into()],
         };

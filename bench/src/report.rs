@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::protocol::{BootRecord, Kind, MemRecord};
+use crate::protocol::{BootRecord, Kind, MachineChoice, MemRecord};
 use crate::stats::{median_ratio, Summary};
 
 /// Goal: ours reaches readiness in at most this fraction of QEMU's time.
@@ -269,6 +269,8 @@ pub struct MarkdownInput<'a> {
     pub memory_guest: (u32, u32),
     /// Binary size.
     pub binary: Option<&'a BinarySize>,
+    /// The QEMU machine probe.
+    pub probe: Option<&'a MachineChoice>,
     /// Failures and anything that did not work, one line each.
     pub problems: &'a [String],
 }
@@ -323,6 +325,24 @@ pub fn markdown(m: &MarkdownInput<'_>) -> String {
                 .unwrap_or_else(|| "–".into()),
             goal(g.goal_setup_met),
         ));
+    }
+    if let Some(c) = m.probe {
+        s.push_str(&format!(
+            "\nQEMU machine variants probed before the measured boots (unmeasured boots; the \
+             measured QEMU boots use **`-M {}`**: {}):\n\n| `-M` | probe boots ok | ready, ms |\n|---|---|---|\n",
+            c.machine, c.reason
+        ));
+        for p in &c.probes {
+            s.push_str(&format!(
+                "| `{}` | {}/{} | {} |\n",
+                p.machine,
+                p.ok,
+                p.runs,
+                p.median_ready_ms
+                    .map(|v| format!("{v:.0}"))
+                    .unwrap_or_else(|| "–".into())
+            ));
+        }
     }
     s.push_str("\n## 2. VMM set-up on the host's own /dev/kvm\n\n");
     match m.host {
@@ -406,6 +426,7 @@ mod tests {
             kind,
             round: 0,
             warmup,
+            qemu_machine: None,
             vcpus: 2,
             mem_mib: 512,
             quiet: true,
@@ -460,6 +481,7 @@ mod tests {
             memory: &[],
             memory_guest: (128, 1),
             binary: None,
+            probe: None,
             problems: &["p".into()],
         });
         assert!(md.contains("| 2vcpu-quiet | ours (vmm) | 2/3 |"), "{md}");
@@ -472,6 +494,7 @@ mod tests {
     fn memory_stats() {
         let m = |ok, overhead_kib| MemRecord {
             kind: Kind::Ours,
+            qemu_machine: None,
             round: 0,
             mem_mib: 128,
             vcpus: 1,
