@@ -5,9 +5,9 @@
 
 use std::io::Read;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use serde::Serialize;
@@ -28,7 +28,8 @@ use crate::devices::virtio::{self, AttachError, AttachedDevice, BuildError};
 use crate::kvm::vcpu::{self, RunState, Vcpu, VcpuControl, VcpuError, VcpuEvent, VcpuSetup};
 use crate::kvm::vm::{create_vm, VmError};
 use crate::kvm::{kvm_device_path, open_kvm, KvmError};
-use crate::memory::GuestRam;
+use crate::memory::dirty::{dirty_logging_wanted, memory_slots, DIRTY_SYNC_INTERVAL};
+use crate::memory::{DirtyLogError, DirtyTracker, GuestRam};
 use crate::metrics::BootTimeline;
 
 /// How long vCPUs get to park when pausing.
@@ -104,6 +105,12 @@ pub enum BootError {
         #[source]
         source: std::io::Error,
     },
+    /// The page-state map for dirty tracking cannot describe guest RAM.
+    #[error("cannot create the page-state map for dirty page tracking")]
+    DirtyPageStates(#[source] balloon::PageStateError),
+    /// Dirty page tracking cannot be set up.
+    #[error("cannot set up dirty page tracking")]
+    DirtyTracking(#[source] DirtyLogError),
     /// A vCPU cannot be created or configured.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -208,6 +215,8 @@ pub struct VmHandle {
     events: Sender<VmEvent>,
     /// The balloon's controls and its configuration at start, if the VM has one.
     balloon: Option<(balloon::BalloonHandle, balloon::BalloonConfig)>,
+    /// Dirty page tracking, while the VM lives (empty without dirty logging).
+    dirty: Weak<DirtyTracker>,
 }
 
 impl VmHandle {
@@ -230,8 +239,37 @@ impl VmHandle {
     }
 
     /// The balloon's controls and its configuration at start, if the VM has a balloon.
+    ///
+    /// Every balloon API request comes through here, so this first brings the page-state map
+    /// up to date with KVM's dirty log ([`VmHandle::sync_dirty_pages`]): `GET /balloon` then
+    /// counts the pages the guest wrote since they were inflated, reported or hinted as live.
     pub fn balloon(&self) -> Option<&(balloon::BalloonHandle, balloon::BalloonConfig)> {
+        if let Err(err) = self.sync_dirty_pages() {
+            tracing::warn!(error = %DisplayChain(&err), "cannot sync the dirty log");
+        }
         self.balloon.as_ref()
+    }
+
+    /// Marks every page the guest wrote since the last sync live in the page-state map (see
+    /// [`DirtyTracker::sync`]). Returns how many pages changed state, or `None` when the VM
+    /// does not log dirty pages (or has ended).
+    pub fn sync_dirty_pages(&self) -> Result<Option<u64>, DirtyLogError> {
+        self.dirty.upgrade().map(|t| t.sync()).transpose()
+    }
+}
+
+/// Displays an error with its sources, `outer: inner: ...`.
+struct DisplayChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for DisplayChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(err) = source {
+            write!(f, ": {err}")?;
+            source = err.source();
+        }
+        Ok(())
     }
 }
 
@@ -244,7 +282,13 @@ pub struct Vm {
     // virtio devices (and their workers) stop when their transports drop, after the vCPUs.
     virtio_devices: Vec<AttachedDevice>,
     balloon: Option<balloon::BalloonHandle>,
-    _vm_fd: VmFd,
+    /// Dirty page tracking; holds a reference to the VM fd, dropped with it.
+    dirty: Option<Arc<DirtyTracker>>,
+    /// When the event loop last synced the dirty log.
+    last_dirty_sync: Instant,
+    /// Whether a free page hinting run was accepting hints at the last event loop pass.
+    hinting_was_running: bool,
+    _vm_fd: Arc<VmFd>,
     _kvm: Kvm,
     ram: Arc<GuestRam>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -289,12 +333,44 @@ impl Vm {
                 mem_mib: machine.mem_size_mib,
                 source,
             })?;
-        let vm_fd = create_vm(&kvm, &mem)?;
+        let log_dirty = dirty_logging_wanted(config.balloon.as_ref());
+        let vm_fd = Arc::new(create_vm(&kvm, &mem, log_dirty)?);
         let ram = Arc::new(GuestRam::new(mem.clone()));
 
         let devices = virtio::build_virtio_devices(&config, &ram)?;
+        let dirty = if log_dirty {
+            let page_states = match &devices.balloon {
+                Some(balloon) => balloon.page_states(),
+                // `VMM_DIRTY_LOG=always` without a balloon: a map of its own (all Live), so the
+                // cost of logging and syncing can be measured.
+                None => {
+                    let layout: Vec<_> = ram
+                        .regions()
+                        .into_iter()
+                        .map(|(start_gpa, len_bytes)| balloon::GuestRamRegion {
+                            start_gpa,
+                            len_bytes,
+                        })
+                        .collect();
+                    Arc::new(Mutex::new(
+                        balloon::PageStateMap::new(&layout).map_err(BootError::DirtyPageStates)?,
+                    ))
+                }
+            };
+            let tracker = DirtyTracker::new(vm_fd.clone(), memory_slots(&mem), page_states)
+                .map_err(BootError::DirtyTracking)?;
+            tracing::info!(
+                slots = tracker.slots().len(),
+                interval_ms = DIRTY_SYNC_INTERVAL.as_millis() as u64,
+                "dirty page logging on"
+            );
+            Some(Arc::new(tracker))
+        } else {
+            None
+        };
         let mut mmio = Bus::default();
-        let virtio_devices = virtio::attach_virtio_devices(&vm_fd, &mem, &mut mmio, devices.specs)?;
+        let virtio_devices =
+            virtio::attach_virtio_devices(&*vm_fd, &mem, &mut mmio, devices.specs)?;
         let mmio = Arc::new(mmio);
 
         let acpi = build_acpi_tables(&AcpiConfig {
@@ -414,6 +490,9 @@ impl Vm {
             vcpu_threads,
             virtio_devices,
             balloon: devices.balloon,
+            dirty,
+            last_dirty_sync: Instant::now(),
+            hinting_was_running: false,
             _vm_fd: vm_fd,
             _kvm: kvm,
             ram,
@@ -431,6 +510,52 @@ impl Vm {
         VmHandle {
             events: self.events_tx.clone(),
             balloon: self.balloon.clone().zip(self.config.balloon.clone()),
+            dirty: self.dirty.as_ref().map(Arc::downgrade).unwrap_or_default(),
+        }
+    }
+
+    /// Dirty page tracking, if the VM logs dirty pages: the snapshot writer pauses the vCPUs,
+    /// then calls [`DirtyTracker::sync`] before it reads the page-state map.
+    pub fn dirty_tracker(&self) -> Option<&Arc<DirtyTracker>> {
+        self.dirty.as_ref()
+    }
+
+    /// Marks every page the guest wrote since the last sync live in the page-state map; see
+    /// [`DirtyTracker::sync`]. `Ok(None)` when the VM does not log dirty pages.
+    pub fn sync_dirty_pages(&self) -> Result<Option<u64>, DirtyLogError> {
+        self.dirty.as_ref().map(|t| t.sync()).transpose()
+    }
+
+    /// The event loop's dirty log upkeep: a sync every [`DIRTY_SYNC_INTERVAL`], and one as soon
+    /// as a free page hinting run stops accepting hints.
+    fn dirty_upkeep(&mut self) {
+        let Some(tracker) = &self.dirty else {
+            return;
+        };
+        let hinting = self
+            .balloon
+            .as_ref()
+            .is_some_and(|b| b.hinting_status().running);
+        let hinting_stopped = self.hinting_was_running && !hinting;
+        self.hinting_was_running = hinting;
+        if !hinting_stopped && self.last_dirty_sync.elapsed() < DIRTY_SYNC_INTERVAL {
+            return;
+        }
+        self.last_dirty_sync = Instant::now();
+        match tracker.sync() {
+            Ok(made_live) if hinting_stopped => {
+                tracing::info!(
+                    pages_made_live = made_live,
+                    "hinting run stopped: dirty log synced"
+                )
+            }
+            Ok(_) => {}
+            Err(err) => {
+                // A failing ioctl fails every second: log the 1st, 2nd, 4th, 8th... failure.
+                if tracker.stats().sync_errors.is_power_of_two() {
+                    tracing::warn!(error = %DisplayChain(&err), "cannot sync the dirty log");
+                }
+            }
         }
     }
 
@@ -484,6 +609,7 @@ impl Vm {
             "balloon": self.balloon.as_ref().map(balloon::BalloonHandle::status),
             "memory": {
                 "released_bytes": self.ram.released_bytes(),
+                "dirty_log": self.dirty.as_ref().map(|t| t.stats()),
             },
         })
     }
@@ -529,8 +655,20 @@ impl Vm {
     /// Serves events until the VM ends, then stops the vCPUs and returns why it ended.
     pub fn run(mut self) -> ExitReason {
         let reason = loop {
-            let Ok(event) = self.events_rx.recv() else {
-                break ExitReason::VcpuFailed("event channel closed".into());
+            self.dirty_upkeep();
+            let event = if self.dirty.is_some() {
+                match self.events_rx.recv_timeout(DIRTY_SYNC_INTERVAL) {
+                    Ok(event) => event,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        break ExitReason::VcpuFailed("event channel closed".into())
+                    }
+                }
+            } else {
+                let Ok(event) = self.events_rx.recv() else {
+                    break ExitReason::VcpuFailed("event channel closed".into());
+                };
+                event
             };
             match event {
                 VmEvent::Vcpu(VcpuEvent::Guest(GuestRequest::PowerOff)) => {
@@ -589,6 +727,7 @@ mod tests {
         let handle = VmHandle {
             events,
             balloon: None,
+            dirty: Weak::new(),
         };
         let config = balloon::BalloonConfig {
             amount_mib: 0,

@@ -1,10 +1,13 @@
 //! The KVM VM: guest memory slots, the in-kernel irqchip (PIC, IOAPIC, local APICs) and PIT.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::GuestMemoryMmap;
 
 use crate::boot::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+use crate::memory::dirty::memory_slots;
 
 /// Errors creating the VM.
 #[derive(Debug, thiserror::Error)]
@@ -24,8 +27,10 @@ fn kvm_err(operation: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError
     move |source| VmError::Kvm { operation, source }
 }
 
-/// Creates the VM with its irqchip and PIT, and maps every region of `mem` into it.
-pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
+/// Creates the VM with its irqchip and PIT, and maps every region of `mem` into it as the slots
+/// [`memory_slots`] lists. With `log_dirty` the slots are registered with
+/// `KVM_MEM_LOG_DIRTY_PAGES`, for [`crate::memory::DirtyTracker`].
+pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(kvm_err("create the VM"))?;
     vm.set_tss_address(KVM_TSS_ADDR as usize)
         .map_err(kvm_err("set the TSS address"))?;
@@ -39,13 +44,18 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
     };
     vm.create_pit2(pit)
         .map_err(kvm_err("create the in-kernel PIT"))?;
-    for (slot, region) in mem.iter().enumerate() {
+    let flags = if log_dirty {
+        KVM_MEM_LOG_DIRTY_PAGES
+    } else {
+        0
+    };
+    for slot in memory_slots(mem) {
         let region_desc = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
+            slot: slot.slot,
+            flags,
+            guest_phys_addr: slot.guest_phys_addr,
+            memory_size: slot.memory_size,
+            userspace_addr: slot.userspace_addr,
         };
         // SAFETY: the region is a live mapping of `memory_size` bytes owned by `mem`, which the
         // caller keeps alive (in `Vm`) for as long as the VM exists; slots do not overlap

@@ -1,5 +1,8 @@
-//! Guest RAM: the host mappings behind guest physical memory and giving pages back to the host.
+//! Guest RAM: the host mappings behind guest physical memory, giving pages back to the host,
+//! and tracking which pages the guest wrote (KVM's dirty log).
 
+pub mod dirty;
 pub mod guest_ram;
 
+pub use dirty::{DirtyLogError, DirtyTracker, DirtyTrackerStats, MemorySlot};
 pub use guest_ram::{GuestRam, ReleaseError};
