@@ -26,8 +26,17 @@ use crate::stats::Summary;
 
 /// The readiness line the guest image prints.
 pub const READY_MARKER: &str = "VMM-GUEST-READY";
-/// The lock every rig user on this machine takes (as `flock /tmp/kvm-rig.lock ...` does).
+/// The lock every rig user on this machine takes (as `flock /tmp/kvm-rig.lock ...` does);
+/// `$VMM_KVM_RIG_LOCK` overrides it, as in the rig crate.
 pub const RIG_LOCK: &str = "/tmp/kvm-rig.lock";
+
+/// The rig lock's path.
+fn rig_lock_path() -> PathBuf {
+    std::env::var_os("VMM_KVM_RIG_LOCK")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(RIG_LOCK))
+}
 /// Guest memory of the boot benchmark (the project's standard S512 guest).
 pub const BOOT_MEM_MIB: u32 = 512;
 /// QEMU microvm variants probed by default: ACPI (no PCI needed) with QEMU's default legacy
@@ -100,32 +109,38 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// An exclusive `flock(2)` on [`RIG_LOCK`], held until dropped.
+/// An exclusive `flock(2)` on the rig lock, held until dropped. Taken around work that must
+/// not share the machine with a rig (host timings, the driver on a host with real KVM);
+/// [`rig::run_in_rig`] takes the same lock itself, so it must not be held around that call
+/// (a second `flock` on the same file from this process would wait for itself).
 struct RigLock {
     _file: File,
 }
 
 impl RigLock {
     fn acquire(what: &str) -> anyhow::Result<RigLock> {
+        let path = rig_lock_path();
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(RIG_LOCK)
-            .with_context(|| format!("opening the rig lock {RIG_LOCK}"))?;
+            .open(&path)
+            .with_context(|| format!("opening the rig lock {}", path.display()))?;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             say(&format!(
-                "waiting for {RIG_LOCK} (another rig or benchmark is running) before {what}"
+                "waiting for {} (another rig or benchmark is running) before {what}",
+                path.display()
             ));
             let t = Instant::now();
             // SAFETY: as above, blocking this time.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
                 return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("locking {RIG_LOCK}"));
+                    .with_context(|| format!("locking {}", path.display()));
             }
             say(&format!(
-                "got {RIG_LOCK} after {:.0} s",
+                "got {} after {:.0} s",
+                path.display(),
                 t.elapsed().as_secs_f64()
             ));
         }
@@ -692,10 +707,11 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
     let (rig_desc, outcome) = {
-        let _lock = RigLock::acquire("the rig run")?;
         say(&format!(
-            "running {expected} boots + {} memory measurements via {backend}",
-            plan.memory.iter().map(|c| c.runs as usize).sum::<usize>()
+            "running {expected} boots + {} memory measurements via {backend} (waits for {} while \
+             another rig runs)",
+            plan.memory.iter().map(|c| c.runs as usize).sum::<usize>(),
+            rig_lock_path().display()
         ));
         match &backend {
             KvmBackend::NestedRig { script } => (
@@ -714,14 +730,17 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
             ),
             KvmBackend::HostKvm => (
                 json!({"script": null, "command": driver_cmd.join(" "), "note": "this host's /dev/kvm boots stock guests: ran without the rig"}),
-                rig::run_local(
-                    Path::new(&driver_cmd[0]),
-                    &driver_cmd[1..],
-                    payload.path(),
-                    Duration::from_secs(args.rig_timeout),
-                    |l| got.line(l, expected),
-                )
-                .context("running the driver on the host")?,
+                RigLock::acquire("the boots on this host")
+                    .and_then(|_lock| {
+                        Ok(rig::run_local(
+                            Path::new(&driver_cmd[0]),
+                            &driver_cmd[1..],
+                            payload.path(),
+                            Duration::from_secs(args.rig_timeout),
+                            |l| got.line(l, expected),
+                        )?)
+                    })
+                    .context("running the driver on the host")?,
             ),
             KvmBackend::Unavailable { reason } => {
                 bail!("no KVM that can boot a stock guest: {reason}")
