@@ -28,7 +28,7 @@ use crate::devices::virtio::{self, AttachError, AttachedDevice, BuildError};
 use crate::kvm::vcpu::{self, RunState, Vcpu, VcpuControl, VcpuError, VcpuEvent, VcpuSetup};
 use crate::kvm::vm::{create_vm, VmError};
 use crate::kvm::{kvm_device_path, open_kvm, KvmError};
-use crate::memory::dirty::{dirty_logging_wanted, memory_slots, DIRTY_SYNC_INTERVAL};
+use crate::memory::dirty::{dirty_logging_wanted, dirty_sync_interval, memory_slots};
 use crate::memory::{DirtyLogError, DirtyTracker, GuestRam};
 use crate::metrics::BootTimeline;
 
@@ -286,6 +286,8 @@ pub struct Vm {
     dirty: Option<Arc<DirtyTracker>>,
     /// When the event loop last synced the dirty log.
     last_dirty_sync: Instant,
+    /// How often it syncs ([`crate::memory::dirty::DIRTY_SYNC_INTERVAL`] by default).
+    dirty_sync_interval: Duration,
     /// Whether a free page hinting run was accepting hints at the last event loop pass.
     hinting_was_running: bool,
     _vm_fd: Arc<VmFd>,
@@ -361,7 +363,7 @@ impl Vm {
                 .map_err(BootError::DirtyTracking)?;
             tracing::info!(
                 slots = tracker.slots().len(),
-                interval_ms = DIRTY_SYNC_INTERVAL.as_millis() as u64,
+                interval_ms = dirty_sync_interval().as_millis() as u64,
                 "dirty page logging on"
             );
             Some(Arc::new(tracker))
@@ -492,6 +494,7 @@ impl Vm {
             balloon: devices.balloon,
             dirty,
             last_dirty_sync: Instant::now(),
+            dirty_sync_interval: dirty_sync_interval(),
             hinting_was_running: false,
             _vm_fd: vm_fd,
             _kvm: kvm,
@@ -526,8 +529,9 @@ impl Vm {
         self.dirty.as_ref().map(|t| t.sync()).transpose()
     }
 
-    /// The event loop's dirty log upkeep: a sync every [`DIRTY_SYNC_INTERVAL`], and one as soon
-    /// as a free page hinting run stops accepting hints.
+    /// The event loop's dirty log upkeep: a sync every
+    /// [`DIRTY_SYNC_INTERVAL`](crate::memory::dirty::DIRTY_SYNC_INTERVAL), and one as soon as a
+    /// free page hinting run stops accepting hints.
     fn dirty_upkeep(&mut self) {
         let Some(tracker) = &self.dirty else {
             return;
@@ -538,7 +542,7 @@ impl Vm {
             .is_some_and(|b| b.hinting_status().running);
         let hinting_stopped = self.hinting_was_running && !hinting;
         self.hinting_was_running = hinting;
-        if !hinting_stopped && self.last_dirty_sync.elapsed() < DIRTY_SYNC_INTERVAL {
+        if !hinting_stopped && self.last_dirty_sync.elapsed() < self.dirty_sync_interval {
             return;
         }
         self.last_dirty_sync = Instant::now();
@@ -657,7 +661,7 @@ impl Vm {
         let reason = loop {
             self.dirty_upkeep();
             let event = if self.dirty.is_some() {
-                match self.events_rx.recv_timeout(DIRTY_SYNC_INTERVAL) {
+                match self.events_rx.recv_timeout(self.dirty_sync_interval) {
                     Ok(event) => event,
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => {

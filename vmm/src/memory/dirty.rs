@@ -75,6 +75,20 @@ pub const DIRTY_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// balloon that reports or hints; for measuring its cost) or `auto` (the default).
 pub const DIRTY_LOG_ENV: &str = "VMM_DIRTY_LOG";
 
+/// Environment variable that overrides [`DIRTY_SYNC_INTERVAL`], in milliseconds (at least 10;
+/// for measuring what periodic syncs cost).
+pub const DIRTY_SYNC_MS_ENV: &str = "VMM_DIRTY_SYNC_MS";
+
+/// The event loop's sync interval: [`DIRTY_SYNC_INTERVAL`] unless [`DIRTY_SYNC_MS_ENV`] holds a
+/// number of milliseconds >= 10.
+pub fn dirty_sync_interval() -> Duration {
+    std::env::var(DIRTY_SYNC_MS_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms >= 10)
+        .map_or(DIRTY_SYNC_INTERVAL, Duration::from_millis)
+}
+
 /// One KVM memory slot: a guest RAM region and the host mapping behind it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemorySlot {

@@ -4,17 +4,18 @@
 #
 # Runs inside the kvm rig (busybox userland). The payload directory holds a static `vmm`, the
 # guest image's `vmlinuz` and `initramfs.cpio`, and this script:
-#   flock /tmp/kvm-rig.lock /work/shared/kvm-rig/run.sh --timeout 900 PAYLOAD -- sh dirty.sh
-# Four guest boots, 512 MiB / 2 vCPUs each (the guest waits for a line on its console between
-# phases):
+#   flock /tmp/kvm-rig.lock /work/shared/kvm-rig/run.sh --timeout 900 PAYLOAD -- sh dirty.sh [cost]
+# Guest boots of 512 MiB / 2 vCPUs (the guest waits for a line on its console between phases);
+# with `cost` only part 4:
 #   1. free page reporting only: the guest fills and frees 200 MiB, reporting marks it Reported;
 #      the guest fills 200 MiB again: `live_pages` of GET /balloon rises by ~200 MiB and
 #      `reported_pages` drops by as much.
 #   2. free page hinting only (guest default init_on_alloc=1), then
 #   3. the same with init_on_alloc=0: a hinting run, then the guest writes 100 MiB; pages it
 #      wrote are not counted Hinted any more.
-#   4. cost: a guest rewriting 200 MiB of tmpfs 4 times, without a balloon, with dirty logging
-#      off and with VMM_DIRTY_LOG=always (syncs every second), twice each, alternating.
+#   4. cost: a guest writing 200 MiB of tmpfs, then rewriting it 3 times, without a balloon:
+#      dirty logging off, VMM_DIRTY_LOG=always (syncs every second), and always with
+#      VMM_DIRTY_SYNC_MS=600000 (no periodic sync: what 4 KiB mappings alone cost); twice each.
 # Host lines start with HOST, guest lines with GUEST.
 set -u
 SOCK=/tmp/vmm.sock
@@ -71,6 +72,8 @@ finish() {
 
 FAILED=0
 log "rig: THP $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
+MODE=${1:-all}
+if [ "$MODE" = all ]; then
 
 # --- 1. reporting, then reuse
 FILL='dd if=/dev/zero of=/tmp/f bs=1M count=200 2>/dev/null'
@@ -144,20 +147,21 @@ hint_run() {
 }
 hint_run 2 "" || FAILED=1
 hint_run 3 "init_on_alloc=0" || FAILED=1
+fi
 
 # --- 4. cost of dirty logging
-log "4. cost: rewrite 200 MiB of tmpfs 4 times, dirty logging off / on"
+log "4. cost: write 200 MiB of tmpfs, rewrite it 3 times; dirty logging off / on"
 WORK='read go; read t0 x </proc/uptime; dd if=/dev/zero of=/tmp/f bs=1M count=200 2>/dev/null; read t1 x </proc/uptime; for i in 1 2 3; do dd if=/dev/zero of=/tmp/f bs=1M count=200 conv=notrunc 2>/dev/null; done; read t2 x </proc/uptime; echo GUEST-WORK first_s=$t0..$t1 rewrites_s=$t1..$t2; read go'
 for round in 1 2; do
-    for mode in auto always; do
-        boot "" "" "$WORK" VMM_DIRTY_LOG=$mode || { FAILED=1; continue; }
+    for mode in auto always always,600000; do
+        boot "" "" "$WORK" VMM_DIRTY_LOG=${mode%,*} VMM_DIRTY_SYNC_MS=${mode#*,} || { FAILED=1; continue; }
         sleep 3
         echo go >&3
         wait_console GUEST-WORK 300
         line=$(grep GUEST-WORK "$CON" | tr -d '\r' | tail -n1)
         first=$(echo "$line" | sed 's/.*first_s=\([0-9.]*\)\.\.\([0-9.]*\).*/\1 \2/' | awk '{printf "%.2f", $2 - $1}')
         rest=$(echo "$line" | sed 's/.*rewrites_s=\([0-9.]*\)\.\.\([0-9.]*\).*/\1 \2/' | awk '{printf "%.2f", $2 - $1}')
-        log "round $round VMM_DIRTY_LOG=$mode: first write of 200 MiB ${first} s, 3 rewrites ${rest} s; $(dirty_stats)"
+        log "round $round VMM_DIRTY_LOG=${mode%,*} VMM_DIRTY_SYNC_MS=${mode#*,}: first write of 200 MiB ${first} s, 3 rewrites ${rest} s; $(dirty_stats)"
         finish
     done
 done
