@@ -37,8 +37,8 @@
 //! *allocates* to hand them over (balloon inflate, free page hinting) are zeroed by the
 //! allocator when the guest runs with `init_on_alloc=1` (Debian's default), milliseconds before
 //! the device marks them: almost all of them turn Live at the next sync. Keeping them requires
-//! a sync under the map lock right before the device marks (a hook the balloon does not offer
-//! yet) or `init_on_alloc=0` in the guest.
+//! a sync under the map lock right before the device marks ([`DirtyTracker::sync_locked`]; the
+//! balloon does not call such a hook yet) or `init_on_alloc=0` in the guest.
 //!
 //! # Writes by the VMM
 //!
@@ -291,6 +291,30 @@ impl DirtyTracker {
     /// fetched bitmap is never dropped) and the first error is returned; the failed slot's dirty
     /// bits stay in KVM for the next sync.
     pub fn sync(&self) -> Result<u64, DirtyLogError> {
+        // Applied after the fetch, under the lock the device marks under: see the module
+        // documentation for why this order keeps every later write.
+        self.sync_with(|first_pfn, nr_pages, bitmap| {
+            lock(&self.page_states).mark_written_bitmap(first_pfn, nr_pages, bitmap)
+        })
+    }
+
+    /// Like [`DirtyTracker::sync`], into `map`: the tracker's page-state map, which the caller
+    /// has locked. This is the hook for a device that is about to mark pages Inflated, Reported
+    /// or Hinted: syncing under the same lock hold right before marking applies every write the
+    /// guest made before it handed the pages over (allocator zeroing with `init_on_alloc=1`)
+    /// before the mark, so those pages keep the device's state instead of turning Live later.
+    pub fn sync_locked(&self, map: &mut PageStateMap) -> Result<u64, DirtyLogError> {
+        self.sync_with(|first_pfn, nr_pages, bitmap| {
+            map.mark_written_bitmap(first_pfn, nr_pages, bitmap)
+        })
+    }
+
+    /// Fetches each slot's bitmap and hands it to `apply(first_pfn, nr_pages, bitmap)`; keeps
+    /// the statistics.
+    fn sync_with<F>(&self, mut apply: F) -> Result<u64, DirtyLogError>
+    where
+        F: FnMut(u64, u64, &[u64]) -> Result<u64, PageStateError>,
+    {
         let started = Instant::now();
         let mut made_live = 0;
         let mut seen = 0;
@@ -312,9 +336,7 @@ impl DirtyTracker {
                 continue;
             }
             seen += dirty;
-            // Applied after the fetch, under the lock the device marks under: see the module
-            // documentation for why this order keeps every later write.
-            match lock(&self.page_states).mark_written_bitmap(s.pfns().start, nr_pages, &bitmap) {
+            match apply(s.pfns().start, nr_pages, &bitmap) {
                 Ok(changed) => made_live += changed,
                 Err(source) => {
                     first_error.get_or_insert(DirtyLogError::MarkWritten {
@@ -588,6 +610,34 @@ mod tests {
         log.push(0, vec![1 << 11]);
         assert_eq!(tracker.sync().unwrap(), 1);
         assert_eq!(state(&map, 11), PageState::Live);
+    }
+
+    /// The hook a device would call under the map lock right before marking: a page written
+    /// before it was handed over keeps the device's state; one written after turns Live.
+    #[test]
+    fn a_sync_right_before_marking_keeps_pages_written_before() {
+        let log = Arc::new(FakeLog::default());
+        let (tracker, map) = tracker(log.clone());
+        // The guest's allocator zeroes pages 20..24, then the guest hints them.
+        log.push(0, vec![0b1111 << 20]);
+        {
+            let mut m = map.lock().unwrap();
+            assert_eq!(tracker.sync_locked(&mut m).unwrap(), 0);
+            m.mark_range(
+                20 * DIRTY_PAGE_SIZE_BYTES,
+                4 * DIRTY_PAGE_SIZE_BYTES,
+                PageState::Hinted,
+            )
+            .unwrap();
+        }
+        assert_eq!(tracker.sync().unwrap(), 0);
+        assert_eq!(state(&map, 20), PageState::Hinted);
+        // The guest writes page 21 after the hint.
+        log.push(0, vec![1 << 21]);
+        assert_eq!(tracker.sync().unwrap(), 1);
+        assert_eq!(state(&map, 20), PageState::Hinted);
+        assert_eq!(state(&map, 21), PageState::Live);
+        assert_eq!(tracker.stats().dirty_pages_seen, 5);
     }
 
     #[test]
