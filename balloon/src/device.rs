@@ -281,6 +281,8 @@ pub(crate) struct Shared {
     pub(crate) page_states: Arc<Mutex<PageStateMap>>,
     /// Releases guest RAM on the host.
     pub(crate) releaser: Arc<dyn RamReleaser>,
+    /// Applies guest writes to the map before pages are marked free, once the VMM sets it.
+    pub(crate) write_tracker: Mutex<Option<Arc<dyn crate::WriteTracker>>>,
     /// Mutable state.
     pub(crate) state: Mutex<DeviceState>,
     /// Counters.
@@ -348,6 +350,12 @@ impl std::fmt::Debug for BalloonHandle {
 }
 
 impl BalloonHandle {
+    /// Makes the device apply `tracker`'s record of guest writes to the page-state map right
+    /// before it marks pages free (see [`crate::WriteTracker`]).
+    pub fn set_write_tracker(&self, tracker: Arc<dyn crate::WriteTracker>) {
+        *lock(&self.shared.write_tracker) = Some(tracker);
+    }
+
     /// Sets the balloon target to `target_mib` MiB (the size the guest is asked to give up)
     /// and tells the guest. Fails if the target is larger than guest RAM. Before the driver
     /// runs, the target is just recorded; the driver reads it when it starts.
@@ -574,6 +582,7 @@ impl Balloon {
             state: Mutex::new(state),
             counters,
             interrupt: Mutex::new(None),
+            write_tracker: Mutex::new(None),
             control_evt,
         });
         Ok(Balloon {

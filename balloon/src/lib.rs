@@ -42,4 +42,4 @@ pub use queues::hint::{
 };
 pub use queues::stats::BalloonStats;
 pub use queues::{queue_index, queue_layout, BalloonQueue, QUEUE_SIZE};
-pub use release::RamReleaser;
+pub use release::{RamReleaser, WriteTracker};

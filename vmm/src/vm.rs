@@ -366,7 +366,11 @@ impl Vm {
                 interval_ms = dirty_sync_interval().as_millis() as u64,
                 "dirty page logging on"
             );
-            Some(Arc::new(tracker))
+            let tracker = Arc::new(tracker);
+            if let Some(balloon) = &devices.balloon {
+                balloon.set_write_tracker(tracker.clone());
+            }
+            Some(tracker)
         } else {
             None
         };

@@ -379,8 +379,19 @@ pub(crate) fn apply_page_ranges(
             "balloon: guest sent pages outside guest RAM; ignored"
         );
     }
+    let tracker = match state {
+        PageState::Live => None,
+        _ => crate::device::lock(&ctx.shared.write_tracker).clone(),
+    };
     {
         let mut map = crate::device::lock(&ctx.shared.page_states);
+        // Writes the guest made before handing these pages over must not count as writes
+        // after the mark: apply them first, under the same lock hold.
+        if let Some(tracker) = tracker {
+            if let Err(err) = tracker.sync_into(&mut map) {
+                tracing::warn!(%err, "balloon: syncing guest writes before marking pages failed");
+            }
+        }
         for part in clipped {
             let gpa = part.start << PAGE_SHIFT;
             let len_bytes = (part.end - part.start) << PAGE_SHIFT;

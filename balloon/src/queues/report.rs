@@ -97,6 +97,43 @@ mod tests {
         assert_eq!(env.state_of(1024), PageState::Live);
     }
 
+    /// A dirty log that says pages 1024..1536 were written (the guest zeroed them) before the
+    /// report, and nothing after.
+    struct ZeroedBeforeReport(std::sync::Mutex<bool>);
+
+    impl crate::WriteTracker for ZeroedBeforeReport {
+        fn sync_into(
+            &self,
+            map: &mut crate::PageStateMap,
+        ) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+            let mut pending = self.0.lock().unwrap();
+            if !std::mem::take(&mut *pending) {
+                return Ok(0);
+            }
+            Ok(map.mark_written(1024..1536)?)
+        }
+    }
+
+    #[test]
+    fn writes_before_the_report_are_applied_before_marking() {
+        let env = Env::new(full_config());
+        let tracker = std::sync::Arc::new(ZeroedBeforeReport(std::sync::Mutex::new(true)));
+        *crate::device::lock(&env.shared().write_tracker) = Some(tracker.clone());
+        let mut reportq = DriverQueue::new(&env.mem, 0);
+        let mut active = env.active(vec![(BalloonQueue::Reporting, reportq.queue())]);
+        reportq.add_chain(&[(4 << 20, 2 << 20, WRITE)]);
+        env.process(&mut active, 0);
+        // The earlier writes were consumed before the mark: the pages stay Reported.
+        assert_eq!(env.state_of(1024), PageState::Reported);
+        assert_eq!(env.state_of(1535), PageState::Reported);
+        // The next periodic sync finds nothing new: the pages stay Reported. (Without the sync
+        // before marking, it would apply the zeroing now and turn them Live.)
+        let changed =
+            crate::WriteTracker::sync_into(&*tracker, &mut crate::device::lock(&env.map)).unwrap();
+        assert_eq!(changed, 0);
+        assert_eq!(env.state_of(1024), PageState::Reported);
+    }
+
     #[test]
     fn device_readable_or_outside_memory_reports_are_skipped() {
         let env = Env::new(full_config());

@@ -36,9 +36,9 @@
 //! [`DIRTY_SYNC_INTERVAL`]) usually fetches the last writes before the report. Pages the guest
 //! *allocates* to hand them over (balloon inflate, free page hinting) are zeroed by the
 //! allocator when the guest runs with `init_on_alloc=1` (Debian's default), milliseconds before
-//! the device marks them: almost all of them turn Live at the next sync. Keeping them requires
-//! a sync under the map lock right before the device marks ([`DirtyTracker::sync_locked`]; the
-//! balloon does not call such a hook yet) or `init_on_alloc=0` in the guest.
+//! the device marks them. So the balloon syncs under the map lock right before it marks pages
+//! (`balloon::WriteTracker`, implemented here through [`DirtyTracker::sync_locked`]): those
+//! earlier writes are applied first and the pages keep the device's state.
 //!
 //! # Writes by the VMM
 //!
@@ -242,6 +242,16 @@ impl std::fmt::Debug for DirtyTracker {
             .field("slots", &self.slots)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
+    }
+}
+
+/// The balloon syncs through this right before it marks pages free.
+impl balloon::WriteTracker for DirtyTracker {
+    fn sync_into(
+        &self,
+        map: &mut PageStateMap,
+    ) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.sync_locked(map)?)
     }
 }
 
