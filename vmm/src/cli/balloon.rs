@@ -8,14 +8,13 @@
 //! - `vmm balloon hint start|status|stop`: `PUT /balloon/hinting/start`,
 //!   `GET /balloon/hinting/status`, `PUT /balloon/hinting/stop`
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::Context;
 use balloon::BalloonConfig;
 use serde_json::{json, Value};
 
+use super::control::call;
 use super::CliResult;
-use crate::api::client::{self, ApiResponse};
 
 /// `vmm balloon` subcommands.
 #[derive(clap::Subcommand)]
@@ -146,27 +145,6 @@ fn query(args: &JsonArgs, path: &str, what: &str) -> anyhow::Result<()> {
         print!("{}", key_value_lines(&body));
     }
     Ok(())
-}
-
-/// Sends a request; turns a non-2xx answer into an error carrying its `fault_message`.
-fn call(
-    socket: &Path,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-    what: &str,
-) -> anyhow::Result<ApiResponse> {
-    let response =
-        client::request(socket, method, path, body).with_context(|| format!("{what} failed"))?;
-    if !response.is_success() {
-        let message = response
-            .fault_message()
-            .map(str::to_string)
-            .or_else(|| response.body.as_ref().map(Value::to_string))
-            .unwrap_or_else(|| "no details".to_string());
-        anyhow::bail!("{what} failed: {message} (HTTP {})", response.status);
-    }
-    Ok(response)
 }
 
 /// A JSON object as aligned `key: value` lines; nested objects' keys are joined with `.`.

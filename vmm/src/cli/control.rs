@@ -98,7 +98,8 @@ pub fn stop(args: SocketArgs) -> CliResult {
 }
 
 /// Sends a request; turns a non-2xx answer into an error carrying its `fault_message`.
-fn call(
+/// Shared by the subcommands that talk to the API socket.
+pub(super) fn call(
     socket: &Path,
     method: &str,
     path: &str,
