@@ -153,7 +153,7 @@ pub struct Binaries {
     pub trimmer: PathBuf,
     /// `e2e-runner`.
     pub runner: PathBuf,
-    /// The directory holding them (the other binaries of `tests`, e.g. `bench-boot`, are here too).
+    /// The directory holding them.
     pub dir: PathBuf,
 }
 
