@@ -1,6 +1,8 @@
 //! `guest-trimmer` command line. Runs inside the guest (statically linked into the initramfs);
 //! logs go to stderr, results to stdout.
 
+mod alloc;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -53,6 +55,8 @@ enum Command {
     DamonStatus(DamonStatusArgs),
     /// Configure and start (or stop) DAMON monitoring of all physical memory.
     DamonMonitor(DamonMonitorArgs),
+    /// Allocate and write N MiB of anonymous memory, hold it, then free it (a test load).
+    Alloc(alloc::AllocArgs),
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +120,8 @@ enum CliError {
     DamonMonitor(#[source] DamonError),
     #[error("serialize output")]
     Json(#[source] serde_json::Error),
+    #[error("alloc")]
+    Alloc(#[source] alloc::AllocError),
 }
 
 fn main() -> ExitCode {
@@ -160,6 +166,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
             }
         }
         Command::DamonStatus(args) => damon_status(&g.damon_root(), args),
+        Command::Alloc(args) => alloc::run(args).map_err(CliError::Alloc),
         Command::DamonMonitor(args) => {
             let damon = DamonSysfs::detect(g.damon_root())
                 .map_err(CliError::DamonMonitor)?

@@ -5,6 +5,8 @@
 //! Only the two plain boot scenarios print the kernel's full boot log: under the rig every console
 //! byte is a nested exit, and `quiet` cuts a boot from ~45 s to ~8 s there.
 
+mod balloon;
+
 use crate::proc::{describe, Proc};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -81,6 +83,21 @@ pub fn all() -> Vec<Scenario> {
         sc("poweroff_exits_fast", 240, poweroff_exits_fast),
         sc("sigterm_stops_cleanly", 240, sigterm_stops_cleanly),
         sc("pause_resume", 300, pause_resume),
+        // Balloon (src/scenarios/balloon.rs): each boots a guest with a virtio-balloon.
+        sc("balloon_statistics", 300, balloon::statistics),
+        sc("balloon_inflate_deflate", 400, balloon::inflate_deflate),
+        sc("balloon_deflate_on_oom", 400, balloon::deflate_on_oom),
+        sc(
+            "balloon_oom_without_deflate",
+            400,
+            balloon::oom_without_deflate,
+        ),
+        sc(
+            "balloon_reporting_returns_memory",
+            400,
+            balloon::reporting_returns_memory,
+        ),
+        sc("balloon_hinting", 300, balloon::hinting),
     ]
 }
 

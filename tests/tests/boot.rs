@@ -49,4 +49,10 @@ scenario_tests!(
     poweroff_exits_fast,
     sigterm_stops_cleanly,
     pause_resume,
+    balloon_statistics,
+    balloon_inflate_deflate,
+    balloon_deflate_on_oom,
+    balloon_oom_without_deflate,
+    balloon_reporting_returns_memory,
+    balloon_hinting,
 );
