@@ -599,6 +599,313 @@ impl Collected {
     }
 }
 
+/// What the host prepared before any measurement.
+struct Prepared {
+    vmm: PathBuf,
+    bench: PathBuf,
+    image: Image,
+    default_cmdline: String,
+    qemu: QemuBundle,
+    binary: BinarySize,
+}
+
+/// Builds the binaries and the image, reads the default command line, bundles QEMU, sizes
+/// the binary.
+fn prepare(root: &Path, args: &BootArgs) -> anyhow::Result<Prepared> {
+    let (vmm, bench) = build(root)?;
+    let image = build_image(&vmm, root)?;
+    let source = root.join(cmdline::CMDLINE_SOURCE);
+    let default_cmdline = cmdline::extract_default_cmdline(
+        &std::fs::read_to_string(&source)
+            .with_context(|| format!("reading {}", source.display()))?,
+    )
+    .with_context(|| format!("reading DEFAULT_CMDLINE from {}", source.display()))?;
+    let qemu = qemu::bundle(&args.qemu)
+        .with_context(|| format!("bundling {} for the rig", args.qemu.display()))?;
+    let binary = binary_size(&vmm, &qemu)?;
+    Ok(Prepared {
+        vmm,
+        bench,
+        image,
+        default_cmdline,
+        qemu,
+        binary,
+    })
+}
+
+/// The payload: our binaries, the image, QEMU with its loader, libraries and firmware.
+fn payload(p: &Prepared) -> anyhow::Result<Payload> {
+    let mut payload = Payload::new().context("creating the rig payload")?;
+    payload
+        .add_file(&p.vmm, "vmm", 0o755)
+        .and_then(|x| x.add_file(&p.bench, "bench", 0o755))
+        .and_then(|x| x.add_file(&p.image.kernel, "vmlinuz", 0o644))
+        .and_then(|x| x.add_file(&p.image.initrd, "initrd", 0o644))
+        .and_then(|x| x.add_file(&p.qemu.binary, "qemu-system-x86_64", 0o755))
+        .and_then(|x| x.add_file(&p.qemu.loader, "lib/ld-linux-x86-64.so.2", 0o755))
+        .context("assembling the rig payload")?;
+    for lib in &p.qemu.libs {
+        payload
+            .add_file(&lib.path, &format!("lib/{}", lib.name), 0o755)
+            .context("assembling the rig payload (QEMU's libraries)")?;
+    }
+    for (name, path) in &p.qemu.firmware {
+        payload
+            .add_file(path, &format!("fw/{name}"), 0o644)
+            .context("assembling the rig payload (QEMU's firmware)")?;
+    }
+    Ok(payload)
+}
+
+/// How the driver run went.
+struct DriverRun {
+    /// How it was started (for the JSON).
+    desc: serde_json::Value,
+    /// How it ended.
+    outcome: rig::RigOutcome,
+    /// What it reported.
+    got: Collected,
+}
+
+/// Runs the driver in the rig (or on a host with real KVM) and collects its messages.
+fn drive(
+    args: &BootArgs,
+    backend: &KvmBackend,
+    payload: &Payload,
+    driver_cmd: &[String],
+    expected: usize,
+) -> anyhow::Result<DriverRun> {
+    let mut got = Collected::default();
+    let (desc, outcome) = match backend {
+        KvmBackend::NestedRig { script } => {
+            let opts = RigOptions {
+                mem_mib: args.rig_mem,
+                smp: args.rig_smp,
+                timeout_s: args.rig_timeout,
+            };
+            let outer_qemu = std::env::var_os("KVM_RIG_QEMU")
+                .filter(|q| !q.is_empty())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+            let desc = json!({
+                "script": script.display().to_string(),
+                "command": format!("{} --mem {} --smp {} --timeout {} <payload> -- {}",
+                    script.display(), opts.mem_mib, opts.smp, opts.timeout_s, driver_cmd.join(" ")),
+                "outer_qemu": qemu::version_of(&outer_qemu),
+                "requested_mem_mib": opts.mem_mib,
+                "requested_smp": opts.smp,
+            });
+            let outcome = rig::run_in_rig(script, payload.path(), driver_cmd, opts, |l| {
+                got.line(l, expected)
+            })
+            .context("running the driver in the rig")?;
+            (desc, outcome)
+        }
+        KvmBackend::HostKvm => {
+            let desc = json!({"script": null, "command": driver_cmd.join(" "),
+                "note": "this host's /dev/kvm boots stock guests: ran without the rig"});
+            let _lock = RigLock::acquire("the boots on this host")?;
+            let outcome = rig::run_local(
+                Path::new(&driver_cmd[0]),
+                &driver_cmd[1..],
+                payload.path(),
+                Duration::from_secs(args.rig_timeout),
+                |l| got.line(l, expected),
+            )
+            .context("running the driver on the host")?;
+            (desc, outcome)
+        }
+        KvmBackend::Unavailable { reason } => {
+            bail!("no KVM that can boot a stock guest: {reason}")
+        }
+    };
+    Ok(DriverRun { desc, outcome, got })
+}
+
+/// Everything that went wrong or did not run, one line each.
+fn problems(args: &BootArgs, host: &HostSetup, run: &DriverRun, expected: usize) -> Vec<String> {
+    let got = &run.got;
+    let mut problems: Vec<String> = host
+        .failures
+        .iter()
+        .map(|f| format!("host set-up: {f}"))
+        .collect();
+    if run.outcome.timed_out {
+        problems.push(format!(
+            "the rig run timed out after {} s; the figures cover what finished",
+            args.rig_timeout
+        ));
+    }
+    if got.done.is_none() {
+        let tail: Vec<String> = got
+            .tail
+            .iter()
+            .filter(|l| !l.contains("BENCH-"))
+            .map(|l| l.chars().take(200).collect())
+            .collect();
+        problems.push(format!(
+            "the driver did not finish (exit {}); last rig output (result lines left out): {}",
+            run.outcome.exit_code,
+            tail[tail.len().saturating_sub(10)..].join(" | ")
+        ));
+    }
+    for d in &got.damaged {
+        problems.push(format!("a damaged result line was dropped: {d}"));
+    }
+    for b in got.boots.iter().filter(|b| !b.ok) {
+        let tail = &b.console_tail[b.console_tail.len().saturating_sub(8)..];
+        problems.push(format!(
+            "boot failed: {}{} {} round {}: {}; console tail: {}",
+            if b.warmup { "warm-up/probe " } else { "" },
+            b.group,
+            b.kind.label(),
+            b.round,
+            b.failure.as_deref().unwrap_or("?"),
+            tail.join(" | ")
+        ));
+    }
+    for m in got.memory.iter().filter(|m| !m.ok) {
+        problems.push(format!(
+            "memory measurement failed: {} round {}: {}",
+            m.kind.label(),
+            m.round,
+            m.failure.as_deref().unwrap_or("?")
+        ));
+    }
+    if got.boots.len() < expected {
+        problems.push(format!(
+            "only {} of {expected} boots reported",
+            got.boots.len()
+        ));
+    }
+    // Both guests must have booted with the same command line (visible only without `quiet`).
+    for g in &args.groups {
+        let seen = |kind| {
+            got.boots
+                .iter()
+                .filter(|b| b.group == g.name() && b.kind == kind)
+                .find_map(|b| b.kernel_cmdline.clone())
+        };
+        if let (Some(a), Some(b)) = (seen(Kind::Ours), seen(Kind::Qemu)) {
+            if a != b {
+                problems.push(format!(
+                    "{}: the guests saw different command lines: ours {a:?}, QEMU {b:?}",
+                    g.name()
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// The distinct warnings QEMU printed, prefixed with the guest's vCPU count.
+fn qemu_warnings(boots: &[BootRecord]) -> Vec<String> {
+    let mut w: Vec<String> = boots
+        .iter()
+        .filter(|b| b.kind == Kind::Qemu)
+        .flat_map(|b| b.warnings.iter().map(|x| format!("{} vCPU: {x}", b.vcpus)))
+        .collect();
+    w.sort();
+    w.dedup();
+    w
+}
+
+/// Whether the README's `vmm run` example puts `quiet` on the kernel command line, in words.
+fn readme_cmdline(root: &Path) -> String {
+    match std::fs::read_to_string(root.join("README.md")) {
+        Err(_) => "there is no README.md to compare with".into(),
+        Ok(text) => {
+            let examples: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("--cmdline '") || l.contains("--cmdline \""))
+                .collect();
+            match (
+                examples.is_empty(),
+                examples.iter().any(|l| l.contains("quiet")),
+            ) {
+                (true, _) => "the README shows no `--cmdline` example".into(),
+                (false, true) => {
+                    "the README's `vmm run` example appends `quiet`, so the `quiet` rows are \
+                     what a README user gets"
+                        .into()
+                }
+                (false, false) => {
+                    "the README's `vmm run` example does not append `quiet`, so the `default` \
+                     rows are what a README user gets"
+                        .into()
+                }
+            }
+        }
+    }
+}
+
+/// The `- ` lines above the tables.
+fn fact_lines(
+    args: &BootArgs,
+    p: &Prepared,
+    run: &DriverRun,
+    warnings: &[String],
+    duration: Duration,
+) -> Vec<String> {
+    let rig_facts = run.got.facts.as_ref();
+    let choice = run.got.choice.as_ref();
+    let mut facts = vec![
+        format!(
+            "Guest: {} ({} bytes) + the project's initramfs ({} bytes), {BOOT_MEM_MIB} MiB; \
+             both VMMs get the same files, memory, vCPUs and command line: the VMM's default \
+             (`{}`, from `{}`) + `[quiet] {POWEROFF_RUN}`.",
+            p.image.kernel_package.as_deref().unwrap_or("kernel"),
+            p.image.kernel_bytes,
+            p.image.initrd_bytes,
+            p.default_cmdline,
+            cmdline::CMDLINE_SOURCE
+        ),
+        format!(
+            "QEMU: `{}` (host: {}; inside the rig: {}), run with the copied loader and {} copied \
+             libraries (no QEMU modules needed for KVM); machine `-M {}` ({}; see the probe \
+             table), firmware from `-L` ({}); `-no-reboot` added so a guest reset ends QEMU as \
+             it ends our VMM.",
+            args.qemu.display(),
+            p.qemu.version,
+            rig_facts
+                .and_then(|f| f.qemu_version.as_deref())
+                .unwrap_or("unknown"),
+            p.qemu.libs.len(),
+            choice.map(|c| c.machine.as_str()).unwrap_or("?"),
+            choice
+                .map(|c| c.reason.as_str())
+                .unwrap_or("the driver made no choice"),
+            p.qemu
+                .firmware
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        format!(
+            "Rig: `{}`; {} vCPU(s) inside (requested {}), {} MiB; rig kernel {}; outer QEMU: {}. \
+             The rig run took {:.0} s of wall time; the whole benchmark {:.0} s.",
+            run.desc["command"].as_str().unwrap_or(""),
+            rig_facts.map(|f| f.cpus.to_string()).unwrap_or("?".into()),
+            args.rig_smp,
+            args.rig_mem,
+            rig_facts.map(|f| f.kernel.as_str()).unwrap_or("?"),
+            run.desc["outer_qemu"].as_str().unwrap_or("n/a"),
+            run.outcome.duration.as_secs_f64(),
+            duration.as_secs_f64()
+        ),
+        format!(
+            "Boots: {} measured per VMM and configuration, alternating ours/QEMU (the first VMM \
+             alternates between rounds), all in one rig run, after {} warm-up boot(s) of ours and \
+             {} probe boot(s) per QEMU variant (those are in the JSON, not in the summaries). \
+             With 1 rig vCPU, 2-vCPU guests are overcommitted (2 vCPUs on 1 CPU).",
+            args.runs, args.warmup, args.probe_runs
+        ),
+    ];
+    facts.extend(warnings.iter().map(|w| format!("QEMU printed: `{w}`")));
+    facts
+}
+
 /// Runs `bench boot`.
 pub fn run(args: BootArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
@@ -626,17 +933,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
         .to_string();
 
     let backend = rig::detect();
-    let (vmm, bench) = build(&root)?;
-    let image = build_image(&vmm, &root)?;
-    let default_cmdline = cmdline::extract_default_cmdline(
-        &std::fs::read_to_string(root.join(cmdline::CMDLINE_SOURCE))
-            .with_context(|| format!("reading {}", cmdline::CMDLINE_SOURCE))?,
-    )
-    .with_context(|| format!("reading DEFAULT_CMDLINE from {}", cmdline::CMDLINE_SOURCE))?;
-    let qemu = qemu::bundle(&args.qemu)
-        .with_context(|| format!("bundling {} for the rig", args.qemu.display()))?;
-    let binary = binary_size(&vmm, &qemu)?;
-    let mut problems: Vec<String> = Vec::new();
+    let prep = prepare(&root, &args)?;
 
     say(&format!(
         "measuring set-up on this host's /dev/kvm ({} runs)",
@@ -644,11 +941,8 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
     ));
     let host = {
         let _lock = RigLock::acquire("the host set-up runs")?;
-        host_setup(&vmm, &image, args.host_runs)?
+        host_setup(&prep.vmm, &prep.image, args.host_runs)?
     };
-    for f in &host.failures {
-        problems.push(format!("host set-up: {f}"));
-    }
     say(&format!(
         "host set-up: {} ms median of {}",
         host.setup_ms
@@ -657,181 +951,37 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
         host.samples_ms.len()
     ));
 
-    // The payload.
-    let mut payload = Payload::new().context("creating the rig payload")?;
-    payload
-        .add_file(&vmm, "vmm", 0o755)
-        .and_then(|p| p.add_file(&bench, "bench", 0o755))
-        .and_then(|p| p.add_file(&image.kernel, "vmlinuz", 0o644))
-        .and_then(|p| p.add_file(&image.initrd, "initrd", 0o644))
-        .and_then(|p| p.add_file(&qemu.binary, "qemu-system-x86_64", 0o755))
-        .and_then(|p| p.add_file(&qemu.loader, "lib/ld-linux-x86-64.so.2", 0o755))
-        .context("assembling the rig payload")?;
-    for lib in &qemu.libs {
-        payload
-            .add_file(&lib.path, &format!("lib/{}", lib.name), 0o755)
-            .context("assembling the rig payload (QEMU's libraries)")?;
-    }
-    for (name, path) in &qemu.firmware {
-        payload
-            .add_file(path, &format!("fw/{name}"), 0o644)
-            .context("assembling the rig payload (QEMU's firmware)")?;
-    }
+    let mut payload = payload(&prep)?;
     let layout = Layout {
         root: match &backend {
             KvmBackend::NestedRig { .. } => "/payload".into(),
             _ => payload.path().display().to_string(),
         },
     };
-    let plan = make_plan(&args, &layout, &default_cmdline);
+    let plan = make_plan(&args, &layout, &prep.default_cmdline);
     payload
         .add_bytes("plan.json", &serde_json::to_vec_pretty(&plan)?, 0o644)
         .context("writing the plan into the payload")?;
     let expected = plan.warmup as usize
         + plan.probe_runs as usize * plan.qemu_machines.len()
         + plan.runs as usize * plan.groups.iter().map(Vec::len).sum::<usize>();
-
     let driver_cmd: Vec<String> = vec![
         layout.p("bench"),
         "rig-boot".into(),
         "--plan".into(),
         layout.p("plan.json"),
     ];
-    let opts = RigOptions {
-        mem_mib: args.rig_mem,
-        smp: args.rig_smp,
-        timeout_s: args.rig_timeout,
-    };
-    let mut got = Collected::default();
-    let outer_qemu = std::env::var_os("KVM_RIG_QEMU")
-        .filter(|q| !q.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
-    let (rig_desc, outcome) = {
-        say(&format!(
-            "running {expected} boots + {} memory measurements via {backend} (waits for {} while \
-             another rig runs)",
-            plan.memory.iter().map(|c| c.runs as usize).sum::<usize>(),
-            rig_lock_path().display()
-        ));
-        match &backend {
-            KvmBackend::NestedRig { script } => (
-                json!({
-                    "script": script.display().to_string(),
-                    "command": format!("{} --mem {} --smp {} --timeout {} <payload> -- {}",
-                        script.display(), opts.mem_mib, opts.smp, opts.timeout_s, driver_cmd.join(" ")),
-                    "outer_qemu": qemu::version_of(&outer_qemu),
-                    "requested_mem_mib": opts.mem_mib,
-                    "requested_smp": opts.smp,
-                }),
-                rig::run_in_rig(script, payload.path(), &driver_cmd, opts, |l| {
-                    got.line(l, expected)
-                })
-                .context("running the driver in the rig")?,
-            ),
-            KvmBackend::HostKvm => (
-                json!({"script": null, "command": driver_cmd.join(" "), "note": "this host's /dev/kvm boots stock guests: ran without the rig"}),
-                RigLock::acquire("the boots on this host")
-                    .and_then(|_lock| {
-                        Ok(rig::run_local(
-                            Path::new(&driver_cmd[0]),
-                            &driver_cmd[1..],
-                            payload.path(),
-                            Duration::from_secs(args.rig_timeout),
-                            |l| got.line(l, expected),
-                        )?)
-                    })
-                    .context("running the driver on the host")?,
-            ),
-            KvmBackend::Unavailable { reason } => {
-                bail!("no KVM that can boot a stock guest: {reason}")
-            }
-        }
-    };
-    if outcome.timed_out {
-        problems.push(format!(
-            "the rig run timed out after {} s; the figures cover what finished",
-            args.rig_timeout
-        ));
-    }
-    if got.done.is_none() {
-        let tail: Vec<String> = got
-            .tail
-            .iter()
-            .filter(|l| !l.contains("BENCH-"))
-            .map(|l| l.chars().take(200).collect())
-            .collect();
-        problems.push(format!(
-            "the driver did not finish (exit {}); last rig output (result lines left out): {}",
-            outcome.exit_code,
-            tail[tail.len().saturating_sub(10)..].join(" | ")
-        ));
-    }
-    for d in &got.damaged {
-        problems.push(format!("a damaged result line was dropped: {d}"));
-    }
-    for b in got.boots.iter().filter(|b| !b.ok) {
-        problems.push(format!(
-            "boot failed: {}{} {} round {}: {}; console tail: {}",
-            if b.warmup { "warm-up " } else { "" },
-            b.group,
-            b.kind.label(),
-            b.round,
-            b.failure.as_deref().unwrap_or("?"),
-            b.console_tail
-                .iter()
-                .rev()
-                .take(8)
-                .rev()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(" | ")
-        ));
-    }
-    for m in got.memory.iter().filter(|m| !m.ok) {
-        problems.push(format!(
-            "memory measurement failed: {} round {}: {}",
-            m.kind.label(),
-            m.round,
-            m.failure.as_deref().unwrap_or("?")
-        ));
-    }
-    if got.boots.len() < expected {
-        problems.push(format!(
-            "only {} of {expected} boots reported",
-            got.boots.len()
-        ));
-    }
+    say(&format!(
+        "running {expected} boots + {} memory measurements via {backend} (waits for {} while \
+         another rig runs)",
+        plan.memory.iter().map(|c| c.runs as usize).sum::<usize>(),
+        rig_lock_path().display()
+    ));
+    let run = drive(&args, &backend, &payload, &driver_cmd, expected)?;
+    let got = &run.got;
 
-    // Same command line for both? (visible only without `quiet`)
-    for g in &args.groups {
-        let seen = |kind| {
-            got.boots
-                .iter()
-                .filter(|b| b.group == g.name() && b.kind == kind)
-                .find_map(|b| b.kernel_cmdline.clone())
-        };
-        if let (Some(a), Some(b)) = (seen(Kind::Ours), seen(Kind::Qemu)) {
-            if a != b {
-                problems.push(format!(
-                    "{}: the guests saw different command lines: ours {a:?}, QEMU {b:?}",
-                    g.name()
-                ));
-            }
-        }
-    }
-    let qemu_warnings: Vec<String> = {
-        let mut w: Vec<String> = got
-            .boots
-            .iter()
-            .filter(|b| b.kind == Kind::Qemu)
-            .flat_map(|b| b.warnings.iter().map(|x| format!("{} vCPU: {x}", b.vcpus)))
-            .collect();
-        w.sort();
-        w.dedup();
-        w
-    };
-
+    let problems = problems(&args, &host, &run, expected);
+    let warnings = qemu_warnings(&got.boots);
     let groups: Vec<GroupStats> = args
         .groups
         .iter()
@@ -849,77 +999,12 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
         .map(|g| g.name())
         .unwrap_or_default();
     let headline = format!(
-        "Headline configuration: **{headline_group}**. The README's `vmm run` example appends \
-         `quiet` to the kernel command line, so the `quiet` rows are what a README user gets; \
-         the `default` rows use the VMM's default command line unchanged (`{default_cmdline}`), \
-         whose boot is dominated by printing the kernel log on the emulated serial port."
+        "Headline configuration: **{headline_group}**: {}. The `default` rows use the VMM's \
+         default command line unchanged, so the guest also prints its whole kernel log (about \
+         22 KB) on the emulated UART, one VM exit per byte.",
+        readme_cmdline(&root)
     );
-    let rig_facts = got.facts.clone();
-    let facts: Vec<String> = vec![
-        format!(
-            "Guest: {} ({} bytes) + the project's initramfs ({} bytes), {BOOT_MEM_MIB} MiB; \
-             both VMMs get the same files, memory, vCPUs and command line: the VMM's default \
-             (`{default_cmdline}`) + `[quiet] {POWEROFF_RUN}`.",
-            image.kernel_package.as_deref().unwrap_or("kernel"),
-            image.kernel_bytes,
-            image.initrd_bytes
-        ),
-        format!(
-            "QEMU: `{}` (host: {}; inside the rig: {}), run with the copied loader and {} copied \
-             libraries (no QEMU modules needed for KVM); machine `-M {}` ({}; see the probe \
-             table), firmware from `-L` ({}); `-no-reboot` added so a guest reset ends QEMU as \
-             it ends our VMM.",
-            args.qemu.display(),
-            qemu.version,
-            rig_facts
-                .as_ref()
-                .and_then(|f| f.qemu_version.clone())
-                .unwrap_or_else(|| "unknown".into()),
-            qemu.libs.len(),
-            got.choice
-                .as_ref()
-                .map(|c| c.machine.as_str())
-                .unwrap_or("?"),
-            got.choice
-                .as_ref()
-                .map(|c| c.reason.as_str())
-                .unwrap_or("the driver made no choice"),
-            qemu.firmware
-                .iter()
-                .map(|(n, _)| n.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        format!(
-            "Rig: `{}`; {} vCPU(s) inside (requested {}), {} MiB requested; rig kernel {}; outer QEMU: {}.",
-            rig_desc["command"].as_str().unwrap_or(""),
-            rig_facts
-                .as_ref()
-                .map(|f| f.cpus.to_string())
-                .unwrap_or("?".into()),
-            args.rig_smp,
-            args.rig_mem,
-            rig_facts
-                .as_ref()
-                .map(|f| f.kernel.clone())
-                .unwrap_or("?".into()),
-            rig_desc["outer_qemu"].as_str().unwrap_or("n/a")
-        ),
-        format!(
-            "Boots: {} measured per VMM and configuration, alternating ours/QEMU (the first VMM \
-             alternates between rounds), all in one rig run, after {} warm-up boot(s) of ours and \
-             {} probe boot(s) per QEMU variant (those are in the JSON, not in the summaries). \
-             With 1 rig vCPU, 2-vCPU guests are overcommitted (2 vCPUs on 1 CPU).",
-            args.runs, args.warmup, args.probe_runs
-        ),
-    ]
-    .into_iter()
-    .chain(
-        qemu_warnings
-            .iter()
-            .map(|w| format!("QEMU printed: `{w}`")),
-    )
-    .collect();
+    let facts = fact_lines(&args, &prep, &run, &warnings, started.elapsed());
     let md = report::markdown(&MarkdownInput {
         date: &date,
         command: &command,
@@ -930,7 +1015,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
         memory: &memory,
         memory_guest: (128, 1),
         probe: got.choice.as_ref(),
-        binary: Some(&binary),
+        binary: Some(&prep.binary),
         problems: &problems,
     });
     let git = |a: &[&str]| {
@@ -941,6 +1026,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
             .ok()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
+    let rig_facts = got.facts.as_ref();
     let report = json!({
         "benchmark": "boot",
         "date": date,
@@ -958,28 +1044,28 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
             "kvm_backend": backend.to_string(),
         },
         "rig": {
-            "run": rig_desc,
+            "run": run.desc,
             "facts_inside": rig_facts,
-            "exit_code": outcome.exit_code,
-            "timed_out": outcome.timed_out,
-            "wall_s": outcome.duration.as_secs_f64().round(),
+            "exit_code": run.outcome.exit_code,
+            "timed_out": run.outcome.timed_out,
+            "wall_s": run.outcome.duration.as_secs_f64().round(),
         },
         "guest": {
-            "image": image,
-            "vmm_default_cmdline": default_cmdline,
+            "image": prep.image,
+            "vmm_default_cmdline": prep.default_cmdline,
             "cmdline_source": cmdline::CMDLINE_SOURCE,
             "extra_cmdline": {"default": POWEROFF_RUN, "quiet": format!("quiet {POWEROFF_RUN}"), "memory": format!("quiet {IDLE_WORKLOAD}")},
         },
         "qemu": {
             "binary": args.qemu.display().to_string(),
-            "version_host": qemu.version,
-            "version_in_rig": rig_facts.as_ref().and_then(|f| f.qemu_version.clone()),
+            "version_host": prep.qemu.version,
+            "version_in_rig": rig_facts.and_then(|f| f.qemu_version.clone()),
             "machines_probed": args.qemu_machines,
             "machine_choice": got.choice,
-            "firmware": qemu.firmware.iter().map(|(n, p)| json!({"name": n, "from": p.display().to_string()})).collect::<Vec<_>>(),
-            "libraries": qemu.libs.iter().map(|l| l.path.display().to_string()).collect::<Vec<_>>(),
-            "loader": qemu.loader.display().to_string(),
-            "warnings": qemu_warnings,
+            "firmware": prep.qemu.firmware.iter().map(|(n, p)| json!({"name": n, "from": p.display().to_string()})).collect::<Vec<_>>(),
+            "libraries": prep.qemu.libs.iter().map(|l| l.path.display().to_string()).collect::<Vec<_>>(),
+            "loader": prep.qemu.loader.display().to_string(),
+            "warnings": warnings,
         },
         "plan": plan,
         "goals": {
@@ -998,7 +1084,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
             "qemu": memory[1].1,
             "ours_goal_met": memory[0].1.overhead_mib.map(|o| o.median <= report::GOAL_OVERHEAD_MIB),
         },
-        "binary": binary,
+        "binary": prep.binary,
         "problems": problems,
         "records": {"boots": got.boots, "memory": got.memory},
     });
@@ -1016,4 +1102,73 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
         started.elapsed().as_secs_f64()
     ));
     Ok(if got.done.is_some() { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readme_quiet_detection() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(readme_cmdline(dir.path()).contains("no README.md"));
+        let readme = dir.path().join("README.md");
+        std::fs::write(&readme, "vmm run --cmdline 'quiet vmm_run=\"x\"'\n").unwrap();
+        assert!(readme_cmdline(dir.path()).contains("appends `quiet`"));
+        std::fs::write(&readme, "vmm run --cmdline 'vmm_run=\"x\"'\n").unwrap();
+        assert!(readme_cmdline(dir.path()).contains("does not append"));
+        std::fs::write(&readme, "no example\n").unwrap();
+        assert!(readme_cmdline(dir.path()).contains("no `--cmdline` example"));
+    }
+
+    #[test]
+    fn plan_gives_both_vmms_the_same_guest() {
+        let args = BootArgs::try_parse_from_boot(&["--groups", "2:quiet,1:default"]);
+        let plan = make_plan(
+            &args,
+            &Layout {
+                root: "/payload".into(),
+            },
+            "console=ttyS0 x",
+        );
+        assert_eq!(plan.groups.len(), 2);
+        assert_eq!(plan.probe_group, 0);
+        let [ours, qemu] = &plan.groups[0][..] else {
+            panic!("{:?}", plan.groups[0])
+        };
+        assert_eq!((ours.kind, qemu.kind), (Kind::Ours, Kind::Qemu));
+        let after = |argv: &[String], flag: &str| {
+            argv[argv.iter().position(|a| a == flag).unwrap() + 1].clone()
+        };
+        assert_eq!(
+            after(&ours.argv, "--cmdline"),
+            "quiet vmm_run=\"poweroff -f\""
+        );
+        assert_eq!(
+            after(&qemu.argv, "-append"),
+            "console=ttyS0 x quiet vmm_run=\"poweroff -f\""
+        );
+        assert_eq!(after(&qemu.argv, "-M"), protocol::MACHINE_PLACEHOLDER);
+        assert_eq!(after(&ours.argv, "--mem-mib"), after(&qemu.argv, "-m"));
+        assert_eq!(after(&ours.argv, "--vcpus"), after(&qemu.argv, "-smp"));
+        assert_eq!(after(&ours.argv, "--initrd"), after(&qemu.argv, "-initrd"));
+        assert_eq!(qemu.argv[0], "/payload/lib/ld-linux-x86-64.so.2");
+        assert_eq!(after(&plan.groups[1][0].argv, "--cmdline"), POWEROFF_RUN);
+        assert_eq!(
+            plan.memory.iter().map(|m| m.runs).collect::<Vec<_>>(),
+            [3, 1]
+        );
+    }
+
+    impl BootArgs {
+        fn try_parse_from_boot(extra: &[&str]) -> BootArgs {
+            #[derive(clap::Parser)]
+            struct W {
+                #[command(flatten)]
+                a: BootArgs,
+            }
+            let argv = std::iter::once("bench").chain(extra.iter().copied());
+            <W as clap::Parser>::parse_from(argv).a
+        }
+    }
 }
