@@ -35,7 +35,7 @@ pub use page_state::{
     GuestRamRegion, PageRun, PageState, PageStateCounts, PageStateError, PageStateMap,
     PageStateMapState, PAGE_SIZE_BYTES,
 };
-pub use persist::{BalloonState, PersistError, SavedQueue, BALLOON_STATE_VERSION};
+pub use persist::{BalloonState, PersistError, BALLOON_STATE_VERSION};
 pub use queues::hint::{
     HintPhase, HintingOptions, HintingStatus, FIRST_HINT_CMD_ID, VIRTIO_BALLOON_CMD_ID_DONE,
     VIRTIO_BALLOON_CMD_ID_STOP,
@@ -43,3 +43,4 @@ pub use queues::hint::{
 pub use queues::stats::BalloonStats;
 pub use queues::{queue_index, queue_layout, BalloonQueue, QUEUE_SIZE};
 pub use release::{RamReleaser, WriteTracker};
+pub use virtio_device::SavedQueue;

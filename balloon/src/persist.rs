@@ -18,6 +18,7 @@
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+use virtio_device::SavedQueue;
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -33,62 +34,6 @@ use crate::release::RamReleaser;
 
 /// Version of [`BalloonState`] this code writes and accepts.
 pub const BALLOON_STATE_VERSION: u32 = 1;
-
-/// One queue's state ([`virtio_queue::QueueState`] in serializable form).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SavedQueue {
-    /// Largest size the device offered.
-    pub max_size: u16,
-    /// Next available-ring entry the device will read.
-    pub next_avail: u16,
-    /// Next used-ring entry the device will write.
-    pub next_used: u16,
-    /// `VIRTIO_RING_F_EVENT_IDX` in use (never: not offered).
-    pub event_idx_enabled: bool,
-    /// Size the driver chose.
-    pub size: u16,
-    /// The driver marked the queue ready.
-    pub ready: bool,
-    /// Guest physical address of the descriptor table.
-    pub desc_table: u64,
-    /// Guest physical address of the available ring.
-    pub avail_ring: u64,
-    /// Guest physical address of the used ring.
-    pub used_ring: u64,
-}
-
-impl From<QueueState> for SavedQueue {
-    fn from(q: QueueState) -> Self {
-        SavedQueue {
-            max_size: q.max_size,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx_enabled,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-        }
-    }
-}
-
-impl From<SavedQueue> for QueueState {
-    fn from(q: SavedQueue) -> Self {
-        QueueState {
-            max_size: q.max_size,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx_enabled,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-        }
-    }
-}
 
 /// The balloon device's state in a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,6 +9,9 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+use virtio_queue::QueueState;
+
 pub use virtio_queue::{Queue, QueueT};
 pub use vm_memory::GuestMemoryMmap;
 pub use vmm_sys_util::eventfd::EventFd;
@@ -73,4 +76,61 @@ pub trait VirtioDevice: Send {
     /// Stops serving and returns to the pre-activation state (driver reset). Returns `false`
     /// when the device cannot be reset, in which case the transport marks it failed.
     fn reset(&mut self) -> bool;
+}
+
+/// One queue's state ([`virtio_queue::QueueState`] in serializable form), as every device's
+/// snapshot state stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedQueue {
+    /// Largest size the device offered.
+    pub max_size: u16,
+    /// Next available-ring entry the device will read.
+    pub next_avail: u16,
+    /// Next used-ring entry the device will write.
+    pub next_used: u16,
+    /// `VIRTIO_RING_F_EVENT_IDX` in use (never: not offered).
+    pub event_idx_enabled: bool,
+    /// Size the driver chose.
+    pub size: u16,
+    /// The driver marked the queue ready.
+    pub ready: bool,
+    /// Guest physical address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest physical address of the available ring.
+    pub avail_ring: u64,
+    /// Guest physical address of the used ring.
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for SavedQueue {
+    fn from(q: QueueState) -> Self {
+        SavedQueue {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<SavedQueue> for QueueState {
+    fn from(q: SavedQueue) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
 }
