@@ -488,6 +488,7 @@ mod tests {
                 queues,
                 queue_events: events,
                 interrupt: interrupt.clone(),
+                write_log: None,
             })
             .unwrap();
         assert_eq!(restored.save_state(), state);

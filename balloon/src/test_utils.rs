@@ -316,6 +316,7 @@ pub(crate) fn activate_ctx(
         queues,
         queue_events: events,
         interrupt: env.interrupt.clone(),
+        write_log: None,
     };
     (ctx, notifiers)
 }

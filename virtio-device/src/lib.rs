@@ -37,6 +37,17 @@ pub struct ActivateContext {
     pub queue_events: Vec<EventFd>,
     /// How to interrupt the guest.
     pub interrupt: Arc<dyn Interrupt>,
+    /// Where to record guest memory the device writes (used-ring entries aside), when the VMM
+    /// tracks writes for snapshot diff layers; `None` when nothing tracks them.
+    pub write_log: Option<Arc<dyn GuestWriteLog>>,
+}
+
+/// Records guest memory the VMM writes on the guest's behalf (e.g. a block device filling a
+/// read buffer, vsock copying received bytes). KVM's dirty log only sees writes by vCPUs, so a
+/// snapshot layer that stores "pages changed since the parent" must also learn of these.
+pub trait GuestWriteLog: Send + Sync {
+    /// `len_bytes` bytes at guest physical address `gpa` were written by the VMM.
+    fn record_write(&self, gpa: u64, len_bytes: u64);
 }
 
 /// Errors activating a device.

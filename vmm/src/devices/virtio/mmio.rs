@@ -25,7 +25,7 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio::*;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_device::{ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use virtio_device::{ActivateContext, GuestWriteLog, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -185,6 +185,8 @@ pub struct MmioTransport {
     /// `QueueNotify` writes that exited to the VMM instead of hitting an ioeventfd.
     exit_notifications: u64,
     ignored: IgnoredAccessLog,
+    /// Passed to the device at activation (see [`GuestWriteLog`]).
+    write_log: Option<Arc<dyn GuestWriteLog>>,
 }
 
 impl MmioTransport {
@@ -233,7 +235,14 @@ impl MmioTransport {
             activated: false,
             exit_notifications: 0,
             ignored: IgnoredAccessLog::default(),
+            write_log: None,
         })
+    }
+
+    /// Makes the device record the guest memory it writes into `log` from its next activation
+    /// on (snapshot diff layers need the VMM's own writes; KVM's dirty log misses them).
+    pub fn set_write_log(&mut self, log: Arc<dyn GuestWriteLog>) {
+        self.write_log = Some(log);
     }
 
     /// The device's state as the API reports it.
@@ -577,6 +586,7 @@ impl MmioTransport {
                 queues,
                 queue_events,
                 interrupt,
+                write_log: self.write_log.clone(),
             })
             .map_err(ActivationError::Device)
     }
