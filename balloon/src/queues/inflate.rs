@@ -41,7 +41,7 @@ pub(crate) fn read_pfns(
 }
 
 /// Reads a PFN chain of `queue` and moves its pages to `state` (releasing them on the host when
-/// `release`), counting pages outside guest RAM. `None` when the chain was malformed (skipped
+/// `release`), `None` when the chain was malformed (skipped
 /// and logged).
 pub(crate) fn apply_pfn_chain(
     ctx: &mut QueueCtx<'_>,
@@ -59,10 +59,7 @@ pub(crate) fn apply_pfn_chain(
         }
     };
     let ranges = coalesce_pfns(&mut pfns);
-    let applied = apply_page_ranges(ctx, &ranges, state, release, queue);
-    let counters = &ctx.shared.counters;
-    counters.add(&counters.pages_outside_ram, applied.pages_outside_ram);
-    Some(applied)
+    Some(apply_page_ranges(ctx, &ranges, state, release, queue))
 }
 
 /// Handles one inflateq chain: marks its pages inflated and releases them.
