@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::http::{Method, Request, Response};
-use super::{ApiError, ApiReply, ApiRequest, BalloonRequest, VmStateRequest};
+use super::{ApiError, ApiReply, ApiRequest, BalloonRequest, DriveRequest, VmStateRequest};
 
 /// Turns a request (and the path segments matched by `{...}` in its pattern) into an
 /// [`ApiRequest`].
@@ -24,6 +24,26 @@ struct Route {
 
 /// The routing table.
 const ROUTES: &[Route] = &[
+    Route {
+        method: Method::Get,
+        pattern: "/drives",
+        parse: |r, _| expect_no_body(r).map(|()| ApiRequest::Drive(DriveRequest::List)),
+    },
+    Route {
+        method: Method::Get,
+        pattern: "/drives/{id}",
+        parse: |r, c| expect_no_body(r).map(|()| ApiRequest::Drive(DriveRequest::Get(c[0].into()))),
+    },
+    Route {
+        method: Method::Put,
+        pattern: "/drives/{id}",
+        parse: |_, c| Ok(ApiRequest::Drive(DriveRequest::Configure(c[0].into()))),
+    },
+    Route {
+        method: Method::Patch,
+        pattern: "/drives/{id}",
+        parse: |_, c| Ok(ApiRequest::Drive(DriveRequest::Update(c[0].into()))),
+    },
     Route {
         method: Method::Get,
         pattern: "/",
