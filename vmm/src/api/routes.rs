@@ -401,6 +401,34 @@ mod tests {
     }
 
     #[test]
+    fn drive_routes() {
+        for (method, path, expected) in [
+            (Method::Get, "/drives", DriveRequest::List),
+            (
+                Method::Get,
+                "/drives/data",
+                DriveRequest::Get("data".into()),
+            ),
+            (
+                Method::Put,
+                "/drives/new",
+                DriveRequest::Configure("new".into()),
+            ),
+            (
+                Method::Patch,
+                "/drives/data",
+                DriveRequest::Update("data".into()),
+            ),
+        ] {
+            assert_eq!(
+                route(&request(method, path, "")).unwrap(),
+                ApiRequest::Drive(expected),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
     fn balloon_routes() {
         let config = balloon::BalloonConfig {
             amount_mib: 8,
