@@ -85,12 +85,12 @@ pub struct BootArgs {
 }
 
 /// Prints a progress line on stderr.
-fn say(msg: &str) {
+pub(crate) fn say(msg: &str) {
     let _ = writeln!(std::io::stderr().lock(), "bench: {msg}");
 }
 
 /// The workspace root (this crate's parent).
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("bench/ has a parent")
@@ -118,7 +118,7 @@ fn acquire_rig_lock(what: &str) -> anyhow::Result<rig::RigLock> {
 }
 
 /// Runs `program args` and returns its stdout; stderr goes to ours. Fails with the status.
-fn output_of(program: &Path, args: &[&str], cwd: &Path) -> anyhow::Result<String> {
+pub(crate) fn output_of(program: &Path, args: &[&str], cwd: &Path) -> anyhow::Result<String> {
     let out = Command::new(program)
         .args(args)
         .current_dir(cwd)
@@ -183,7 +183,7 @@ fn build_image(vmm: &Path, root: &Path) -> anyhow::Result<Image> {
 
 /// Builds `vmm` + `guest-trimmer` with `scripts/build-static.sh` and `bench` with
 /// [`rig::build_static`]; returns (vmm, bench).
-fn build(root: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+pub(crate) fn build(root: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     say("building the static vmm and guest-trimmer (scripts/build-static.sh)");
     let text = output_of(&root.join("scripts/build-static.sh"), &[], root)
         .context("building the static vmm")?;

@@ -10,6 +10,7 @@
 //!
 //! `bench rig-boot --plan FILE` is the in-rig driver the host side starts (statically linked).
 
+mod block;
 mod clock;
 mod cmdline;
 mod console;
@@ -34,6 +35,8 @@ struct Cli {
 enum Cmd {
     /// Boot time vs QEMU (in the rig), host set-up time, memory overhead, binary size.
     Boot(host::BootArgs),
+    /// virtio-blk sequential and random read speed in the guest vs QEMU (in the rig).
+    Block(block::BlockArgs),
     /// The in-rig driver: run a plan's boots and print one result line per boot.
     RigBoot(driver::RigBootArgs),
 }
@@ -42,6 +45,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Boot(args) => host::run(args),
+        Cmd::Block(args) => block::run(args),
         Cmd::RigBoot(args) => driver::run(args).map(|()| 0),
     };
     match result {

@@ -41,9 +41,17 @@ if [ -f /lib/modules/load-order ]; then
     done < /lib/modules/load-order
 fi
 
-# A data disk, if the VMM attached one.
+# The data disk (the first virtio-blk drive, `vmm image build`'s data.ext4), if attached:
+# read-only on /mnt/data unless the kernel command line says vmm_data_rw=1.
 if [ -b /dev/vda ]; then
-    mount -o ro /dev/vda /mnt || echo "vmm-init: mounting /dev/vda read-only on /mnt failed"
+    mkdir -p /mnt/data
+    data_mode=ro
+    [ "${vmm_data_rw:-0}" = 1 ] && data_mode=rw
+    if mount -t ext4 -o "$data_mode" /dev/vda /mnt/data; then
+        echo "VMM-DATA-DISK mounted /dev/vda on /mnt/data ($data_mode)"
+    else
+        echo "vmm-init: mounting /dev/vda ($data_mode) on /mnt/data failed"
+    fi
 fi
 
 sysinfo=""

@@ -2,6 +2,7 @@
 //! logs go to stderr, results to stdout.
 
 mod alloc;
+mod disk_bench;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -57,6 +58,9 @@ enum Command {
     DamonMonitor(DamonMonitorArgs),
     /// Allocate and write N MiB of anonymous memory, hold it, then free it (a test load).
     Alloc(alloc::AllocArgs),
+    /// Sequential and 4 KiB random O_DIRECT read speed of a block device (a benchmark tool).
+    #[command(hide = true)]
+    DiskBench(disk_bench::DiskBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +126,8 @@ enum CliError {
     Json(#[source] serde_json::Error),
     #[error("alloc")]
     Alloc(#[source] alloc::AllocError),
+    #[error("disk-bench")]
+    DiskBench(#[source] disk_bench::DiskBenchError),
 }
 
 fn main() -> ExitCode {
@@ -167,6 +173,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         }
         Command::DamonStatus(args) => damon_status(&g.damon_root(), args),
         Command::Alloc(args) => alloc::run(args).map_err(CliError::Alloc),
+        Command::DiskBench(args) => disk_bench::run(args).map_err(CliError::DiskBench),
         Command::DamonMonitor(args) => {
             let damon = DamonSysfs::detect(g.damon_root())
                 .map_err(CliError::DamonMonitor)?

@@ -6,6 +6,7 @@
 //! byte is a nested exit, and `quiet` cuts a boot from ~45 s to ~8 s there.
 
 mod balloon;
+mod block;
 
 use crate::proc::{describe, Proc};
 use std::io::{Read, Write};
@@ -51,6 +52,8 @@ pub struct Ctx {
     pub kernel: PathBuf,
     /// Guest initramfs.
     pub initrd: PathBuf,
+    /// The data disk (`vmm image build`'s data.ext4), when the runner was given one.
+    pub data_disk: Option<PathBuf>,
     /// A scratch directory of this scenario.
     pub work: PathBuf,
     /// The scenario's name (console prefix).
@@ -98,6 +101,9 @@ pub fn all() -> Vec<Scenario> {
             balloon::reporting_returns_memory,
         ),
         sc("balloon_hinting", 300, balloon::hinting),
+        // Block (src/scenarios/block.rs): virtio-blk drives.
+        sc("block_bad_disk_path", 60, block::bad_disk_path),
+        sc("block_disks", 420, block::disks),
     ]
 }
 

@@ -55,4 +55,6 @@ scenario_tests!(
     balloon_oom_without_deflate,
     balloon_reporting_returns_memory,
     balloon_hinting,
+    block_bad_disk_path,
+    block_disks,
 );

@@ -6,7 +6,8 @@
 //!   "machine-config": {"vcpu_count": 2, "mem_size_mib": 512},
 //!   "serial": {"output": "stdout"},
 //!   "balloon": {"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_s": 1,
-//!               "free_page_reporting": true, "free_page_hinting": false}
+//!               "free_page_reporting": true, "free_page_hinting": false},
+//!   "drives": [{"drive_id": "data", "path_on_host": "data.ext4", "is_read_only": true}]
 //! }
 //! ```
 //! Unknown fields are rejected so that a typo never silently falls back to a default.
@@ -121,6 +122,9 @@ pub struct VmConfig {
     /// A virtio-balloon device, if any (Firecracker's balloon resource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonConfig>,
+    /// virtio-blk drives (Firecracker's drives resource), in guest order: /dev/vda, vdb...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<block::DriveConfig>,
 }
 
 /// Errors reading or validating a configuration.
@@ -146,6 +150,9 @@ pub enum ConfigError {
     /// The balloon section is invalid for this VM.
     #[error("invalid balloon configuration")]
     Balloon(#[source] BalloonConfigError),
+    /// A drive is invalid.
+    #[error("invalid drive configuration")]
+    Drive(#[source] block::DriveConfigError),
     /// A value is out of range.
     #[error("{field}: {message}")]
     Invalid {
@@ -195,6 +202,7 @@ impl VmConfig {
                 .validate(machine.mem_size_mib)
                 .map_err(ConfigError::Balloon)?;
         }
+        block::DriveConfig::validate_all(&self.drives).map_err(ConfigError::Drive)?;
         Ok(())
     }
 }

@@ -215,6 +215,8 @@ pub struct VmHandle {
     events: Sender<VmEvent>,
     /// The balloon's controls and its configuration at start, if the VM has one.
     balloon: Option<(balloon::BalloonHandle, balloon::BalloonConfig)>,
+    /// The drives, in guest order.
+    drives: Vec<block::BlockHandle>,
     /// Dirty page tracking, while the VM lives (empty without dirty logging).
     dirty: Weak<DirtyTracker>,
 }
@@ -250,6 +252,11 @@ impl VmHandle {
         self.balloon.as_ref()
     }
 
+    /// The drives (virtio-blk devices), in guest order.
+    pub fn drives(&self) -> &[block::BlockHandle] {
+        &self.drives
+    }
+
     /// Marks every page the guest wrote since the last sync live in the page-state map (see
     /// [`DirtyTracker::sync`]). Returns how many pages changed state, or `None` when the VM
     /// does not log dirty pages (or has ended).
@@ -282,6 +289,7 @@ pub struct Vm {
     // virtio devices (and their workers) stop when their transports drop, after the vCPUs.
     virtio_devices: Vec<AttachedDevice>,
     balloon: Option<balloon::BalloonHandle>,
+    drives: Vec<block::BlockHandle>,
     /// Dirty page tracking; holds a reference to the VM fd, dropped with it.
     dirty: Option<Arc<DirtyTracker>>,
     /// When the event loop last synced the dirty log.
@@ -496,6 +504,7 @@ impl Vm {
             vcpu_threads,
             virtio_devices,
             balloon: devices.balloon,
+            drives: devices.drives,
             dirty,
             last_dirty_sync: Instant::now(),
             dirty_sync_interval: dirty_sync_interval(),
@@ -517,6 +526,7 @@ impl Vm {
         VmHandle {
             events: self.events_tx.clone(),
             balloon: self.balloon.clone().zip(self.config.balloon.clone()),
+            drives: self.drives.clone(),
             dirty: self.dirty.as_ref().map(Arc::downgrade).unwrap_or_default(),
         }
     }
@@ -615,6 +625,7 @@ impl Vm {
                 .map(AttachedDevice::info)
                 .collect::<Vec<_>>(),
             "balloon": self.balloon.as_ref().map(balloon::BalloonHandle::status),
+            "drives": self.drives.iter().map(block::BlockHandle::status).collect::<Vec<_>>(),
             "memory": {
                 "released_bytes": self.ram.released_bytes(),
                 "dirty_log": self.dirty.as_ref().map(|t| t.stats()),
@@ -735,6 +746,7 @@ mod tests {
         let handle = VmHandle {
             events,
             balloon: None,
+            drives: Vec::new(),
             dirty: Weak::new(),
         };
         let config = balloon::BalloonConfig {

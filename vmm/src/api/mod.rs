@@ -10,6 +10,7 @@
 //! answer `204 No Content` and queries `200 OK` with a JSON body.
 
 pub mod client;
+pub mod drives;
 pub mod http;
 pub mod routes;
 pub mod server;
@@ -30,6 +31,22 @@ pub enum ApiRequest {
     Shutdown,
     /// `/balloon...`: the virtio-balloon resource.
     Balloon(BalloonRequest),
+    /// `/drives...`: the virtio-blk drives.
+    Drive(DriveRequest),
+}
+
+/// A request on the drives resource (Firecracker's shape).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriveRequest {
+    /// `GET /drives`: every drive's configuration and state.
+    List,
+    /// `GET /drives/{id}`: one drive.
+    Get(String),
+    /// `PUT /drives/{id}`: add or replace a drive. Firecracker takes it before boot; this VMM
+    /// boots at `vmm run`, so drives come from `vmm run --disk` and this answers `409`.
+    Configure(String),
+    /// `PATCH /drives/{id}`: Firecracker swaps the backing file; not supported (`409`).
+    Update(String),
 }
 
 /// A request on the balloon resource (Firecracker's shape).

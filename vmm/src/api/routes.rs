@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::http::{Method, Request, Response};
-use super::{ApiError, ApiReply, ApiRequest, BalloonRequest, VmStateRequest};
+use super::{ApiError, ApiReply, ApiRequest, BalloonRequest, DriveRequest, VmStateRequest};
 
 /// Turns a request (and the path segments matched by `{...}` in its pattern) into an
 /// [`ApiRequest`].
@@ -24,6 +24,26 @@ struct Route {
 
 /// The routing table.
 const ROUTES: &[Route] = &[
+    Route {
+        method: Method::Get,
+        pattern: "/drives",
+        parse: |r, _| expect_no_body(r).map(|()| ApiRequest::Drive(DriveRequest::List)),
+    },
+    Route {
+        method: Method::Get,
+        pattern: "/drives/{id}",
+        parse: |r, c| expect_no_body(r).map(|()| ApiRequest::Drive(DriveRequest::Get(c[0].into()))),
+    },
+    Route {
+        method: Method::Put,
+        pattern: "/drives/{id}",
+        parse: |_, c| Ok(ApiRequest::Drive(DriveRequest::Configure(c[0].into()))),
+    },
+    Route {
+        method: Method::Patch,
+        pattern: "/drives/{id}",
+        parse: |_, c| Ok(ApiRequest::Drive(DriveRequest::Update(c[0].into()))),
+    },
     Route {
         method: Method::Get,
         pattern: "/",
@@ -378,6 +398,34 @@ mod tests {
             )),
             Ok(ApiRequest::Shutdown)
         );
+    }
+
+    #[test]
+    fn drive_routes() {
+        for (method, path, expected) in [
+            (Method::Get, "/drives", DriveRequest::List),
+            (
+                Method::Get,
+                "/drives/data",
+                DriveRequest::Get("data".into()),
+            ),
+            (
+                Method::Put,
+                "/drives/new",
+                DriveRequest::Configure("new".into()),
+            ),
+            (
+                Method::Patch,
+                "/drives/data",
+                DriveRequest::Update("data".into()),
+            ),
+        ] {
+            assert_eq!(
+                route(&request(method, path, "")).unwrap(),
+                ApiRequest::Drive(expected),
+                "{path}"
+            );
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ impl ApiHandler for VmHandle {
             ApiRequest::SetVmState(VmStateRequest::Resumed) => ControlRequest::Resume,
             ApiRequest::Shutdown => ControlRequest::Shutdown,
             ApiRequest::Balloon(request) => return self.handle_balloon(request),
+            ApiRequest::Drive(request) => return super::drives::handle(self.drives(), request),
         };
         match self.request(control) {
             Ok(Some(body)) => Ok(ApiReply::Json(body)),

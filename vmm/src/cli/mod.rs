@@ -4,6 +4,7 @@
 pub mod balloon;
 pub mod control;
 pub mod demo;
+pub mod drive;
 pub mod image;
 pub mod run;
 

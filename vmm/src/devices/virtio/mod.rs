@@ -92,6 +92,15 @@ pub enum BuildError {
     /// The balloon device cannot be created.
     #[error("cannot create the balloon device")]
     Balloon(#[source] BalloonError),
+    /// A block device cannot be created.
+    #[error("cannot create the block device of drive {drive_id}")]
+    Block {
+        /// The drive.
+        drive_id: String,
+        /// Why.
+        #[source]
+        source: block::BlockError,
+    },
 }
 
 /// The devices a configuration asks for, in slot order, and host-side handles to them.
@@ -100,6 +109,8 @@ pub struct VirtioDevices {
     pub specs: Vec<VirtioDeviceSpec>,
     /// Control of the balloon, if there is one.
     pub balloon: Option<BalloonHandle>,
+    /// The drives, in configuration (= guest) order.
+    pub drives: Vec<block::BlockHandle>,
 }
 
 /// Creates the virtio devices `config` asks for. The balloon gets a page-state map over all of
@@ -111,6 +122,7 @@ pub fn build_virtio_devices(
     let mut devices = VirtioDevices {
         specs: Vec::new(),
         balloon: None,
+        drives: Vec::new(),
     };
     if let Some(balloon_config) = &config.balloon {
         let layout: Vec<GuestRamRegion> = ram
@@ -131,6 +143,17 @@ pub fn build_virtio_devices(
         devices.balloon = Some(device.handle());
         devices.specs.push(VirtioDeviceSpec {
             name: "balloon",
+            device: Box::new(device),
+        });
+    }
+    for drive in &config.drives {
+        let device = block::Block::new(drive.clone()).map_err(|source| BuildError::Block {
+            drive_id: drive.drive_id.clone(),
+            source,
+        })?;
+        devices.drives.push(device.handle());
+        devices.specs.push(VirtioDeviceSpec {
+            name: "block",
             device: Box::new(device),
         });
     }
