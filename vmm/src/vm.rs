@@ -217,6 +217,8 @@ pub struct VmHandle {
     balloon: Option<(balloon::BalloonHandle, balloon::BalloonConfig)>,
     /// Dirty page tracking, while the VM lives (empty without dirty logging).
     dirty: Weak<DirtyTracker>,
+    /// The vsock device's status, if the VM has one.
+    vsock: Option<vsock::VsockHandle>,
 }
 
 impl VmHandle {
@@ -248,6 +250,11 @@ impl VmHandle {
             tracing::warn!(error = %DisplayChain(&err), "cannot sync the dirty log");
         }
         self.balloon.as_ref()
+    }
+
+    /// The vsock device's status handle, if the VM has one.
+    pub fn vsock(&self) -> Option<&vsock::VsockHandle> {
+        self.vsock.as_ref()
     }
 
     /// Marks every page the guest wrote since the last sync live in the page-state map (see
@@ -282,6 +289,7 @@ pub struct Vm {
     // virtio devices (and their workers) stop when their transports drop, after the vCPUs.
     virtio_devices: Vec<AttachedDevice>,
     balloon: Option<balloon::BalloonHandle>,
+    vsock: Option<vsock::VsockHandle>,
     /// Dirty page tracking; holds a reference to the VM fd, dropped with it.
     dirty: Option<Arc<DirtyTracker>>,
     /// When the event loop last synced the dirty log.
@@ -496,6 +504,7 @@ impl Vm {
             vcpu_threads,
             virtio_devices,
             balloon: devices.balloon,
+            vsock: devices.vsock,
             dirty,
             last_dirty_sync: Instant::now(),
             dirty_sync_interval: dirty_sync_interval(),
@@ -518,6 +527,7 @@ impl Vm {
             events: self.events_tx.clone(),
             balloon: self.balloon.clone().zip(self.config.balloon.clone()),
             dirty: self.dirty.as_ref().map(Arc::downgrade).unwrap_or_default(),
+            vsock: self.vsock.clone(),
         }
     }
 
@@ -615,6 +625,7 @@ impl Vm {
                 .map(AttachedDevice::info)
                 .collect::<Vec<_>>(),
             "balloon": self.balloon.as_ref().map(balloon::BalloonHandle::status),
+            "vsock": self.vsock.as_ref().map(vsock::VsockHandle::status),
             "memory": {
                 "released_bytes": self.ram.released_bytes(),
                 "dirty_log": self.dirty.as_ref().map(|t| t.stats()),
@@ -736,6 +747,7 @@ mod tests {
             events,
             balloon: None,
             dirty: Weak::new(),
+            vsock: None,
         };
         let config = balloon::BalloonConfig {
             amount_mib: 0,

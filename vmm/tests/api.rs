@@ -74,6 +74,7 @@ impl ApiHandler for FakeVmm {
                 Ok(ApiReply::Empty)
             }
             ApiRequest::Balloon(_) => Err(ApiError::Conflict("the fake VMM has no balloon".into())),
+            ApiRequest::Vsock(_) => Err(ApiError::Conflict("the fake VMM has no vsock".into())),
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - [`persist::VsockState`] is the snapshot state: connections are reset on save, and the
 //!   guest gets `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` after restore.
 
+pub mod client;
 pub mod config;
 pub mod connection;
 pub mod device;
@@ -23,6 +24,7 @@ mod worker;
 #[cfg(test)]
 mod test_utils;
 
+pub use client::{connect_to_guest, ClientError};
 pub use config::{VsockConfig, VsockConfigError, DEFAULT_GUEST_CID};
 pub use device::{
     Vsock, VsockCounters, VsockError, VsockHandle, VsockStatus, CONFIG_SPACE_BYTES, QUEUE_SIZE,

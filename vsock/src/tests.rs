@@ -163,17 +163,18 @@ fn host_connect_line_reaches_the_guest_port_and_ok_comes_back() {
     let notify = rig(&mut env);
     let mut r = Rig::new(&env, notify);
     r.add_rx(8);
-    let mut s = UnixStream::connect(&env.config.uds_path).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"CONNECT 52\nearly").unwrap();
+    let uds = env.config.uds_path.clone();
+    let client = std::thread::spawn(move || {
+        crate::connect_to_guest(&uds, 52, Some(Duration::from_secs(5))).unwrap()
+    });
     let (h, _) = r.next_rx();
     assert_eq!((h.op, h.dst_port, h.src_cid), (OP_REQUEST, 52, HOST_CID));
     let local = h.src_port;
     r.send(env.guest_hdr(OP_RESPONSE, 52, local), &[]);
+    let (mut s, ok_port) = client.join().unwrap();
+    assert_eq!(ok_port, local);
+    s.write_all(b"early").unwrap();
     let mut line = [0u8; 14];
-    s.read_exact(&mut line).unwrap();
-    assert_eq!(&line, format!("OK {local}\n").as_bytes());
-    // Bytes written right after the CONNECT line are not lost.
     let (h, p) = r.next_rx();
     assert_eq!((h.op, p.as_slice()), (OP_RW, &b"early"[..]));
     // The host client vanishes: the guest gets SHUTDOWN(SEND), then finishing closes it.
@@ -188,13 +189,25 @@ fn host_connect_line_reaches_the_guest_port_and_ok_comes_back() {
         &[],
     );
     assert_eq!(r.next_rx().0.op, OP_RST);
+    // A guest that refuses (RST) closes the host client: the client reports it.
+    let uds = env.config.uds_path.clone();
+    let client =
+        std::thread::spawn(move || crate::connect_to_guest(&uds, 53, Some(Duration::from_secs(5))));
+    let (h, _) = r.next_rx();
+    assert_eq!((h.op, h.dst_port), (OP_REQUEST, 53));
+    r.send(env.guest_hdr(OP_RST, 53, h.src_port), &[]);
+    let err = client.join().unwrap().unwrap_err();
+    assert!(
+        matches!(err, crate::ClientError::Refused { port: 53 }),
+        "{err}"
+    );
     // A bad line is refused without harm; the device keeps serving.
     let mut bad = UnixStream::connect(&env.config.uds_path).unwrap();
     bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     bad.write_all(b"HELLO\n").unwrap();
     assert_eq!(bad.read(&mut line).unwrap(), 0);
     assert!(r.no_rx_within(50));
-    assert_eq!(counters(&env).host_connects, 1);
+    assert_eq!(counters(&env).host_connects, 2);
 }
 
 #[test]

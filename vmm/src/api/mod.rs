@@ -30,6 +30,18 @@ pub enum ApiRequest {
     Shutdown,
     /// `/balloon...`: the virtio-balloon resource.
     Balloon(BalloonRequest),
+    /// `/vsock`: the virtio-vsock resource.
+    Vsock(VsockRequest),
+}
+
+/// A request on the vsock resource (Firecracker's shape).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VsockRequest {
+    /// `PUT /vsock`: Firecracker adds the device before boot; here it comes from
+    /// `vmm run --vsock-uds` (or the config file), so this answers `409`.
+    Configure(vsock::VsockConfig),
+    /// `GET /vsock`: configuration and counters.
+    Get,
 }
 
 /// A request on the balloon resource (Firecracker's shape).

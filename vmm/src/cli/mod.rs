@@ -6,6 +6,7 @@ pub mod control;
 pub mod demo;
 pub mod image;
 pub mod run;
+pub mod vsock;
 
 /// Result of a subcommand: the process exit code, or an error printed with its causes.
 pub type CliResult = anyhow::Result<i32>;

@@ -42,6 +42,9 @@ pub struct RunArgs {
     /// (missing keys: 0 / false).
     #[arg(long, value_parser = super::balloon::parse_balloon_spec)]
     pub balloon: Option<balloon::BalloonConfig>,
+    /// virtio-vsock (`--vsock-uds`, `--vsock-cid`).
+    #[command(flatten)]
+    pub vsock: super::vsock::VsockRunArgs,
     /// A JSON VM configuration (Firecracker's shape); flags given too override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -71,6 +74,7 @@ fn resolve_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
                 machine_config: MachineConfig::default(),
                 serial: SerialConfig::default(),
                 balloon: None,
+                vsock: None,
             }
         }
     };
@@ -100,6 +104,7 @@ fn resolve_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     if let Some(balloon) = &args.balloon {
         config.balloon = Some(balloon.clone());
     }
+    super::vsock::apply_run_args(&args.vsock, &mut config);
     config.validate()?;
     if !config.boot_source.kernel_image_path.is_file() {
         anyhow::bail!(

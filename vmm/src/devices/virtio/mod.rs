@@ -92,6 +92,9 @@ pub enum BuildError {
     /// The balloon device cannot be created.
     #[error("cannot create the balloon device")]
     Balloon(#[source] BalloonError),
+    /// The vsock device cannot be created.
+    #[error("cannot create the vsock device")]
+    Vsock(#[source] vsock::VsockError),
 }
 
 /// The devices a configuration asks for, in slot order, and host-side handles to them.
@@ -100,6 +103,8 @@ pub struct VirtioDevices {
     pub specs: Vec<VirtioDeviceSpec>,
     /// Control of the balloon, if there is one.
     pub balloon: Option<BalloonHandle>,
+    /// Status of the vsock device, if there is one.
+    pub vsock: Option<vsock::VsockHandle>,
 }
 
 /// Creates the virtio devices `config` asks for. The balloon gets a page-state map over all of
@@ -111,6 +116,7 @@ pub fn build_virtio_devices(
     let mut devices = VirtioDevices {
         specs: Vec::new(),
         balloon: None,
+        vsock: None,
     };
     if let Some(balloon_config) = &config.balloon {
         let layout: Vec<GuestRamRegion> = ram
@@ -131,6 +137,14 @@ pub fn build_virtio_devices(
         devices.balloon = Some(device.handle());
         devices.specs.push(VirtioDeviceSpec {
             name: "balloon",
+            device: Box::new(device),
+        });
+    }
+    if let Some(vsock_config) = &config.vsock {
+        let device = vsock::Vsock::new(vsock_config.clone()).map_err(BuildError::Vsock)?;
+        devices.vsock = Some(device.handle());
+        devices.specs.push(VirtioDeviceSpec {
+            name: "vsock",
             device: Box::new(device),
         });
     }
