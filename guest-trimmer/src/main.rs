@@ -2,6 +2,7 @@
 //! logs go to stderr, results to stdout.
 
 mod alloc;
+mod vsock_tool;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -57,6 +58,11 @@ enum Command {
     DamonMonitor(DamonMonitorArgs),
     /// Allocate and write N MiB of anonymous memory, hold it, then free it (a test load).
     Alloc(alloc::AllocArgs),
+    /// Serve the JSON-lines control endpoint on vsock (answers `{"op":"ping"}`).
+    Serve(vsock_tool::ServeArgs),
+    /// vsock test peers: sink, source, connect.
+    #[command(subcommand)]
+    Vsock(vsock_tool::VsockCommand),
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +128,8 @@ enum CliError {
     Json(#[source] serde_json::Error),
     #[error("alloc")]
     Alloc(#[source] alloc::AllocError),
+    #[error("vsock")]
+    Vsock(#[source] vsock_tool::VsockToolError),
 }
 
 fn main() -> ExitCode {
@@ -167,6 +175,8 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         }
         Command::DamonStatus(args) => damon_status(&g.damon_root(), args),
         Command::Alloc(args) => alloc::run(args).map_err(CliError::Alloc),
+        Command::Serve(args) => vsock_tool::run_serve(args).map_err(CliError::Vsock),
+        Command::Vsock(cmd) => vsock_tool::run(cmd).map_err(CliError::Vsock),
         Command::DamonMonitor(args) => {
             let damon = DamonSysfs::detect(g.damon_root())
                 .map_err(CliError::DamonMonitor)?
