@@ -6,6 +6,7 @@
 //! byte is a nested exit, and `quiet` cuts a boot from ~45 s to ~8 s there.
 
 mod balloon;
+mod vsock;
 
 use crate::proc::{describe, Proc};
 use std::io::{Read, Write};
@@ -98,6 +99,13 @@ pub fn all() -> Vec<Scenario> {
             balloon::reporting_returns_memory,
         ),
         sc("balloon_hinting", 300, balloon::hinting),
+        // vsock (src/scenarios/vsock.rs): each boots a guest with a virtio-vsock device.
+        sc(
+            "vsock_ping_concurrency_vanishing_client",
+            300,
+            vsock::ping_concurrency_vanishing_client,
+        ),
+        sc("vsock_bulk_both_ways", 400, vsock::bulk_both_ways),
     ]
 }
 

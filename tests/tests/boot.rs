@@ -55,4 +55,6 @@ scenario_tests!(
     balloon_oom_without_deflate,
     balloon_reporting_returns_memory,
     balloon_hinting,
+    vsock_ping_concurrency_vanishing_client,
+    vsock_bulk_both_ways,
 );
