@@ -31,11 +31,11 @@ const PING_PORT: u32 = 52;
 const SINK_PORT: u32 = 5001;
 const SOURCE_PORT: u32 = 5002;
 
-/// Arguments of `bench vsock`.
+/// What one benchmark run measures (shared by the host side and the in-rig driver).
 #[derive(clap::Args, Debug)]
-pub struct VsockArgs {
+pub struct Workload {
     /// Guest boots (one measurement set each).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     pub runs: u32,
     /// MiB moved each way per run.
     #[arg(long, default_value_t = 64)]
@@ -43,6 +43,13 @@ pub struct VsockArgs {
     /// Ping round trips per run.
     #[arg(long, default_value_t = 500)]
     pub pings: u32,
+}
+
+/// Arguments of `bench vsock`.
+#[derive(clap::Args, Debug)]
+pub struct VsockArgs {
+    #[command(flatten)]
+    pub workload: Workload,
     /// The JSON result file; the Markdown goes next to it with the extension `.md`.
     #[arg(long, default_value = "bench-results/vsock.json")]
     pub out: PathBuf,
@@ -54,15 +61,8 @@ pub struct VsockArgs {
 /// Arguments of `bench rig-vsock` (the in-rig driver).
 #[derive(clap::Args, Debug)]
 pub struct RigVsockArgs {
-    /// Guest boots.
-    #[arg(long, default_value_t = 2)]
-    pub runs: u32,
-    /// MiB each way per run.
-    #[arg(long, default_value_t = 64)]
-    pub mib: u64,
-    /// Ping round trips per run.
-    #[arg(long, default_value_t = 500)]
-    pub pings: u32,
+    #[command(flatten)]
+    pub workload: Workload,
 }
 
 /// The value at `q` of sorted `v`.
@@ -73,9 +73,14 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[(((sorted.len() - 1) as f64) * q).round() as usize]
 }
 
+/// The median of `v` (the mean of the middle two for an even count).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    quantile(&v, 0.5)
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Kills the VMM when dropped.
@@ -90,15 +95,15 @@ impl Drop for VmmProcess {
 
 /// `bench rig-vsock`: boots and measures; prints one `VSOCK-BENCH {json}` line per run.
 pub fn rig_run(args: RigVsockArgs) -> anyhow::Result<()> {
-    for run in 1..=args.runs {
-        let result =
-            measure_once(&args).unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")}));
+    for run in 1..=args.workload.runs {
+        let result = measure_once(&args.workload)
+            .unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")}));
         println!("{RESULT_MARKER}{}", json!({"run": run, "result": result}));
     }
     Ok(())
 }
 
-fn measure_once(args: &RigVsockArgs) -> anyhow::Result<Value> {
+fn measure_once(args: &Workload) -> anyhow::Result<Value> {
     let uds = PathBuf::from("v.sock");
     let script = format!(
         "guest-trimmer vsock sink --port {SINK_PORT} & guest-trimmer vsock source --port {SOURCE_PORT} & sleep 3600"
@@ -221,6 +226,7 @@ fn measure_once(args: &RigVsockArgs) -> anyhow::Result<Value> {
 
 /// `bench vsock`: the host side.
 pub fn run(args: VsockArgs) -> anyhow::Result<i32> {
+    let w = &args.workload;
     let root = workspace_root();
     let (vmm, bench) = build(&root)?;
     let image = build_image(&vmm, &root)?;
@@ -238,14 +244,14 @@ pub fn run(args: VsockArgs) -> anyhow::Result<i32> {
         "./bench".to_string(),
         "rig-vsock".into(),
         "--runs".into(),
-        args.runs.to_string(),
+        w.runs.to_string(),
         "--mib".into(),
-        args.mib.to_string(),
+        w.mib.to_string(),
         "--pings".into(),
-        args.pings.to_string(),
+        w.pings.to_string(),
     ]
     .to_vec();
-    say(&format!("running {} vsock runs in the rig", args.runs));
+    say(&format!("running {} vsock runs in the rig", w.runs));
     let opts = RigOptions {
         timeout_s: args.rig_timeout,
         ..RigOptions::default()
@@ -274,17 +280,18 @@ pub fn run(args: VsockArgs) -> anyhow::Result<i32> {
     });
     let report = json!({
         "benchmark": "virtio-vsock: bulk throughput each way, small-message round trips",
-        "command": format!("cargo run --release -p bench -- vsock --runs {} --mib {} --pings {}", args.runs, args.mib, args.pings),
+        "command": format!("cargo run --release -p bench -- vsock --runs {} --mib {} --pings {}", w.runs, w.mib, w.pings),
         "where": "nested KVM rig (QEMU TCG + SVM, 1 rig vCPU): emulated time, 10-50x slower than hardware KVM",
         "guest": {"mem_mib": 512, "vcpus": 2, "cmdline": "quiet", "vsock": "guest_cid 3, host side = unix socket (Firecracker convention)"},
         "goals": {"host_to_guest_mib_per_s": 1024, "rtt_median_us": 100, "note": "goals are for hardware KVM; rig figures are emulated"},
         "median": summary,
+        "median_note": "median over runs of each run's figure (round trips: each run's median and p99 of its pings)",
         "runs": runs,
         "rig": {"exit_code": outcome.exit_code, "timed_out": outcome.timed_out, "duration_s": outcome.duration.as_secs_f64()},
     });
     write_results(&args.out, &report)?;
     println!("{}", serde_json::to_string_pretty(&report["median"])?);
-    Ok(if ok.len() == args.runs as usize { 0 } else { 1 })
+    Ok(if ok.len() == w.runs as usize { 0 } else { 1 })
 }
 
 fn write_results(out: &Path, report: &Value) -> anyhow::Result<()> {
