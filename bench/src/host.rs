@@ -139,16 +139,16 @@ pub(crate) fn output_of(program: &Path, args: &[&str], cwd: &Path) -> anyhow::Re
 
 /// The guest image.
 #[derive(Debug, Clone, Serialize)]
-struct Image {
-    kernel: PathBuf,
-    initrd: PathBuf,
+pub(crate) struct Image {
+    pub(crate) kernel: PathBuf,
+    pub(crate) initrd: PathBuf,
     kernel_version: Option<String>,
     kernel_package: Option<String>,
     kernel_bytes: u64,
     initrd_bytes: u64,
 }
 
-fn build_image(vmm: &Path, root: &Path) -> anyhow::Result<Image> {
+pub(crate) fn build_image(vmm: &Path, root: &Path) -> anyhow::Result<Image> {
     let text =
         output_of(vmm, &["image", "build", "--json"], root).context("building the guest image")?;
     let v: serde_json::Value = serde_json::from_str(text.trim())

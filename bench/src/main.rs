@@ -21,6 +21,7 @@ mod qemu;
 mod report;
 mod smaps;
 mod stats;
+mod vsock;
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +40,10 @@ enum Cmd {
     Block(block::BlockArgs),
     /// The in-rig driver: run a plan's boots and print one result line per boot.
     RigBoot(driver::RigBootArgs),
+    /// virtio-vsock throughput each way and round-trip latency (in the rig).
+    Vsock(vsock::VsockArgs),
+    /// The in-rig vsock driver.
+    RigVsock(vsock::RigVsockArgs),
 }
 
 fn main() {
@@ -47,6 +52,8 @@ fn main() {
         Cmd::Boot(args) => host::run(args),
         Cmd::Block(args) => block::run(args),
         Cmd::RigBoot(args) => driver::run(args).map(|()| 0),
+        Cmd::Vsock(args) => vsock::run(args),
+        Cmd::RigVsock(args) => vsock::rig_run(args).map(|()| 0),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -6,6 +6,7 @@
 #   vmm_run="<shell command>"   run it with `sh -c`, print `VMM-RUN-EXIT <status>`, then vmm_after
 #   vmm_after=shell|poweroff|halt   what to do after vmm_run (default poweroff)
 #   vmm_workload=<name>         a named workload: counter | idle
+#   vmm_trimmer_port=<port>     vsock port of `guest-trimmer serve` (default 52)
 # With neither vmm_run nor vmm_workload an interactive shell runs on the console.
 # The host watches the console for the `VMM-SYSINFO {json}` and `VMM-GUEST-READY` lines.
 
@@ -52,6 +53,13 @@ if [ -b /dev/vda ]; then
     else
         echo "vmm-init: mounting /dev/vda ($data_mode) on /mnt/data failed"
     fi
+fi
+
+# The trimmer's JSON-lines endpoint on vsock, when the VMM attached a vsock device
+# (port: kernel parameter vmm_trimmer_port=, default 52).
+if [ -c /dev/vsock ] && [ -x /bin/guest-trimmer ] &&
+    ls /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/virtio* >/dev/null 2>&1; then
+    GUEST_TRIMMER_LOG=warn /bin/guest-trimmer serve --vsock-port "${vmm_trimmer_port:-52}" </dev/null &
 fi
 
 sysinfo=""

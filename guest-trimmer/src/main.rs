@@ -3,6 +3,7 @@
 
 mod alloc;
 mod disk_bench;
+mod vsock_tool;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -61,6 +62,11 @@ enum Command {
     /// Sequential and 4 KiB random O_DIRECT read speed of a block device (a benchmark tool).
     #[command(hide = true)]
     DiskBench(disk_bench::DiskBenchArgs),
+    /// Serve the JSON-lines control endpoint on vsock (answers `{"op":"ping"}`).
+    Serve(vsock_tool::ServeArgs),
+    /// vsock test peers: sink, source, connect.
+    #[command(subcommand)]
+    Vsock(vsock_tool::VsockCommand),
 }
 
 #[derive(Debug, Args)]
@@ -128,6 +134,8 @@ enum CliError {
     Alloc(#[source] alloc::AllocError),
     #[error("disk-bench")]
     DiskBench(#[source] disk_bench::DiskBenchError),
+    #[error("vsock")]
+    Vsock(#[source] vsock_tool::VsockToolError),
 }
 
 fn main() -> ExitCode {
@@ -174,6 +182,8 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::DamonStatus(args) => damon_status(&g.damon_root(), args),
         Command::Alloc(args) => alloc::run(args).map_err(CliError::Alloc),
         Command::DiskBench(args) => disk_bench::run(args).map_err(CliError::DiskBench),
+        Command::Serve(args) => vsock_tool::run_serve(args).map_err(CliError::Vsock),
+        Command::Vsock(cmd) => vsock_tool::run(cmd).map_err(CliError::Vsock),
         Command::DamonMonitor(args) => {
             let damon = DamonSysfs::detect(g.damon_root())
                 .map_err(CliError::DamonMonitor)?

@@ -7,6 +7,7 @@
 
 mod balloon;
 mod block;
+mod vsock;
 
 use crate::proc::{describe, Proc};
 use std::io::{Read, Write};
@@ -104,6 +105,13 @@ pub fn all() -> Vec<Scenario> {
         // Block (src/scenarios/block.rs): virtio-blk drives.
         sc("block_bad_disk_path", 60, block::bad_disk_path),
         sc("block_disks", 420, block::disks),
+        // vsock (src/scenarios/vsock.rs): each boots a guest with a virtio-vsock device.
+        sc(
+            "vsock_ping_concurrency_vanishing_client",
+            300,
+            vsock::ping_concurrency_vanishing_client,
+        ),
+        sc("vsock_bulk_both_ways", 400, vsock::bulk_both_ways),
     ]
 }
 

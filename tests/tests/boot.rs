@@ -57,4 +57,6 @@ scenario_tests!(
     balloon_hinting,
     block_bad_disk_path,
     block_disks,
+    vsock_ping_concurrency_vanishing_client,
+    vsock_bulk_both_ways,
 );

@@ -219,6 +219,8 @@ pub struct VmHandle {
     drives: Vec<block::BlockHandle>,
     /// Dirty page tracking, while the VM lives (empty without dirty logging).
     dirty: Weak<DirtyTracker>,
+    /// The vsock device's status, if the VM has one.
+    vsock: Option<vsock::VsockHandle>,
 }
 
 impl VmHandle {
@@ -257,6 +259,11 @@ impl VmHandle {
         &self.drives
     }
 
+    /// The vsock device's status handle, if the VM has one.
+    pub fn vsock(&self) -> Option<&vsock::VsockHandle> {
+        self.vsock.as_ref()
+    }
+
     /// Marks every page the guest wrote since the last sync live in the page-state map (see
     /// [`DirtyTracker::sync`]). Returns how many pages changed state, or `None` when the VM
     /// does not log dirty pages (or has ended).
@@ -290,6 +297,7 @@ pub struct Vm {
     virtio_devices: Vec<AttachedDevice>,
     balloon: Option<balloon::BalloonHandle>,
     drives: Vec<block::BlockHandle>,
+    vsock: Option<vsock::VsockHandle>,
     /// Dirty page tracking; holds a reference to the VM fd, dropped with it.
     dirty: Option<Arc<DirtyTracker>>,
     /// When the event loop last synced the dirty log.
@@ -505,6 +513,7 @@ impl Vm {
             virtio_devices,
             balloon: devices.balloon,
             drives: devices.drives,
+            vsock: devices.vsock,
             dirty,
             last_dirty_sync: Instant::now(),
             dirty_sync_interval: dirty_sync_interval(),
@@ -528,6 +537,7 @@ impl Vm {
             balloon: self.balloon.clone().zip(self.config.balloon.clone()),
             drives: self.drives.clone(),
             dirty: self.dirty.as_ref().map(Arc::downgrade).unwrap_or_default(),
+            vsock: self.vsock.clone(),
         }
     }
 
@@ -626,6 +636,7 @@ impl Vm {
                 .collect::<Vec<_>>(),
             "balloon": self.balloon.as_ref().map(balloon::BalloonHandle::status),
             "drives": self.drives.iter().map(block::BlockHandle::status).collect::<Vec<_>>(),
+            "vsock": self.vsock.as_ref().map(vsock::VsockHandle::status),
             "memory": {
                 "released_bytes": self.ram.released_bytes(),
                 "dirty_log": self.dirty.as_ref().map(|t| t.stats()),
@@ -748,6 +759,7 @@ mod tests {
             balloon: None,
             drives: Vec::new(),
             dirty: Weak::new(),
+            vsock: None,
         };
         let config = balloon::BalloonConfig {
             amount_mib: 0,

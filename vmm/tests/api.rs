@@ -75,6 +75,7 @@ impl ApiHandler for FakeVmm {
             }
             ApiRequest::Balloon(_) => Err(ApiError::Conflict("the fake VMM has no balloon".into())),
             ApiRequest::Drive(request) => vmm::api::drives::handle(&[], request),
+            ApiRequest::Vsock(_) => Err(ApiError::Conflict("the fake VMM has no vsock".into())),
         }
     }
 }

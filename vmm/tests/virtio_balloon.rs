@@ -110,6 +110,7 @@ fn config() -> VmConfig {
             free_page_reporting: false,
             free_page_hinting: false,
         }),
+        vsock: None,
     }
 }
 

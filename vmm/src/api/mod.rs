@@ -33,6 +33,8 @@ pub enum ApiRequest {
     Balloon(BalloonRequest),
     /// `/drives...`: the virtio-blk drives.
     Drive(DriveRequest),
+    /// `/vsock`: the virtio-vsock resource.
+    Vsock(VsockRequest),
 }
 
 /// A request on the drives resource (Firecracker's shape).
@@ -47,6 +49,16 @@ pub enum DriveRequest {
     Configure(String),
     /// `PATCH /drives/{id}`: Firecracker swaps the backing file; not supported (`409`).
     Update(String),
+}
+
+/// A request on the vsock resource (Firecracker's shape).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VsockRequest {
+    /// `PUT /vsock`: Firecracker adds the device before boot; here it comes from
+    /// `vmm run --vsock-uds` (or the config file), so this answers `409`.
+    Configure(vsock::VsockConfig),
+    /// `GET /vsock`: configuration and counters.
+    Get,
 }
 
 /// A request on the balloon resource (Firecracker's shape).

@@ -8,7 +8,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::http::{Method, Request, Response};
-use super::{ApiError, ApiReply, ApiRequest, BalloonRequest, DriveRequest, VmStateRequest};
+use super::{
+    ApiError, ApiReply, ApiRequest, BalloonRequest, DriveRequest, VmStateRequest, VsockRequest,
+};
 
 /// Turns a request (and the path segments matched by `{...}` in its pattern) into an
 /// [`ApiRequest`].
@@ -63,6 +65,23 @@ const ROUTES: &[Route] = &[
         method: Method::Put,
         pattern: "/balloon",
         parse: put_balloon,
+    },
+    Route {
+        method: Method::Put,
+        pattern: "/vsock",
+        parse: |request, _| {
+            Ok(ApiRequest::Vsock(VsockRequest::Configure(parse_body(
+                request,
+            )?)))
+        },
+    },
+    Route {
+        method: Method::Get,
+        pattern: "/vsock",
+        parse: |request, _| {
+            expect_no_body(request)?;
+            Ok(ApiRequest::Vsock(VsockRequest::Get))
+        },
     },
     Route {
         method: Method::Patch,
@@ -426,6 +445,20 @@ mod tests {
                 "{path}"
             );
         }
+    }
+
+    #[test]
+    fn vsock_routes() {
+        assert_eq!(
+            route(&request(Method::Get, "/vsock", "")),
+            Ok(ApiRequest::Vsock(VsockRequest::Get))
+        );
+        let body = r#"{"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "/tmp/v.sock"}"#;
+        assert!(matches!(
+            route(&request(Method::Put, "/vsock", body)),
+            Ok(ApiRequest::Vsock(VsockRequest::Configure(c))) if c.guest_cid == 3
+        ));
+        assert!(route(&request(Method::Put, "/vsock", r#"{"cid": 3}"#)).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod drive;
 pub mod image;
 pub mod run;
+pub mod vsock;
 
 /// Result of a subcommand: the process exit code, or an error printed with its causes.
 pub type CliResult = anyhow::Result<i32>;

@@ -46,6 +46,9 @@ pub struct RunArgs {
     /// (guest order /dev/vda, /dev/vdb...; appended after the config file's drives).
     #[arg(long = "disk", value_parser = super::drive::parse_disk_spec)]
     pub disks: Vec<block::DriveConfig>,
+    /// virtio-vsock (`--vsock-uds`, `--vsock-cid`).
+    #[command(flatten)]
+    pub vsock: super::vsock::VsockRunArgs,
     /// A JSON VM configuration (Firecracker's shape); flags given too override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -76,6 +79,7 @@ fn resolve_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
                 serial: SerialConfig::default(),
                 balloon: None,
                 drives: Vec::new(),
+                vsock: None,
             }
         }
     };
@@ -108,6 +112,7 @@ fn resolve_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     let first_flag_drive = config.drives.len();
     config.drives.extend(args.disks.iter().cloned());
     super::drive::name_drives(&mut config.drives[first_flag_drive..]);
+    super::vsock::apply_run_args(&args.vsock, &mut config);
     config.validate()?;
     if !config.boot_source.kernel_image_path.is_file() {
         anyhow::bail!(

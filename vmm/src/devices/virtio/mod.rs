@@ -101,6 +101,9 @@ pub enum BuildError {
         #[source]
         source: block::BlockError,
     },
+    /// The vsock device cannot be created.
+    #[error("cannot create the vsock device")]
+    Vsock(#[source] vsock::VsockError),
 }
 
 /// The devices a configuration asks for, in slot order, and host-side handles to them.
@@ -111,6 +114,8 @@ pub struct VirtioDevices {
     pub balloon: Option<BalloonHandle>,
     /// The drives, in configuration (= guest) order.
     pub drives: Vec<block::BlockHandle>,
+    /// Status of the vsock device, if there is one.
+    pub vsock: Option<vsock::VsockHandle>,
 }
 
 /// Creates the virtio devices `config` asks for. The balloon gets a page-state map over all of
@@ -123,6 +128,7 @@ pub fn build_virtio_devices(
         specs: Vec::new(),
         balloon: None,
         drives: Vec::new(),
+        vsock: None,
     };
     if let Some(balloon_config) = &config.balloon {
         let layout: Vec<GuestRamRegion> = ram
@@ -154,6 +160,14 @@ pub fn build_virtio_devices(
         devices.drives.push(device.handle());
         devices.specs.push(VirtioDeviceSpec {
             name: "block",
+            device: Box::new(device),
+        });
+    }
+    if let Some(vsock_config) = &config.vsock {
+        let device = vsock::Vsock::new(vsock_config.clone()).map_err(BuildError::Vsock)?;
+        devices.vsock = Some(device.handle());
+        devices.specs.push(VirtioDeviceSpec {
+            name: "vsock",
             device: Box::new(device),
         });
     }
