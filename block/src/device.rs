@@ -334,14 +334,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let bytes = self.config_bytes();
-        for (i, out) in data.iter_mut().enumerate() {
-            *out = offset
-                .checked_add(i as u64)
-                .and_then(|at| usize::try_from(at).ok())
-                .and_then(|at| bytes.get(at).copied())
-                .unwrap_or(0);
-        }
+        virtio_device::read_config_bytes(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

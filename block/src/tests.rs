@@ -415,3 +415,29 @@ fn state_round_trips_and_refuses_another_disk_size() {
         Err(PersistError::UnsupportedVersion { .. })
     ));
 }
+
+#[test]
+fn clones_share_a_read_only_disk() {
+    let env = Env::new(IMAGE_BYTES, true);
+    // A second device on the same file, as a restored clone would open it.
+    let mut other = Env::new(512, true);
+    other.block = Block::new(drive(env.file.path(), true)).unwrap();
+    for e in [&env, &other] {
+        assert_eq!(
+            bad_request(
+                e,
+                VIRTIO_BLK_T_IN,
+                3,
+                &[
+                    (HDR_GPA, 16, 0),
+                    (DATA_GPA, 512, WRITE),
+                    (STATUS_GPA, 1, WRITE)
+                ]
+            ),
+            (VIRTIO_BLK_S_OK, 513)
+        );
+        let mut got = vec![0u8; 512];
+        e.mem.read_slice(&mut got, GuestAddress(DATA_GPA)).unwrap();
+        assert_eq!(got, pattern(IMAGE_BYTES)[1536..2048]);
+    }
+}

@@ -145,3 +145,30 @@ impl From<SavedQueue> for QueueState {
         }
     }
 }
+
+/// Copies `data.len()` bytes of a device's configuration space `config` from `offset` into
+/// `data`; bytes past its end (or an offset that overflows) read 0, as
+/// [`VirtioDevice::read_config`] requires.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, out) in data.iter_mut().enumerate() {
+        *out = offset
+            .checked_add(i as u64)
+            .and_then(|at| usize::try_from(at).ok())
+            .and_then(|at| config.get(at).copied())
+            .unwrap_or(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_zero_fill_outside_the_space() {
+        let mut out = [0xaa; 4];
+        read_config_bytes(&[1, 2, 3], 1, &mut out);
+        assert_eq!(out, [2, 3, 0, 0]);
+        read_config_bytes(&[1, 2, 3], u64::MAX, &mut out);
+        assert_eq!(out, [0; 4]);
+    }
+}

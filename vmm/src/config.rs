@@ -296,6 +296,24 @@ mod tests {
     }
 
     #[test]
+    fn drives_parse_in_order_and_are_validated() {
+        let mut config = parse(
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "drives": [{"drive_id": "data", "path_on_host": "/d.ext4", "is_read_only": true},
+                           {"drive_id": "scratch", "path_on_host": "/s.img"}]}"#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let ids: Vec<_> = config.drives.iter().map(|d| d.drive_id.as_str()).collect();
+        assert_eq!(ids, ["data", "scratch"]);
+        assert!(config.drives[0].is_read_only && !config.drives[1].is_read_only);
+        config.drives[1].drive_id = "data".into();
+        assert!(matches!(config.validate(), Err(ConfigError::Drive(_))));
+        let without = parse(r#"{"boot-source": {"kernel_image_path": "/k"}}"#).unwrap();
+        assert!(!serde_json::to_string(&without).unwrap().contains("drives"));
+    }
+
+    #[test]
     fn balloon_section_parses_and_is_validated() {
         let mut config = parse(
             r#"{"boot-source": {"kernel_image_path": "/k"},
