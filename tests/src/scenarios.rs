@@ -6,6 +6,7 @@
 //! byte is a nested exit, and `quiet` cuts a boot from ~45 s to ~8 s there.
 
 mod balloon;
+mod snapshot;
 
 use crate::proc::{describe, Proc};
 use std::io::{Read, Write};
@@ -98,6 +99,14 @@ pub fn all() -> Vec<Scenario> {
             balloon::reporting_returns_memory,
         ),
         sc("balloon_hinting", 300, balloon::hinting),
+        // Snapshots (src/scenarios/snapshot.rs).
+        sc("snapshot_round_trip_1vcpu", 400, snapshot::round_trip_1vcpu),
+        sc(
+            "snapshot_round_trip_2vcpu_two_clones",
+            500,
+            snapshot::round_trip_2vcpu_two_clones,
+        ),
+        sc("snapshot_bad_input", 500, snapshot::bad_input),
     ]
 }
 

@@ -55,4 +55,7 @@ scenario_tests!(
     balloon_oom_without_deflate,
     balloon_reporting_returns_memory,
     balloon_hinting,
+    snapshot_round_trip_1vcpu,
+    snapshot_round_trip_2vcpu_two_clones,
+    snapshot_bad_input,
 );

@@ -37,6 +37,12 @@ enum Command {
     Balloon(cli::balloon::BalloonCommand),
     /// The main job end to end: build the image, boot it, report, power off.
     Demo(cli::demo::DemoArgs),
+    /// Snapshot a running microVM into a directory through its API socket.
+    Snapshot(cli::snapshot::SnapshotArgs),
+    /// Recreate a microVM from a snapshot directory and run it.
+    Restore(cli::restore::RestoreArgs),
+    /// Describe and verify a snapshot directory.
+    Inspect(cli::inspect::InspectArgs),
 }
 
 fn main() {
@@ -52,6 +58,9 @@ fn main() {
         Command::Stop(args) => cli::control::stop(args),
         Command::Balloon(cmd) => cli::balloon::run(cmd),
         Command::Demo(args) => cli::demo::run(args),
+        Command::Snapshot(args) => cli::snapshot::run(args),
+        Command::Restore(args) => cli::restore::run(args),
+        Command::Inspect(args) => cli::inspect::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -30,6 +30,8 @@ pub enum ApiRequest {
     Shutdown,
     /// `/balloon...`: the virtio-balloon resource.
     Balloon(BalloonRequest),
+    /// `PUT /snapshot/create`: pause, write a snapshot, then resume, stay paused or stop.
+    CreateSnapshot(crate::snapshot::SnapshotRequest),
 }
 
 /// A request on the balloon resource (Firecracker's shape).

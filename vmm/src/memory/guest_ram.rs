@@ -62,6 +62,9 @@ impl From<ReleaseError> for std::io::Error {
 pub struct GuestRam {
     mem: GuestMemoryMmap,
     released_bytes: AtomicU64,
+    /// Parts of guest memory are private mappings of a snapshot's memory file: releasing
+    /// remaps anonymous memory (`MADV_DONTNEED` would bring back the file's old contents).
+    file_backed: bool,
 }
 
 impl GuestRam {
@@ -70,6 +73,15 @@ impl GuestRam {
         Self {
             mem,
             released_bytes: AtomicU64::new(0),
+            file_backed: false,
+        }
+    }
+
+    /// Wraps guest memory restored from a snapshot, where ranges are private file mappings.
+    pub fn file_backed(mem: GuestMemoryMmap) -> Self {
+        Self {
+            file_backed: true,
+            ..Self::new(mem)
         }
     }
 
@@ -123,12 +135,34 @@ impl GuestRam {
         // drops the pages' contents (they read as zero afterwards); it cannot unmap or change
         // protection, so no Rust reference into guest memory is invalidated — the VMM accesses
         // guest memory only through volatile accessors, and the guest gave these pages up.
-        let rc = unsafe {
-            libc::madvise(
-                host.cast::<libc::c_void>(),
-                len_bytes as usize,
-                libc::MADV_DONTNEED,
-            )
+        let rc = if self.file_backed {
+            // SAFETY: as above, the range lies inside the region's live mapping; MAP_FIXED
+            // replaces exactly those pages with fresh anonymous zero pages (the region is still
+            // unmapped as a whole on drop), and nothing holds a reference into them.
+            let addr = unsafe {
+                libc::mmap(
+                    host.cast::<libc::c_void>(),
+                    len_bytes as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if addr == libc::MAP_FAILED {
+                -1
+            } else {
+                0
+            }
+        } else {
+            // SAFETY: see above.
+            unsafe {
+                libc::madvise(
+                    host.cast::<libc::c_void>(),
+                    len_bytes as usize,
+                    libc::MADV_DONTNEED,
+                )
+            }
         };
         if rc != 0 {
             return Err(ReleaseError::Madvise {

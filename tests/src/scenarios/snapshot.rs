@@ -1,0 +1,439 @@
+//! Snapshot scenarios: a real guest writes a 64 MiB random buffer in tmpfs (guest RAM) and
+//! re-hashes it in a loop, printing `VMM-HASH <sha256> <uptime>`; the host snapshots it with
+//! `vmm snapshot`, SIGKILLs the VMM, restores with `vmm restore` and checks the restored guest
+//! prints the same hash with a later uptime (memory, vCPU state, console and clock carried
+//! over). Bad input: damaged, truncated, foreign and other-version snapshots are refused with an
+//! error naming the file (and chunk); an interrupted snapshot leaves the previous one whole.
+
+use super::{ensure, no_panic, Ctx, Outcome, READY_MARKER, READY_TIMEOUT};
+use crate::proc::{describe, Proc};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Printed once by the guest: the buffer's hash right after writing it.
+const HASH0_MARKER: &str = "VMM-HASH0 ";
+/// Printed by the guest's loop: `VMM-HASH <sha256> <uptime seconds>`.
+const HASH_MARKER: &str = "VMM-HASH ";
+/// A snapshot request (pause, write, answer), generous for the rig.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// From `vmm restore` to the restored guest's next full hash line.
+const RESTORED_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The guest script: 64 MiB of random bytes in /tmp, its hash, then hash + uptime forever.
+const HASH_SCRIPT: &str = "dd if=/dev/urandom of=/tmp/buf bs=1M count=64 2>/dev/null; \
+     echo VMM-HASH0 $(sha256sum /tmp/buf | cut -c1-64); \
+     while :; do h=$(sha256sum /tmp/buf | cut -c1-64); echo VMM-HASH $h $(cut -d' ' -f1 /proc/uptime); sleep 1; done";
+
+/// `(hash, uptime)` of each `VMM-HASH` line of `p`.
+fn hashes(p: &Proc) -> Vec<(String, f64)> {
+    p.stdout
+        .iter()
+        .filter_map(|(_, l)| {
+            let rest = &l[l.find(HASH_MARKER)? + HASH_MARKER.len()..];
+            let mut words = rest.split_whitespace();
+            let hash = words.next()?.to_string();
+            let uptime = words.next()?.parse().ok()?;
+            (hash.len() == 64).then_some((hash, uptime))
+        })
+        .collect()
+}
+
+/// A guest running [`HASH_SCRIPT`] with an API socket, its reference hash printed.
+struct HashVm {
+    p: Proc,
+    sock: PathBuf,
+    hash0: String,
+}
+
+fn boot_hash_vm(ctx: &Ctx, suffix: &str, mem_mib: u32, vcpus: u32) -> Result<HashVm, String> {
+    let sock = ctx.work.join(format!("api-{suffix}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let mut args = ctx.boot_args(mem_mib, vcpus, &format!("quiet vmm_run=\"{HASH_SCRIPT}\""));
+    args.extend(["--api-sock".to_string(), sock.display().to_string()]);
+    let mut p = ctx.vmm(suffix, &args, &[])?;
+    p.wait_stdout(READY_MARKER, READY_TIMEOUT)?;
+    let i = p.wait_stdout(HASH0_MARKER, Duration::from_secs(120))?;
+    let line = &p.stdout[i].1;
+    let hash0 = line[line.find(HASH0_MARKER).expect("matched") + HASH0_MARKER.len()..]
+        .trim()
+        .to_string();
+    ensure(hash0.len() == 64, || format!("bad VMM-HASH0 line {line:?}"))?;
+    let looping = p.pump_until(Duration::from_secs(120), |p| !hashes(p).is_empty());
+    ensure(looping, || {
+        format!("no VMM-HASH line after VMM-HASH0; {}", p.context())
+    })?;
+    Ok(HashVm { p, sock, hash0 })
+}
+
+/// `vmm snapshot --api-sock SOCK --out DIR --after AFTER --json`, returning the summary.
+fn snapshot(ctx: &Ctx, sock: &Path, dir: &Path, after: &str) -> Result<serde_json::Value, String> {
+    let args: Vec<String> = [
+        "snapshot",
+        "--api-sock",
+        &sock.display().to_string(),
+        "--out",
+        &dir.display().to_string(),
+        "--after",
+        after,
+        "--json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut p = ctx.vmm("snapshot", &args, &[])?;
+    let st = p.wait_exit(SNAPSHOT_TIMEOUT)?;
+    no_panic(&p)?;
+    ensure(st.code() == Some(0), || {
+        format!(
+            "`vmm snapshot` ended with {}; {}",
+            describe(&st),
+            p.context()
+        )
+    })?;
+    p.stdout
+        .iter()
+        .rev()
+        .find_map(|(_, l)| serde_json::from_str(l.trim()).ok())
+        .ok_or_else(|| format!("`vmm snapshot --json` printed no JSON; {}", p.context()))
+}
+
+/// `vmm inspect DIR --json`: (exit code, parsed JSON if any, stderr).
+fn inspect(ctx: &Ctx, dir: &Path) -> Result<(i32, Option<serde_json::Value>, String), String> {
+    let args = vec![
+        "inspect".to_string(),
+        dir.display().to_string(),
+        "--json".to_string(),
+    ];
+    let mut p = ctx.vmm("inspect", &args, &[])?;
+    let st = p.wait_exit(Duration::from_secs(60))?;
+    no_panic(&p)?;
+    let text: String = p
+        .stdout
+        .iter()
+        .map(|(_, l)| l.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    Ok((
+        st.code().unwrap_or(-1),
+        serde_json::from_str(&text).ok(),
+        p.stderr_text(),
+    ))
+}
+
+/// Starts `vmm restore --snapshot DIR`.
+fn restore(ctx: &Ctx, suffix: &str, dir: &Path) -> Result<Proc, String> {
+    let args = vec![
+        "restore".to_string(),
+        "--snapshot".to_string(),
+        dir.display().to_string(),
+    ];
+    ctx.vmm(suffix, &args, &[])
+}
+
+/// Waits for the restored guest to print the reference hash with an uptime past `after_uptime`,
+/// then a later line (its clock moves on). Returns the two uptimes.
+fn check_restored(p: &mut Proc, hash0: &str, after_uptime: f64) -> Result<(f64, f64), String> {
+    let fresh = |p: &Proc| {
+        hashes(p)
+            .into_iter()
+            .filter(|(_, up)| *up >= after_uptime)
+            .collect::<Vec<_>>()
+    };
+    let got = p.pump_until(RESTORED_TIMEOUT, |p| fresh(p).len() >= 2);
+    no_panic(p)?;
+    ensure(got, || {
+        format!(
+            "the restored guest printed fewer than 2 VMM-HASH lines after uptime {after_uptime}; {}",
+            p.context()
+        )
+    })?;
+    let lines = fresh(p);
+    for (hash, up) in &lines {
+        ensure(hash == hash0, || {
+            format!("restored guest hashed {hash} at uptime {up}, the buffer was {hash0}")
+        })?;
+    }
+    ensure(lines[1].1 > lines[0].1, || {
+        format!("the restored guest's clock did not move on: {lines:?}")
+    })?;
+    Ok((lines[0].1, lines[1].1))
+}
+
+/// Snapshot, SIGKILL, restore (twice at once with `clones`), check hash, console and clock.
+fn round_trip(ctx: &Ctx, vcpus: u32, clones: usize) -> Outcome {
+    let mut vm = boot_hash_vm(ctx, "", 256, vcpus)?;
+    let dir = ctx.work.join("snap");
+    let summary = snapshot(ctx, &vm.sock, &dir, "pause")?;
+    let last_uptime = hashes(&vm.p).last().map(|h| h.1).unwrap_or(0.0);
+    vm.p.signal(libc::SIGKILL);
+    vm.p.wait_exit(Duration::from_secs(10))?;
+    let kept = summary
+        .pointer("/pages/kept")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    ensure(kept * 4096 >= 64 << 20, || {
+        format!("the snapshot kept {kept} pages, fewer than the 64 MiB buffer: {summary}")
+    })?;
+    let (code, report, err) = inspect(ctx, &dir)?;
+    ensure(code == 0, || format!("vmm inspect exit {code}: {err}"))?;
+    let ok = report
+        .as_ref()
+        .and_then(|r| r.pointer("/checksums/ok"))
+        .and_then(|v| v.as_bool());
+    ensure(ok == Some(true), || {
+        format!("inspect: checksums not ok: {report:?}")
+    })?;
+
+    let mut restored: Vec<Proc> = (0..clones)
+        .map(|i| restore(ctx, &format!("clone{i}"), &dir))
+        .collect::<Result<_, _>>()?;
+    let mut details = Vec::new();
+    for p in &mut restored {
+        let (first, second) = check_restored(p, &vm.hash0, last_uptime)?;
+        details.push(format!(
+            "uptime {last_uptime:.1} -> {first:.1} -> {second:.1}"
+        ));
+    }
+    for p in &mut restored {
+        p.signal(libc::SIGTERM);
+        let st = p.wait_exit(Duration::from_secs(20))?;
+        no_panic(p)?;
+        ensure(st.code() == Some(0), || {
+            format!(
+                "restored VMM after SIGTERM: {}; {}",
+                describe(&st),
+                p.context()
+            )
+        })?;
+    }
+    Ok(format!(
+        "{vcpus} vCPU(s): snapshot kept {kept} pages ({} bytes memory file, {:.0} ms); {} clone(s) re-hashed {}…: {}",
+        summary.get("memory_file_bytes").cloned().unwrap_or_default(),
+        summary.get("write_ms").and_then(|v| v.as_f64()).unwrap_or(0.0),
+        clones,
+        &vm.hash0[..12],
+        details.join("; ")
+    ))
+}
+
+/// Round trip with 1 vCPU.
+pub fn round_trip_1vcpu(ctx: &Ctx) -> Outcome {
+    round_trip(ctx, 1, 1)
+}
+
+/// Round trip with 2 vCPUs, two clones restored from the snapshot at the same time.
+pub fn round_trip_2vcpu_two_clones(ctx: &Ctx) -> Outcome {
+    round_trip(ctx, 2, 2)
+}
+
+/// Copies snapshot directory `from` to `to` (two files).
+fn copy_snapshot(from: &Path, to: &Path) -> Result<(), String> {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).map_err(|e| format!("mkdir {}: {e}", to.display()))?;
+    for name in ["state", "memory"] {
+        std::fs::copy(from.join(name), to.join(name))
+            .map_err(|e| format!("copying {name}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Flips one bit at `offset` of `path`.
+fn flip(path: &Path, offset: u64) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset)
+        .and_then(|()| f.write_all_at(&[b[0] ^ 0x10], offset))
+        .map_err(|e| format!("flipping a byte of {}: {e}", path.display()))
+}
+
+/// `vmm restore` of `dir` must fail fast with an error containing every one of `words`.
+fn expect_refused(ctx: &Ctx, what: &str, dir: &Path, words: &[&str]) -> Result<String, String> {
+    let mut p = restore(ctx, what, dir)?;
+    let st = p.wait_exit(Duration::from_secs(60))?;
+    no_panic(&p)?;
+    ensure(st.code().is_some_and(|c| c != 0), || {
+        format!(
+            "{what}: restore did not fail ({}); {}",
+            describe(&st),
+            p.context()
+        )
+    })?;
+    let line = p
+        .stderr
+        .iter()
+        .find(|l| l.contains("vmm: error:"))
+        .cloned()
+        .ok_or_else(|| format!("{what}: no `vmm: error:` line; {}", p.context()))?;
+    for word in words {
+        ensure(line.contains(word), || {
+            format!("{what}: the error does not mention {word:?}: {line}")
+        })?;
+    }
+    Ok(format!("{what}: refused"))
+}
+
+/// Damaged, truncated, foreign and other-version snapshots are refused; a full disk fails the
+/// snapshot cleanly; a VMM killed while writing leaves the previous snapshot whole.
+pub fn bad_input(ctx: &Ctx) -> Outcome {
+    let mut vm = boot_hash_vm(ctx, "", 192, 1)?;
+    let good = ctx.work.join("good");
+    let other = ctx.work.join("other");
+    snapshot(ctx, &vm.sock, &good, "resume")?;
+    snapshot(ctx, &vm.sock, &other, "resume")?;
+    let mut seen = Vec::new();
+
+    let case = ctx.work.join("case");
+    copy_snapshot(&good, &case)?;
+    flip(&case.join("state"), 200)?;
+    seen.push(expect_refused(
+        ctx,
+        "state-flip",
+        &case,
+        &["state", "checksum"],
+    )?);
+
+    copy_snapshot(&good, &case)?;
+    let mem_len = std::fs::metadata(case.join("memory"))
+        .map_err(|e| e.to_string())?
+        .len();
+    flip(&case.join("memory"), mem_len - 5000)?;
+    seen.push(expect_refused(
+        ctx,
+        "memory-flip",
+        &case,
+        &["memory", "chunk"],
+    )?);
+
+    copy_snapshot(&good, &case)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(case.join("memory"))
+        .and_then(|f| f.set_len(mem_len / 2))
+        .map_err(|e| format!("truncating: {e}"))?;
+    seen.push(expect_refused(
+        ctx,
+        "memory-truncated",
+        &case,
+        &["memory", "truncated"],
+    )?);
+
+    copy_snapshot(&good, &case)?;
+    let state_len = std::fs::metadata(case.join("state"))
+        .map_err(|e| e.to_string())?
+        .len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(case.join("state"))
+        .and_then(|f| f.set_len(state_len - 100))
+        .map_err(|e| format!("truncating: {e}"))?;
+    seen.push(expect_refused(
+        ctx,
+        "state-truncated",
+        &case,
+        &["state", "truncated"],
+    )?);
+
+    copy_snapshot(&good, &case)?;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(case.join("state"))
+            .map_err(|e| e.to_string())?;
+        f.write_all_at(&99u32.to_le_bytes(), 8)
+            .map_err(|e| e.to_string())?;
+    }
+    seen.push(expect_refused(
+        ctx,
+        "other-version",
+        &case,
+        &["state", "version 99"],
+    )?);
+
+    copy_snapshot(&good, &case)?;
+    std::fs::copy(other.join("memory"), case.join("memory")).map_err(|e| e.to_string())?;
+    seen.push(expect_refused(
+        ctx,
+        "foreign-memory",
+        &case,
+        &["memory", "belongs to snapshot"],
+    )?);
+
+    // A full small tmpfs: the snapshot fails clearly, leaves nothing there, the VM runs on.
+    let small = ctx.work.join("small");
+    std::fs::create_dir_all(&small).map_err(|e| e.to_string())?;
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .map_err(|e| format!("running mount: {e}"))?;
+    ensure(mounted.success(), || {
+        format!("mounting a small tmpfs failed: {mounted}")
+    })?;
+    let full_dir = small.join("snap");
+    let full = snapshot(ctx, &vm.sock, &full_dir, "resume");
+    let leftovers: Vec<_> = std::fs::read_dir(&small)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    let _ = std::process::Command::new("umount").arg(&small).status();
+    let err = match full {
+        Ok(s) => return Err(format!("a snapshot into an 8 MiB tmpfs succeeded: {s}")),
+        Err(e) => e,
+    };
+    ensure(
+        err.contains("No space left") || err.contains("space"),
+        || format!("the full-disk error does not say so: {err}"),
+    )?;
+    ensure(leftovers.is_empty(), || {
+        format!("the failed snapshot left {leftovers:?} in the full tmpfs")
+    })?;
+    let n = hashes(&vm.p).len();
+    let alive =
+        vm.p.pump_until(Duration::from_secs(60), |p| hashes(p).len() > n);
+    ensure(alive, || {
+        format!(
+            "the VM stopped printing after the failed snapshot; {}",
+            vm.p.context()
+        )
+    })?;
+    seen.push("full-tmpfs: clear error, nothing left, VM still running".into());
+
+    // SIGKILL while writing over `good`: `good` stays whole and restorable.
+    let args: Vec<String> = [
+        "snapshot",
+        "--api-sock",
+        &vm.sock.display().to_string(),
+        "--out",
+        &good.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut writer = ctx.vmm("snapshot-killed", &args, &[])?;
+    std::thread::sleep(Duration::from_millis(300));
+    vm.p.signal(libc::SIGKILL);
+    vm.p.wait_exit(Duration::from_secs(10))?;
+    let _ = writer.wait_exit(Duration::from_secs(30));
+    let (code, report, err) = inspect(ctx, &good)?;
+    ensure(code == 0, || {
+        format!("after the killed snapshot, inspect exit {code}: {err}")
+    })?;
+    let ok = report
+        .as_ref()
+        .and_then(|r| r.pointer("/checksums/ok"))
+        .and_then(|v| v.as_bool());
+    ensure(ok == Some(true), || {
+        format!("previous snapshot damaged: {report:?}")
+    })?;
+    let mut clone = restore(ctx, "after-kill", &good)?;
+    check_restored(&mut clone, &vm.hash0, 0.0)?;
+    clone.signal(libc::SIGKILL);
+    let _ = clone.wait_exit(Duration::from_secs(10));
+    seen.push("killed-while-writing: previous snapshot verifies and restores".into());
+    Ok(seen.join("; "))
+}
