@@ -107,6 +107,11 @@ pub fn all() -> Vec<Scenario> {
             snapshot::round_trip_2vcpu_two_clones,
         ),
         sc("snapshot_bad_input", 500, snapshot::bad_input),
+        sc(
+            "snapshot_fresh_1gib_is_compact",
+            300,
+            snapshot::fresh_1gib_is_compact,
+        ),
     ]
 }
 

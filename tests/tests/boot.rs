@@ -58,4 +58,5 @@ scenario_tests!(
     snapshot_round_trip_1vcpu,
     snapshot_round_trip_2vcpu_two_clones,
     snapshot_bad_input,
+    snapshot_fresh_1gib_is_compact,
 );

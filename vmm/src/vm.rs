@@ -118,6 +118,9 @@ pub enum BootError {
     /// The snapshot to restore cannot be loaded or applied.
     #[error("cannot restore the snapshot")]
     Snapshot(#[from] SnapshotError),
+    /// The VM generation ID cannot be written or announced.
+    #[error(transparent)]
+    VmGenId(#[from] crate::devices::vmgenid::VmGenIdError),
     /// A vCPU thread cannot be started.
     #[error("cannot start the thread of vCPU {id}")]
     Thread {
@@ -420,6 +423,10 @@ impl Vm {
             &acpi,
         )?;
         crate::kvm::regs::write_boot_tables(&mem).map_err(BootError::BootTables)?;
+        crate::devices::vmgenid::write_generation_id(
+            &mem,
+            &crate::devices::vmgenid::new_generation_id(),
+        )?;
 
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             serial_irq(&vm_fd)?,
@@ -537,6 +544,12 @@ impl Vm {
             .map(|state| Vcpu::restored(&vm_fd, state, pio.clone(), mmio.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         phases.mark("vcpus_ms");
+        let generation = crate::devices::vmgenid::regenerate_and_notify(&vm_fd, ram.memory())?;
+        phases.mark("vmgenid_ms");
+        tracing::debug!(
+            vmgenid = %crate::snapshot::format::id_hex(&generation),
+            "new VM generation ID, guest notified"
+        );
         let (events_tx, events_rx) = mpsc::channel();
         let control = Arc::new(VcpuControl::default());
         let vcpu_threads = spawn_vcpus(vcpus, &control, &timeline, &events_tx)?;

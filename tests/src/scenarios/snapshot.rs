@@ -22,7 +22,8 @@ const RESTORED_TIMEOUT: Duration = Duration::from_secs(120);
 /// The guest script: 64 MiB of random bytes in /tmp, its hash, then hash + uptime forever.
 const HASH_SCRIPT: &str = "dd if=/dev/urandom of=/tmp/buf bs=1M count=64 2>/dev/null; \
      echo VMM-HASH0 $(sha256sum /tmp/buf | cut -c1-64); \
-     while :; do h=$(sha256sum /tmp/buf | cut -c1-64); echo VMM-HASH $h $(cut -d' ' -f1 /proc/uptime); sleep 1; done";
+     while :; do h=$(sha256sum /tmp/buf | cut -c1-64); echo VMM-HASH $h $(cut -d' ' -f1 /proc/uptime); \
+     echo VMM-RAND $(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n') $(devmem 0xff000 64)$(devmem 0xff008 64) $(dmesg | grep -c 'machine fork'); sleep 1; done";
 
 /// `(hash, uptime)` of each `VMM-HASH` line of `p`.
 fn hashes(p: &Proc) -> Vec<(String, f64)> {
@@ -34,6 +35,25 @@ fn hashes(p: &Proc) -> Vec<(String, f64)> {
             let hash = words.next()?.to_string();
             let uptime = words.next()?.parse().ok()?;
             (hash.len() == 64).then_some((hash, uptime))
+        })
+        .collect()
+}
+
+/// Printed by the guest's loop after each hash: `VMM-RAND <32 random bytes, hex> <VMGenID>
+/// <count of "crng reseeded due to virtual machine fork" kernel messages>`.
+const RAND_MARKER: &str = "VMM-RAND ";
+
+/// `(random hex, vmgenid, reseed messages)` of each `VMM-RAND` line of `p` after line `from`.
+fn rands(p: &Proc, from: usize) -> Vec<(String, String, u32)> {
+    p.stdout[from.min(p.stdout.len())..]
+        .iter()
+        .filter_map(|(_, l)| {
+            let rest = &l[l.find(RAND_MARKER)? + RAND_MARKER.len()..];
+            let mut words = rest.split_whitespace();
+            let random = words.next()?.to_string();
+            let genid = words.next()?.to_string();
+            let reseeds = words.next()?.parse().ok()?;
+            (random.len() == 64).then_some((random, genid, reseeds))
         })
         .collect()
 }
@@ -188,10 +208,48 @@ fn round_trip(ctx: &Ctx, vcpus: u32, clones: usize) -> Outcome {
         .map(|i| restore(ctx, &format!("clone{i}"), &dir))
         .collect::<Result<_, _>>()?;
     let mut details = Vec::new();
+    let original = rands(&vm.p, 0);
+    let original_genid = original.last().map(|r| r.1.clone()).unwrap_or_default();
+    let mut clone_rands = Vec::new();
     for p in &mut restored {
         let (first, second) = check_restored(p, &vm.hash0, last_uptime)?;
         details.push(format!(
             "uptime {last_uptime:.1} -> {first:.1} -> {second:.1}"
+        ));
+        // The first VMM-RAND line the clone printed after restoring (its console starts with
+        // lines the guest wrote after the restore: the restored VMM prints only new output).
+        let got = p.pump_until(Duration::from_secs(60), |p| !rands(p, 0).is_empty());
+        ensure(got, || {
+            format!("no VMM-RAND line from the clone; {}", p.context())
+        })?;
+        clone_rands.push(rands(p, 0)[0].clone());
+    }
+    if clones >= 2 {
+        let (a, b) = (&clone_rands[0], &clone_rands[1]);
+        ensure(a.0 != b.0, || {
+            format!(
+                "two clones read the same /dev/urandom bytes after restore: {}",
+                a.0
+            )
+        })?;
+        for (i, c) in clone_rands.iter().enumerate() {
+            ensure(c.1 != original_genid && !original_genid.is_empty(), || {
+                format!(
+                    "clone {i}'s VMGenID {} is the original's {original_genid}",
+                    c.1
+                )
+            })?;
+            ensure(c.2 >= 1, || {
+                format!("clone {i}'s kernel did not log a VM fork reseed (VMGenID notify): {c:?}")
+            })?;
+        }
+        ensure(a.1 != b.1, || format!("both clones have VMGenID {}", a.1))?;
+        details.push(format!(
+            "clones read different urandom bytes ({}… vs {}…), VMGenIDs {} / {} (original {original_genid}), kernel reseeded",
+            &a.0[..8],
+            &b.0[..8],
+            a.1,
+            b.1
         ));
     }
     for p in &mut restored {
@@ -436,4 +494,68 @@ pub fn bad_input(ctx: &Ctx) -> Outcome {
     let _ = clone.wait_exit(Duration::from_secs(10));
     seen.push("killed-while-writing: previous snapshot verifies and restores".into());
     Ok(seen.join("; "))
+}
+
+/// A freshly booted 1 GiB guest snapshots to about the memory it touched: the memory file holds
+/// no more than the guest's used memory (MemTotal − MemFree) plus what the kernel reserved
+/// outside MemTotal, and far less than guest RAM.
+pub fn fresh_1gib_is_compact(ctx: &Ctx) -> Outcome {
+    const MEM_MIB: u64 = 1024;
+    let sock = ctx.work.join("api.sock");
+    let _ = std::fs::remove_file(&sock);
+    let script = "while :; do echo VMM-MEMINFO $(awk '/^MemTotal|^MemFree/{print $2}' /proc/meminfo); sleep 1; done";
+    let mut args = ctx.boot_args(MEM_MIB as u32, 1, &format!("quiet vmm_run=\"{script}\""));
+    args.extend(["--api-sock".to_string(), sock.display().to_string()]);
+    let mut p = ctx.vmm("", &args, &[])?;
+    p.wait_stdout(READY_MARKER, READY_TIMEOUT)?;
+    let meminfo = |p: &Proc| {
+        p.stdout.iter().rev().find_map(|(_, l)| {
+            let rest = &l[l.find("VMM-MEMINFO ")? + "VMM-MEMINFO ".len()..];
+            let v: Vec<u64> = rest
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            (v.len() == 2).then(|| (v[0], v[1]))
+        })
+    };
+    let got = p.pump_until(Duration::from_secs(60), |p| meminfo(p).is_some());
+    ensure(got, || format!("no VMM-MEMINFO line; {}", p.context()))?;
+    let dir = ctx.work.join("snap");
+    let summary = snapshot(ctx, &sock, &dir, "stop")?;
+    let (total_kib, free_kib) = meminfo(&p).expect("seen");
+    let st = p.wait_exit(Duration::from_secs(30))?;
+    no_panic(&p)?;
+    ensure(st.code() == Some(0), || {
+        format!(
+            "after `vmm snapshot --after stop`: {}; {}",
+            describe(&st),
+            p.context()
+        )
+    })?;
+    let file = summary
+        .get("memory_file_bytes")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| format!("no memory_file_bytes in {summary}"))?;
+    let used = (total_kib - free_kib) * 1024;
+    let reserved = (MEM_MIB << 20).saturating_sub(total_kib * 1024);
+    let bound = used + reserved + (16 << 20);
+    ensure(file <= bound, || {
+        format!(
+            "memory file {file} bytes > used {used} + kernel-reserved {reserved} + 16 MiB: {summary}"
+        )
+    })?;
+    ensure(file < (MEM_MIB << 20) / 4, || {
+        format!("memory file {file} bytes is not much smaller than {MEM_MIB} MiB of RAM")
+    })?;
+    let on_disk = std::fs::metadata(dir.join("memory"))
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .unwrap_or(0);
+    Ok(format!(
+        "1 GiB guest: memory file {:.1} MiB ({:.1} MiB on disk) for {:.1} MiB used + {:.1} MiB kernel-reserved; pages {}",
+        file as f64 / 1048576.0,
+        on_disk as f64 / 1048576.0,
+        used as f64 / 1048576.0,
+        reserved as f64 / 1048576.0,
+        summary.get("pages").cloned().unwrap_or_default()
+    ))
 }

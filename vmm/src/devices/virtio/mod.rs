@@ -30,8 +30,8 @@ use crate::memory::GuestRam;
 
 /// GSI of the first virtio-mmio device (0-4 are the PIT, keyboard, cascade and COM1 lines).
 pub const FIRST_VIRTIO_GSI: u32 = 5;
-/// Last GSI usable for a virtio-mmio device: the IOAPIC has 24 pins.
-pub const LAST_VIRTIO_GSI: u32 = 23;
+/// Last GSI usable for a virtio-mmio device: the IOAPIC has 24 pins, the last is the GED's.
+pub const LAST_VIRTIO_GSI: u32 = crate::boot::layout::GED_GSI - 1;
 /// Most virtio-mmio devices one VM can have (one GSI each).
 pub const MAX_VIRTIO_DEVICES: usize = (LAST_VIRTIO_GSI - FIRST_VIRTIO_GSI + 1) as usize;
 
@@ -453,7 +453,7 @@ mod tests {
         let too_many = (0..=MAX_VIRTIO_DEVICES).map(|_| spec(1)).collect();
         assert!(matches!(
             attach_virtio_devices(&Recorder::default(), &mem, &mut Bus::default(), too_many),
-            Err(AttachError::TooManyDevices(20))
+            Err(AttachError::TooManyDevices(19))
         ));
         let bad = VirtioDeviceSpec {
             name: "bad",
