@@ -112,6 +112,11 @@ pub fn all() -> Vec<Scenario> {
             300,
             snapshot::fresh_1gib_is_compact,
         ),
+        sc(
+            "snapshot_reported_memory_is_left_out",
+            400,
+            snapshot::reported_memory_is_left_out,
+        ),
     ]
 }
 

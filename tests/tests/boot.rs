@@ -59,4 +59,5 @@ scenario_tests!(
     snapshot_round_trip_2vcpu_two_clones,
     snapshot_bad_input,
     snapshot_fresh_1gib_is_compact,
+    snapshot_reported_memory_is_left_out,
 );

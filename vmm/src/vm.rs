@@ -368,40 +368,9 @@ impl Vm {
         let ram = Arc::new(GuestRam::new(mem.clone()));
 
         let devices = virtio::build_virtio_devices(&config, &ram)?;
-        let dirty = if log_dirty {
-            let page_states = match &devices.balloon {
-                Some(balloon) => balloon.page_states(),
-                // `VMM_DIRTY_LOG=always` without a balloon: a map of its own (all Live), so the
-                // cost of logging and syncing can be measured.
-                None => {
-                    let layout: Vec<_> = ram
-                        .regions()
-                        .into_iter()
-                        .map(|(start_gpa, len_bytes)| balloon::GuestRamRegion {
-                            start_gpa,
-                            len_bytes,
-                        })
-                        .collect();
-                    Arc::new(Mutex::new(
-                        balloon::PageStateMap::new(&layout).map_err(BootError::DirtyPageStates)?,
-                    ))
-                }
-            };
-            let tracker = DirtyTracker::new(vm_fd.clone(), memory_slots(&mem), page_states)
-                .map_err(BootError::DirtyTracking)?;
-            tracing::info!(
-                slots = tracker.slots().len(),
-                interval_ms = dirty_sync_interval().as_millis() as u64,
-                "dirty page logging on"
-            );
-            let tracker = Arc::new(tracker);
-            if let Some(balloon) = &devices.balloon {
-                balloon.set_write_tracker(tracker.clone());
-            }
-            Some(tracker)
-        } else {
-            None
-        };
+        let dirty = log_dirty
+            .then(|| start_dirty_tracking(&vm_fd, &ram, devices.balloon.as_ref()))
+            .transpose()?;
         let mut mmio = Bus::default();
         let virtio_devices =
             virtio::attach_virtio_devices(&*vm_fd, &mem, &mut mmio, devices.specs)?;
@@ -523,9 +492,38 @@ impl Vm {
             ram,
             vcpu_states,
             serial_state,
+            devices,
+            log_dirty,
             msr_indices,
             mut phases,
         } = restored;
+        let restored_devices = crate::snapshot::devices::restore_devices(&devices, &ram)?;
+        let dirty = log_dirty
+            .then(|| start_dirty_tracking(&vm_fd, &ram, restored_devices.balloon.as_ref()))
+            .transpose()?;
+        let mut mmio = Bus::default();
+        let virtio_devices = virtio::attach_virtio_devices(
+            &*vm_fd,
+            ram.memory(),
+            &mut mmio,
+            restored_devices.specs,
+        )?;
+        for (device, state) in virtio_devices.iter().zip(&devices) {
+            device
+                .transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore_state(state.transport())
+                .map_err(|e| SnapshotError::Invalid {
+                    path: dir.join(crate::snapshot::format::STATE_FILE),
+                    reason: format!(
+                        "device {}: transport: {}",
+                        state.name(),
+                        crate::devices::virtio::error_chain(&e)
+                    ),
+                })?;
+        }
+        phases.mark("devices_ms");
         let serial_sink = open_serial_sink(&config.serial.output)?;
         let serial = SerialDevice::restored(
             &serial_state,
@@ -538,7 +536,7 @@ impl Vm {
         })?;
         let serial = Arc::new(Mutex::new(serial));
         let pio = pio_bus(&serial)?;
-        let mmio = Arc::new(Bus::default());
+        let mmio = Arc::new(mmio);
         let vcpus = vcpu_states
             .iter()
             .map(|state| Vcpu::restored(&vm_fd, state, pio.clone(), mmio.clone()))
@@ -564,9 +562,9 @@ impl Vm {
         Ok(Self {
             config,
             vcpu_threads,
-            virtio_devices: Vec::new(),
-            balloon: None,
-            dirty: None,
+            virtio_devices,
+            balloon: restored_devices.balloon,
+            dirty,
             last_dirty_sync: Instant::now(),
             dirty_sync_interval: dirty_sync_interval(),
             hinting_was_running: false,
@@ -610,7 +608,7 @@ impl Vm {
                 ram: &self.ram,
                 dirty: self.dirty.as_deref(),
                 virtio_devices: &self.virtio_devices,
-                page_states: None,
+                page_states: self.balloon.as_ref().map(|b| b.page_states()),
             },
             &request.path,
             started,
@@ -839,6 +837,44 @@ impl Vm {
             }
         }
     }
+}
+
+/// Turns on dirty page tracking over the balloon's page-state map (or, with
+/// `VMM_DIRTY_LOG=always` and no balloon, a map of its own, all Live, so the cost of logging and
+/// syncing can be measured). The memory slots must have been registered with dirty logging.
+fn start_dirty_tracking(
+    vm_fd: &Arc<VmFd>,
+    ram: &GuestRam,
+    balloon: Option<&balloon::BalloonHandle>,
+) -> Result<Arc<DirtyTracker>, BootError> {
+    let page_states = match balloon {
+        Some(balloon) => balloon.page_states(),
+        None => {
+            let layout: Vec<_> = ram
+                .regions()
+                .into_iter()
+                .map(|(start_gpa, len_bytes)| balloon::GuestRamRegion {
+                    start_gpa,
+                    len_bytes,
+                })
+                .collect();
+            Arc::new(Mutex::new(
+                balloon::PageStateMap::new(&layout).map_err(BootError::DirtyPageStates)?,
+            ))
+        }
+    };
+    let tracker = DirtyTracker::new(vm_fd.clone(), memory_slots(ram.memory()), page_states)
+        .map_err(BootError::DirtyTracking)?;
+    tracing::info!(
+        slots = tracker.slots().len(),
+        interval_ms = dirty_sync_interval().as_millis() as u64,
+        "dirty page logging on"
+    );
+    let tracker = Arc::new(tracker);
+    if let Some(balloon) = balloon {
+        balloon.set_write_tracker(tracker.clone());
+    }
+    Ok(tracker)
 }
 
 /// Creates the serial console's interrupt: an eventfd registered as an irqfd on COM1's GSI.

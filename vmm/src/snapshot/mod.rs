@@ -11,6 +11,7 @@
 //! - [`crc32c`]: the checksum.
 
 pub mod crc32c;
+pub mod devices;
 pub mod format;
 pub mod memory_file;
 pub mod reader;

@@ -18,6 +18,7 @@ use crate::devices::serial::SavedSerial;
 use crate::kvm::vcpu_state::VcpuState;
 use crate::kvm::vm::create_vm;
 use crate::kvm::{kvm_device_path, open_kvm};
+use crate::memory::dirty::dirty_logging_wanted;
 use crate::memory::GuestRam;
 use crate::vm::BootError;
 
@@ -90,6 +91,10 @@ pub struct Prepared {
     pub vcpu_states: Vec<VcpuState>,
     /// The console's saved state.
     pub serial_state: SavedSerial,
+    /// The virtio devices' saved state, in slot order.
+    pub devices: Vec<super::devices::DeviceState>,
+    /// Whether the memory slots log dirty pages (the balloon reports or hints).
+    pub log_dirty: bool,
     /// MSRs a later snapshot saves.
     pub msr_indices: Arc<[u32]>,
     /// Phase timings so far.
@@ -102,13 +107,6 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
     let loaded = load(dir)?;
     phases.mark("load_ms");
     let mut state = loaded.state;
-    if !state.devices.is_empty() {
-        return Err(SnapshotError::Invalid {
-            path: loaded.state_path,
-            reason: "the snapshot has device states this VMM cannot restore".into(),
-        }
-        .into());
-    }
     if let Some(serial) = &options.serial {
         state.config.serial.output = serial.clone();
     }
@@ -130,7 +128,8 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         verify_mapped(&mem, chunks, &loaded.memory_path)?;
     }
     phases.mark("verify_memory_ms");
-    let vm_fd = Arc::new(create_vm(&kvm, &mem, false)?);
+    let log_dirty = dirty_logging_wanted(state.config.balloon.as_ref());
+    let vm_fd = Arc::new(create_vm(&kvm, &mem, log_dirty)?);
     state.vm.restore(&vm_fd).map_err(SnapshotError::from)?;
     let msr_indices: Arc<[u32]> = kvm
         .get_msr_index_list()
@@ -149,6 +148,8 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         ram: Arc::new(GuestRam::file_backed(mem)),
         vcpu_states: state.vcpus,
         serial_state: state.serial,
+        devices: state.devices,
+        log_dirty,
         msr_indices,
         phases,
     })

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use super::devices::DeviceState;
 use crate::config::VmConfig;
 use crate::devices::serial::SavedSerial;
 use crate::kvm::vcpu_state::VcpuState;
@@ -31,13 +32,6 @@ pub struct SnapshotState {
     /// Where each kept range of guest memory is in the memory file.
     pub memory: MemoryIndex,
 }
-
-/// One virtio device's state. Each device type is one variant holding that device crate's own
-/// versioned `save_state()` output; a VM with a device that has no variant here cannot be
-/// snapshotted (the writer refuses, naming the device).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum DeviceState {}
 
 /// The memory file's index.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
+use super::devices::save_device;
 use super::state::SnapshotState;
 use super::writer::{new_snapshot_id, write_snapshot, SnapshotParts, SnapshotSummary};
 use super::SnapshotError;
@@ -69,18 +70,17 @@ pub struct LiveVm<'a> {
     /// The virtio devices.
     pub virtio_devices: &'a [AttachedDevice],
     /// The balloon's page-state map, if any.
-    pub page_states: Option<&'a Mutex<balloon::PageStateMap>>,
+    pub page_states: Option<Arc<Mutex<balloon::PageStateMap>>>,
 }
 
 /// Snapshots the paused `vm` into `path`. `started` is when the request arrived.
 pub fn take(vm: &LiveVm, path: &Path, started: Instant) -> Result<SnapshotSummary, SnapshotError> {
     // Devices first: a VM with a device whose state cannot be saved gets no snapshot at all.
-    if let Some(device) = vm.virtio_devices.first() {
-        return Err(SnapshotError::UnsupportedDevice(format!(
-            "{}@{:#x}",
-            device.name, device.base
-        )));
-    }
+    let devices = vm
+        .virtio_devices
+        .iter()
+        .map(save_device)
+        .collect::<Result<Vec<_>, _>>()?;
     let answers = vm
         .control
         .save_parked(vm.vcpu_count, vm.msr_indices.clone(), VCPU_SAVE_TIMEOUT)
@@ -104,6 +104,7 @@ pub fn take(vm: &LiveVm, path: &Path, started: Instant) -> Result<SnapshotSummar
     }
     let map_guard = vm
         .page_states
+        .as_ref()
         .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
     let state = SnapshotState {
         snapshot_id: new_snapshot_id(),
@@ -116,7 +117,7 @@ pub fn take(vm: &LiveVm, path: &Path, started: Instant) -> Result<SnapshotSummar
         vcpus,
         vm: vm_state,
         serial,
-        devices: Vec::new(),
+        devices,
         memory: Default::default(),
     };
     let summary = write_snapshot(

@@ -129,9 +129,11 @@ pub fn build_virtio_devices(
         )
         .map_err(BuildError::Balloon)?;
         devices.balloon = Some(device.handle());
+        let (device, handle) = crate::snapshot::devices::SharedDevice::new(device);
         devices.specs.push(VirtioDeviceSpec {
             name: "balloon",
             device: Box::new(device),
+            snapshot: Some(crate::snapshot::devices::SnapshotHandle::Balloon(handle)),
         });
     }
     Ok(devices)
@@ -173,6 +175,8 @@ pub struct VirtioDeviceSpec {
     pub name: &'static str,
     /// The device.
     pub device: Box<dyn VirtioDevice>,
+    /// How a snapshot saves it (`None`: snapshots of the VM are refused).
+    pub snapshot: Option<crate::snapshot::devices::SnapshotHandle>,
 }
 
 /// A device on the MMIO bus.
@@ -185,6 +189,8 @@ pub struct AttachedDevice {
     pub gsi: u32,
     /// The transport (also held by the bus).
     pub transport: Arc<Mutex<MmioTransport>>,
+    /// How a snapshot saves the device (`None`: snapshots of the VM are refused).
+    pub snapshot: Option<crate::snapshot::devices::SnapshotHandle>,
 }
 
 /// What `GET /` reports about one device.
@@ -303,6 +309,7 @@ pub fn attach_virtio_devices(
             base,
             gsi,
             transport,
+            snapshot: spec.snapshot,
         });
     }
     Ok(attached)
@@ -384,6 +391,7 @@ mod tests {
         VirtioDeviceSpec {
             name: "dummy",
             device: Box::new(Dummy(vec![64; queues])),
+            snapshot: None,
         }
     }
 
@@ -458,6 +466,7 @@ mod tests {
         let bad = VirtioDeviceSpec {
             name: "bad",
             device: Box::new(Dummy(vec![100])),
+            snapshot: None,
         };
         let err = attach_virtio_devices(&Recorder::default(), &mem, &mut Bus::default(), vec![bad])
             .err()
