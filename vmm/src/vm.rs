@@ -849,19 +849,9 @@ fn start_dirty_tracking(
 ) -> Result<Arc<DirtyTracker>, BootError> {
     let page_states = match balloon {
         Some(balloon) => balloon.page_states(),
-        None => {
-            let layout: Vec<_> = ram
-                .regions()
-                .into_iter()
-                .map(|(start_gpa, len_bytes)| balloon::GuestRamRegion {
-                    start_gpa,
-                    len_bytes,
-                })
-                .collect();
-            Arc::new(Mutex::new(
-                balloon::PageStateMap::new(&layout).map_err(BootError::DirtyPageStates)?,
-            ))
-        }
+        None => Arc::new(Mutex::new(
+            balloon::PageStateMap::new(&ram.page_layout()).map_err(BootError::DirtyPageStates)?,
+        )),
     };
     let tracker = DirtyTracker::new(vm_fd.clone(), memory_slots(ram.memory()), page_states)
         .map_err(BootError::DirtyTracking)?;

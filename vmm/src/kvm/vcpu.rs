@@ -128,14 +128,18 @@ impl VcpuControl {
         self.lock().desired
     }
 
-    /// Waits until `count` vCPUs are parked, up to `timeout`. Returns whether they are.
-    pub fn wait_parked(&self, count: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.lock();
-        while state.parked < count {
+    /// Waits on `state` until `done` holds, up to `deadline`; returns the guard and whether it
+    /// holds.
+    fn wait_until<'a>(
+        &'a self,
+        mut state: std::sync::MutexGuard<'a, ControlState>,
+        deadline: Instant,
+        done: impl Fn(&ControlState) -> bool,
+    ) -> (std::sync::MutexGuard<'a, ControlState>, bool) {
+        while !done(&state) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return false;
+                return (state, false);
             }
             state = self
                 .changed
@@ -143,7 +147,14 @@ impl VcpuControl {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        true
+        (state, true)
+    }
+
+    /// Waits until `count` vCPUs are parked, up to `timeout`. Returns whether they are.
+    pub fn wait_parked(&self, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        self.wait_until(self.lock(), deadline, |s| s.parked >= count)
+            .1
     }
 
     /// Asks the `count` parked vCPUs to save their state (reading `msr_indices`) and waits up
@@ -160,16 +171,9 @@ impl VcpuControl {
         state.save_msrs = msr_indices;
         state.save_generation += 1;
         self.changed.notify_all();
-        while state.saved.len() < count {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let (mut state, answered) = self.wait_until(state, deadline, |s| s.saved.len() >= count);
+        if !answered {
+            return None;
         }
         let mut saved = std::mem::take(&mut state.saved);
         saved.sort_by_key(|r| match r {

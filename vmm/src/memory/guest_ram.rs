@@ -101,6 +101,17 @@ impl GuestRam {
         regions
     }
 
+    /// The RAM regions as the balloon's page-state map describes guest RAM.
+    pub fn page_layout(&self) -> Vec<balloon::GuestRamRegion> {
+        self.regions()
+            .into_iter()
+            .map(|(start_gpa, len_bytes)| balloon::GuestRamRegion {
+                start_gpa,
+                len_bytes,
+            })
+            .collect()
+    }
+
     /// Bytes released since boot (counting a range released twice twice).
     pub fn released_bytes(&self) -> u64 {
         self.released_bytes.load(Ordering::Relaxed)

@@ -167,15 +167,7 @@ pub fn restore_devices(
                 page_states,
                 ..
             } => {
-                let layout: Vec<_> = ram
-                    .regions()
-                    .into_iter()
-                    .map(|(start_gpa, len_bytes)| balloon::GuestRamRegion {
-                        start_gpa,
-                        len_bytes,
-                    })
-                    .collect();
-                let map = PageStateMap::restore(page_states, &layout)
+                let map = PageStateMap::restore(page_states, &ram.page_layout())
                     .map_err(|e| invalid("balloon", format!("page-state map: {e}")))?;
                 let balloon =
                     Balloon::restore(device, Arc::new(Mutex::new(map)), ram.clone(), ram.memory())

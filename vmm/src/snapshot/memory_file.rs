@@ -433,5 +433,17 @@ mod tests {
         let mut byte = [0u8];
         file.read_exact_at(&mut byte, MEMORY_HEADER_BYTES).unwrap();
         assert_eq!(byte[0], 0xab);
+
+        // Releasing a file-backed page must give zeros, not the file's contents back.
+        let ram = crate::memory::GuestRam::file_backed(restored.clone());
+        ram.release(4096, 8192).unwrap();
+        assert_eq!(restored.read_obj::<u8>(GuestAddress(4096)).unwrap(), 0);
+        assert_eq!(restored.read_obj::<u8>(GuestAddress(2 * 4096)).unwrap(), 0);
+        assert_eq!(
+            restored
+                .read_obj::<u8>(GuestAddress(4 * MIB + 4096 + 5))
+                .unwrap(),
+            0x77
+        );
     }
 }

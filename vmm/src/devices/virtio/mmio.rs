@@ -996,6 +996,40 @@ mod tests {
     }
 
     #[test]
+    fn saved_state_restores_registers_queues_and_reactivates() {
+        let mut r = rig();
+        let [q0, _q1] = bring_up(&mut r.transport, &r.mem);
+        r.interrupt.signal_config_change().unwrap();
+        let saved = r.transport.save_state();
+        assert!(saved.activated);
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: TransportState = serde_json::from_str(&json).unwrap();
+
+        let mut fresh = rig();
+        fresh.transport.restore_state(&back).unwrap();
+        assert_eq!(fresh.transport.save_state(), saved);
+        assert_eq!(status(&mut fresh.transport), 0xf);
+        let seen = fresh.seen.lock().unwrap();
+        assert_eq!(seen.activations, 1, "the restored device is active again");
+        assert_eq!(seen.acked, Some(VIRTIO_F_VERSION_1 | FEATURE_A));
+        let ctx = seen.last.as_ref().unwrap();
+        assert_eq!(ctx.queues[0].desc_table(), q0.desc_table_addr().0);
+        assert_eq!(fresh.interrupt.status(), r.interrupt.status());
+        drop(seen);
+
+        // Untrusted input: wrong queue count, unoffered features, a bad queue.
+        let mut bad = saved.clone();
+        bad.queues.pop();
+        assert!(rig().transport.restore_state(&bad).is_err());
+        let mut bad = saved.clone();
+        bad.acked_features |= FEATURE_HIGH;
+        assert!(rig().transport.restore_state(&bad).is_err());
+        let mut bad = saved;
+        bad.queues[0].size = 3;
+        assert!(rig().transport.restore_state(&bad).is_err());
+    }
+
+    #[test]
     fn identity_registers() {
         let mut r = rig();
         let t = &mut r.transport;

@@ -13,7 +13,7 @@ pub mod mmio;
 
 use std::sync::{Arc, Mutex};
 
-use balloon::{Balloon, BalloonError, BalloonHandle, GuestRamRegion, PageStateError, PageStateMap};
+use balloon::{Balloon, BalloonError, BalloonHandle, PageStateError, PageStateMap};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::Serialize;
 use virtio_device::VirtioDevice;
@@ -113,15 +113,8 @@ pub fn build_virtio_devices(
         balloon: None,
     };
     if let Some(balloon_config) = &config.balloon {
-        let layout: Vec<GuestRamRegion> = ram
-            .regions()
-            .into_iter()
-            .map(|(start_gpa, len_bytes)| GuestRamRegion {
-                start_gpa,
-                len_bytes,
-            })
-            .collect();
-        let page_states = PageStateMap::new(&layout).map_err(BuildError::PageStateMap)?;
+        let page_states =
+            PageStateMap::new(&ram.page_layout()).map_err(BuildError::PageStateMap)?;
         let device = Balloon::new(
             balloon_config.clone(),
             Arc::new(Mutex::new(page_states)),
