@@ -103,7 +103,7 @@ fn say(msg: &str) {
 }
 
 /// The workspace root (this crate's parent).
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("bench/ has a parent")

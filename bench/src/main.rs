@@ -19,6 +19,7 @@ mod protocol;
 mod qemu;
 mod report;
 mod smaps;
+mod snapshot;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +37,13 @@ enum Cmd {
     Boot(host::BootArgs),
     /// The in-rig driver: run a plan's boots and print one result line per boot.
     RigBoot(driver::RigBootArgs),
+    /// Snapshot size and time, restore time by phase: compact vs raw full dump (in the rig).
+    Snapshot(snapshot::SnapshotArgs),
+    /// Write bench-results/snapshot.* from a saved log of `bench/rig/snapshot.sh`.
+    SnapshotFromLog {
+        /// The log holding `SNAPSHOT-BENCH` lines.
+        log: std::path::PathBuf,
+    },
 }
 
 fn main() {
@@ -43,6 +51,8 @@ fn main() {
     let result = match cli.command {
         Cmd::Boot(args) => host::run(args),
         Cmd::RigBoot(args) => driver::run(args).map(|()| 0),
+        Cmd::Snapshot(args) => snapshot::run(args, &host::workspace_root()),
+        Cmd::SnapshotFromLog { log } => snapshot::from_log(&log, &host::workspace_root()),
     };
     match result {
         Ok(code) => std::process::exit(code),

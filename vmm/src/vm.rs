@@ -610,7 +610,7 @@ impl Vm {
                 virtio_devices: &self.virtio_devices,
                 page_states: self.balloon.as_ref().map(|b| b.page_states()),
             },
-            &request.path,
+            request,
             started,
         );
         let stop = result.is_ok() && request.after == AfterSnapshot::Stop;

@@ -305,6 +305,9 @@ struct SnapshotCreateBody {
     /// What the VM does afterwards: `resume` (default), `pause` or `stop`.
     #[serde(default)]
     after: crate::snapshot::AfterSnapshot,
+    /// `true`: store every page (a raw full dump, for comparison); default compact.
+    #[serde(default)]
+    raw_memory: bool,
 }
 
 /// `PUT /snapshot/create {"snapshot_path": DIR[, "snapshot_type": "Full"][, "after": "resume"|"pause"|"stop"]}`
@@ -323,6 +326,7 @@ fn put_snapshot_create(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiE
         crate::snapshot::SnapshotRequest {
             path: body.snapshot_path,
             after: body.after,
+            raw_memory: body.raw_memory,
         },
     ))
 }

@@ -21,6 +21,10 @@ pub struct SnapshotArgs {
     /// What the VM does afterwards: resume, pause or stop.
     #[arg(long, value_enum, default_value = "resume")]
     pub after: AfterArg,
+    /// Store every page of guest memory (a raw full dump, as Firecracker writes it), to compare
+    /// with the compact default.
+    #[arg(long)]
+    pub raw_memory: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -56,6 +60,7 @@ pub fn run(args: SnapshotArgs) -> CliResult {
         "snapshot_path": out,
         "snapshot_type": "Full",
         "after": AfterSnapshot::from(args.after),
+        "raw_memory": args.raw_memory,
     });
     let response = client::request_with_timeout(
         &args.api_sock,

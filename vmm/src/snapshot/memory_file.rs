@@ -107,7 +107,11 @@ fn is_zero(page: &[u8]) -> bool {
 fn classify(
     view: &RegionView,
     page_states: Option<&PageStateMap>,
+    keep_all: bool,
 ) -> std::io::Result<Vec<PageFate>> {
+    if keep_all {
+        return Ok(vec![PageFate::Keep; view.bytes.len() / PAGE_BYTES as usize]);
+    }
     let resident = resident_pages(view.bytes)?;
     let first_pfn = view.gpa / PAGE_BYTES;
     let mut fates = Vec::with_capacity(resident.len());
@@ -135,6 +139,7 @@ pub fn write_memory_file(
     path: &Path,
     mem: &GuestMemoryMmap,
     page_states: Option<&PageStateMap>,
+    keep_all: bool,
     snapshot_id: [u8; 16],
 ) -> Result<MemoryIndex, SnapshotError> {
     // SAFETY: the caller has paused the vCPUs and the VM has no device writing guest memory.
@@ -152,7 +157,7 @@ pub fn write_memory_file(
     let mut offset = MEMORY_HEADER_BYTES;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut *file);
     for view in &views {
-        let fates = classify(view, page_states)
+        let fates = classify(view, page_states, keep_all)
             .map_err(SnapshotError::io("read page residency (mincore) for", path))?;
         let mut page = 0usize;
         while page < fates.len() {
@@ -388,7 +393,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory");
         let mut file = File::create(&path).unwrap();
-        let index = write_memory_file(&mut file, &path, &mem, Some(&states), [3; 16]).unwrap();
+        let index =
+            write_memory_file(&mut file, &path, &mem, Some(&states), false, [3; 16]).unwrap();
         drop(file);
         assert_eq!(index.pages.kept, 3);
         assert_eq!(index.pages.skipped_reported, 1);

@@ -1,7 +1,7 @@
 //! Taking a snapshot of a paused VM: collecting the vCPUs' state (each saves its own, on its
 //! thread), the VM's and the devices' state, then writing the directory.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,8 @@ pub struct SnapshotRequest {
     pub path: PathBuf,
     /// What the VM does afterwards.
     pub after: AfterSnapshot,
+    /// Store every page (a raw full dump, as Firecracker writes it), for comparison.
+    pub raw_memory: bool,
 }
 
 /// The outcome the VM's event loop sends back.
@@ -74,7 +76,12 @@ pub struct LiveVm<'a> {
 }
 
 /// Snapshots the paused `vm` into `path`. `started` is when the request arrived.
-pub fn take(vm: &LiveVm, path: &Path, started: Instant) -> Result<SnapshotSummary, SnapshotError> {
+pub fn take(
+    vm: &LiveVm,
+    request: &SnapshotRequest,
+    started: Instant,
+) -> Result<SnapshotSummary, SnapshotError> {
+    let path = request.path.as_path();
     // Devices first: a VM with a device whose state cannot be saved gets no snapshot at all.
     let devices = vm
         .virtio_devices
@@ -126,6 +133,7 @@ pub fn take(vm: &LiveVm, path: &Path, started: Instant) -> Result<SnapshotSummar
             state,
             mem: vm.ram.memory(),
             page_states: map_guard.as_deref(),
+            keep_all: request.raw_memory,
             started,
         },
     )?;

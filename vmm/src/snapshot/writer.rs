@@ -105,6 +105,8 @@ pub struct SnapshotParts<'a> {
     pub mem: &'a GuestMemoryMmap,
     /// The balloon's page-state map (synced with the dirty log), if the VM has one.
     pub page_states: Option<&'a PageStateMap>,
+    /// Keep every page (raw full dump) instead of only the live, non-zero, resident ones.
+    pub keep_all: bool,
     /// When saving the state started (for the summary).
     pub started: Instant,
 }
@@ -173,6 +175,7 @@ fn write_into(
         &memory_path,
         parts.mem,
         parts.page_states,
+        parts.keep_all,
         state.snapshot_id,
     )?;
     memory
