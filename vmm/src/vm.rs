@@ -497,7 +497,9 @@ impl Vm {
             msr_indices,
             mut phases,
         } = restored;
-        let restored_devices = crate::snapshot::devices::restore_devices(&devices, &ram)?;
+        let state_path = dir.join(crate::snapshot::format::STATE_FILE);
+        let restored_devices =
+            crate::snapshot::devices::restore_devices(&devices, &ram, &state_path)?;
         let dirty = log_dirty
             .then(|| start_dirty_tracking(&vm_fd, &ram, restored_devices.balloon.as_ref()))
             .transpose()?;
@@ -515,7 +517,7 @@ impl Vm {
                 .unwrap_or_else(|p| p.into_inner())
                 .restore_state(state.transport())
                 .map_err(|e| SnapshotError::Invalid {
-                    path: dir.join(crate::snapshot::format::STATE_FILE),
+                    path: state_path.clone(),
                     reason: format!(
                         "device {}: transport: {}",
                         state.name(),

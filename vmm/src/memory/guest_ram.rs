@@ -45,12 +45,38 @@ pub enum ReleaseError {
         #[source]
         source: nix::errno::Errno,
     },
+    /// Remapping anonymous memory over a snapshot-file-backed range failed.
+    #[error(
+        "remapping anonymous memory over {len_bytes:#x} bytes at guest address {gpa:#x} failed"
+    )]
+    Remap {
+        /// Guest physical start.
+        gpa: u64,
+        /// Length.
+        len_bytes: u64,
+        /// errno.
+        #[source]
+        source: nix::errno::Errno,
+    },
+}
+
+impl ReleaseError {
+    /// A [`ReleaseError::Remap`] with the current `errno`.
+    fn remap(gpa: u64, len_bytes: u64) -> Self {
+        ReleaseError::Remap {
+            gpa,
+            len_bytes,
+            source: nix::errno::Errno::last(),
+        }
+    }
 }
 
 impl From<ReleaseError> for std::io::Error {
     fn from(err: ReleaseError) -> Self {
         let kind = match &err {
-            ReleaseError::Madvise { source, .. } => std::io::Error::from(*source).kind(),
+            ReleaseError::Madvise { source, .. } | ReleaseError::Remap { source, .. } => {
+                std::io::Error::from(*source).kind()
+            }
             _ => std::io::ErrorKind::InvalidInput,
         };
         std::io::Error::new(kind, err)
@@ -161,10 +187,9 @@ impl GuestRam {
                 )
             };
             if addr == libc::MAP_FAILED {
-                -1
-            } else {
-                0
+                return Err(ReleaseError::remap(gpa, len_bytes));
             }
+            0
         } else {
             // SAFETY: see above.
             unsafe {

@@ -79,6 +79,12 @@ pub enum SnapshotHandle {
 
 /// One virtio device's state: one variant per device type, each with the transport's state
 /// and the device crate's own versioned state.
+///
+/// Integration points for the devices being written on other branches: virtio-blk adds
+/// `Block { transport, device: block::BlockState }` (its `save_state()` / `restore(...)`);
+/// virtio-vsock adds its variant the same way and, in [`restore_devices`], must send the guest a
+/// transport reset event (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`) once the transport is
+/// re-activated, since host-side connections do not survive the process.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum DeviceState {
@@ -151,13 +157,14 @@ pub struct RestoredDevices {
 pub fn restore_devices(
     states: &[DeviceState],
     ram: &Arc<GuestRam>,
+    state_path: &std::path::Path,
 ) -> Result<RestoredDevices, SnapshotError> {
     let mut restored = RestoredDevices {
         specs: Vec::with_capacity(states.len()),
         balloon: None,
     };
     let invalid = |name: &str, reason: String| SnapshotError::Invalid {
-        path: "state".into(),
+        path: state_path.to_owned(),
         reason: format!("device {name}: {reason}"),
     };
     for state in states {
