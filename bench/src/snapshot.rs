@@ -178,17 +178,7 @@ pub fn run(args: SnapshotArgs, root: &Path) -> anyhow::Result<i32> {
             outcome.exit_code
         );
     }
-    let summary = summarise(&records);
-    let out = root.join("bench-results");
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let report = json!({ "summary": summary, "records": records, "rig_exit": outcome.exit_code });
-    std::fs::write(
-        out.join("snapshot.json"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )?;
-    let md = markdown(&summary, records.len());
-    std::fs::write(out.join("snapshot.md"), &md)?;
-    print!("{md}");
+    write_results(records, root, json!({ "rig_exit": outcome.exit_code }))?;
     Ok(i32::from(outcome.exit_code != 0))
 }
 
@@ -203,18 +193,24 @@ pub fn from_log(log: &Path, root: &Path) -> anyhow::Result<i32> {
     if records.is_empty() {
         bail!("{} holds no {MARKER}lines", log.display());
     }
+    write_results(records, root, json!({ "source": log }))?;
+    Ok(0)
+}
+
+/// Writes `bench-results/snapshot.{json,md}` (records, medians, `origin`) and prints the table.
+fn write_results(records: Vec<Value>, root: &Path, origin: Value) -> anyhow::Result<()> {
     let summary = summarise(&records);
     let out = root.join("bench-results");
-    std::fs::create_dir_all(&out)?;
-    let report = json!({ "summary": summary, "records": records, "source": log });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let md = markdown(&summary, records.len());
+    let report = json!({ "summary": summary, "records": records, "origin": origin });
     std::fs::write(
         out.join("snapshot.json"),
         serde_json::to_string_pretty(&report)? + "\n",
     )?;
-    let md = markdown(&summary, records.len());
     std::fs::write(out.join("snapshot.md"), &md)?;
     print!("{md}");
-    Ok(0)
+    Ok(())
 }
 
 #[cfg(test)]
