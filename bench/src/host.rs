@@ -2,9 +2,7 @@
 //! on this host's /dev/kvm and the binary size, bundles QEMU, runs the in-rig driver
 //! (`bench rig-boot`) in one rig run, and writes `boot.json` and `boot.md`.
 
-use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,17 +24,6 @@ use crate::stats::Summary;
 
 /// The readiness line the guest image prints.
 pub const READY_MARKER: &str = "VMM-GUEST-READY";
-/// The lock every rig user on this machine takes (as `flock /tmp/kvm-rig.lock ...` does);
-/// `$VMM_KVM_RIG_LOCK` overrides it, as in the rig crate.
-pub const RIG_LOCK: &str = "/tmp/kvm-rig.lock";
-
-/// The rig lock's path.
-fn rig_lock_path() -> PathBuf {
-    std::env::var_os("VMM_KVM_RIG_LOCK")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(RIG_LOCK))
-}
 /// Guest memory of the boot benchmark (the project's standard S512 guest).
 pub const BOOT_MEM_MIB: u32 = 512;
 /// QEMU microvm variants probed by default: ACPI (no PCI needed) with QEMU's default legacy
@@ -98,7 +85,7 @@ pub struct BootArgs {
 }
 
 /// Prints a progress line on stderr.
-fn say(msg: &str) {
+pub(crate) fn say(msg: &str) {
     let _ = writeln!(std::io::stderr().lock(), "bench: {msg}");
 }
 
@@ -110,47 +97,28 @@ pub(crate) fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// An exclusive `flock(2)` on the rig lock, held until dropped. Taken around work that must
-/// not share the machine with a rig (host timings, the driver on a host with real KVM);
-/// [`rig::run_in_rig`] takes the same lock itself, so it must not be held around that call
-/// (a second `flock` on the same file from this process would wait for itself).
-struct RigLock {
-    _file: File,
-}
-
-impl RigLock {
-    fn acquire(what: &str) -> anyhow::Result<RigLock> {
-        let path = rig_lock_path();
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening the rig lock {}", path.display()))?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            say(&format!(
-                "waiting for {} (another rig or benchmark is running) before {what}",
-                path.display()
-            ));
-            let t = Instant::now();
-            // SAFETY: as above, blocking this time.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("locking {}", path.display()));
-            }
-            say(&format!(
-                "got {} after {:.0} s",
-                path.display(),
-                t.elapsed().as_secs_f64()
-            ));
-        }
-        Ok(RigLock { _file: file })
+/// Takes the host-wide rig lock around work that must not share the machine with a rig (host
+/// timings, the driver on a host with real KVM), saying so while it waits.
+fn acquire_rig_lock(what: &str) -> anyhow::Result<rig::RigLock> {
+    let waited = std::cell::Cell::new(None);
+    let lock = rig::RigLock::acquire(|path| {
+        say(&format!(
+            "waiting for {} (another rig or benchmark is running) before {what}",
+            path.display()
+        ));
+        waited.set(Some(Instant::now()));
+    })?;
+    if let Some(t) = waited.get() {
+        say(&format!(
+            "got the rig lock after {:.0} s",
+            t.elapsed().as_secs_f64()
+        ));
     }
+    Ok(lock)
 }
 
 /// Runs `program args` and returns its stdout; stderr goes to ours. Fails with the status.
-fn output_of(program: &Path, args: &[&str], cwd: &Path) -> anyhow::Result<String> {
+pub(crate) fn output_of(program: &Path, args: &[&str], cwd: &Path) -> anyhow::Result<String> {
     let out = Command::new(program)
         .args(args)
         .current_dir(cwd)
@@ -171,16 +139,16 @@ fn output_of(program: &Path, args: &[&str], cwd: &Path) -> anyhow::Result<String
 
 /// The guest image.
 #[derive(Debug, Clone, Serialize)]
-struct Image {
-    kernel: PathBuf,
-    initrd: PathBuf,
+pub(crate) struct Image {
+    pub(crate) kernel: PathBuf,
+    pub(crate) initrd: PathBuf,
     kernel_version: Option<String>,
     kernel_package: Option<String>,
     kernel_bytes: u64,
     initrd_bytes: u64,
 }
 
-fn build_image(vmm: &Path, root: &Path) -> anyhow::Result<Image> {
+pub(crate) fn build_image(vmm: &Path, root: &Path) -> anyhow::Result<Image> {
     let text =
         output_of(vmm, &["image", "build", "--json"], root).context("building the guest image")?;
     let v: serde_json::Value = serde_json::from_str(text.trim())
@@ -215,7 +183,7 @@ fn build_image(vmm: &Path, root: &Path) -> anyhow::Result<Image> {
 
 /// Builds `vmm` + `guest-trimmer` with `scripts/build-static.sh` and `bench` with
 /// [`rig::build_static`]; returns (vmm, bench).
-fn build(root: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+pub(crate) fn build(root: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     say("building the static vmm and guest-trimmer (scripts/build-static.sh)");
     let text = output_of(&root.join("scripts/build-static.sh"), &[], root)
         .context("building the static vmm")?;
@@ -704,7 +672,7 @@ fn drive(
         KvmBackend::HostKvm => {
             let desc = json!({"script": null, "command": driver_cmd.join(" "),
                 "note": "this host's /dev/kvm boots stock guests: ran without the rig"});
-            let _lock = RigLock::acquire("the boots on this host")?;
+            let _lock = acquire_rig_lock("the boots on this host")?;
             let outcome = rig::run_local(
                 Path::new(&driver_cmd[0]),
                 &driver_cmd[1..],
@@ -940,7 +908,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
         args.host_runs
     ));
     let host = {
-        let _lock = RigLock::acquire("the host set-up runs")?;
+        let _lock = acquire_rig_lock("the host set-up runs")?;
         host_setup(&prep.vmm, &prep.image, args.host_runs)?
     };
     say(&format!(
@@ -975,7 +943,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<i32> {
         "running {expected} boots + {} memory measurements via {backend} (waits for {} while \
          another rig runs)",
         plan.memory.iter().map(|c| c.runs as usize).sum::<usize>(),
-        rig_lock_path().display()
+        rig::rig_lock_path().display()
     ));
     let run = drive(&args, &backend, &payload, &driver_cmd, expected)?;
     let got = &run.got;

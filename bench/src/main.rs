@@ -10,6 +10,7 @@
 //!
 //! `bench rig-boot --plan FILE` is the in-rig driver the host side starts (statically linked).
 
+mod block;
 mod clock;
 mod cmdline;
 mod console;
@@ -21,6 +22,7 @@ mod report;
 mod smaps;
 mod snapshot;
 mod stats;
+mod vsock;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +37,8 @@ struct Cli {
 enum Cmd {
     /// Boot time vs QEMU (in the rig), host set-up time, memory overhead, binary size.
     Boot(host::BootArgs),
+    /// virtio-blk sequential and random read speed in the guest vs QEMU (in the rig).
+    Block(block::BlockArgs),
     /// The in-rig driver: run a plan's boots and print one result line per boot.
     RigBoot(driver::RigBootArgs),
     /// Snapshot size and time, restore time by phase: compact vs raw full dump (in the rig).
@@ -44,15 +48,22 @@ enum Cmd {
         /// The log holding `SNAPSHOT-BENCH` lines.
         log: std::path::PathBuf,
     },
+    /// virtio-vsock throughput each way and round-trip latency (in the rig).
+    Vsock(vsock::VsockArgs),
+    /// The in-rig vsock driver.
+    RigVsock(vsock::RigVsockArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Boot(args) => host::run(args),
+        Cmd::Block(args) => block::run(args),
         Cmd::RigBoot(args) => driver::run(args).map(|()| 0),
         Cmd::Snapshot(args) => snapshot::run(args, &host::workspace_root()),
         Cmd::SnapshotFromLog { log } => snapshot::from_log(&log, &host::workspace_root()),
+        Cmd::Vsock(args) => vsock::run(args),
+        Cmd::RigVsock(args) => vsock::rig_run(args).map(|()| 0),
     };
     match result {
         Ok(code) => std::process::exit(code),

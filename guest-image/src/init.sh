@@ -6,6 +6,7 @@
 #   vmm_run="<shell command>"   run it with `sh -c`, print `VMM-RUN-EXIT <status>`, then vmm_after
 #   vmm_after=shell|poweroff|halt   what to do after vmm_run (default poweroff)
 #   vmm_workload=<name>         a named workload: counter | idle
+#   vmm_trimmer_port=<port>     vsock port of `guest-trimmer serve` (default 52)
 # With neither vmm_run nor vmm_workload an interactive shell runs on the console.
 # The host watches the console for the `VMM-SYSINFO {json}` and `VMM-GUEST-READY` lines.
 
@@ -41,9 +42,24 @@ if [ -f /lib/modules/load-order ]; then
     done < /lib/modules/load-order
 fi
 
-# A data disk, if the VMM attached one.
+# The data disk (the first virtio-blk drive, `vmm image build`'s data.ext4), if attached:
+# read-only on /mnt/data unless the kernel command line says vmm_data_rw=1.
 if [ -b /dev/vda ]; then
-    mount -o ro /dev/vda /mnt || echo "vmm-init: mounting /dev/vda read-only on /mnt failed"
+    mkdir -p /mnt/data
+    data_mode=ro
+    [ "${vmm_data_rw:-0}" = 1 ] && data_mode=rw
+    if mount -t ext4 -o "$data_mode" /dev/vda /mnt/data; then
+        echo "VMM-DATA-DISK mounted /dev/vda on /mnt/data ($data_mode)"
+    else
+        echo "vmm-init: mounting /dev/vda ($data_mode) on /mnt/data failed"
+    fi
+fi
+
+# The trimmer's JSON-lines endpoint on vsock, when the VMM attached a vsock device
+# (port: kernel parameter vmm_trimmer_port=, default 52).
+if [ -c /dev/vsock ] && [ -x /bin/guest-trimmer ] &&
+    ls /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/virtio* >/dev/null 2>&1; then
+    GUEST_TRIMMER_LOG=warn /bin/guest-trimmer serve --vsock-port "${vmm_trimmer_port:-52}" </dev/null &
 fi
 
 sysinfo=""

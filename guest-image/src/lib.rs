@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 mod apt;
 pub mod cpio;
+pub mod data_disk;
 pub mod modules;
 
 pub use apt::{Manifest, PackageRecord};

@@ -5,11 +5,13 @@
 //!
 //! - [`meminfo`]: `/proc/meminfo` and `/proc/vmstat` as typed structs;
 //! - [`sysinfo`]: online CPUs, memory size, kernel release and uptime, printed at boot;
-//! - [`damon`]: the DAMON sysfs driver.
+//! - [`damon`]: the DAMON sysfs driver;
+//! - [`vsock`]: AF_VSOCK sockets and the JSON-lines control endpoint.
 
 pub mod damon;
 pub mod meminfo;
 pub mod sysinfo;
+pub mod vsock;
 
 /// Formats an error and its chain of causes as `outer: cause: cause`, the way the binary
 /// prints errors.

@@ -2,6 +2,8 @@
 //! logs go to stderr, results to stdout.
 
 mod alloc;
+mod disk_bench;
+mod vsock_tool;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -57,6 +59,14 @@ enum Command {
     DamonMonitor(DamonMonitorArgs),
     /// Allocate and write N MiB of anonymous memory, hold it, then free it (a test load).
     Alloc(alloc::AllocArgs),
+    /// Sequential and 4 KiB random O_DIRECT read speed of a block device (a benchmark tool).
+    #[command(hide = true)]
+    DiskBench(disk_bench::DiskBenchArgs),
+    /// Serve the JSON-lines control endpoint on vsock (answers `{"op":"ping"}`).
+    Serve(vsock_tool::ServeArgs),
+    /// vsock test peers: sink, source, connect.
+    #[command(subcommand)]
+    Vsock(vsock_tool::VsockCommand),
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +132,10 @@ enum CliError {
     Json(#[source] serde_json::Error),
     #[error("alloc")]
     Alloc(#[source] alloc::AllocError),
+    #[error("disk-bench")]
+    DiskBench(#[source] disk_bench::DiskBenchError),
+    #[error("vsock")]
+    Vsock(#[source] vsock_tool::VsockToolError),
 }
 
 fn main() -> ExitCode {
@@ -167,6 +181,9 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         }
         Command::DamonStatus(args) => damon_status(&g.damon_root(), args),
         Command::Alloc(args) => alloc::run(args).map_err(CliError::Alloc),
+        Command::DiskBench(args) => disk_bench::run(args).map_err(CliError::DiskBench),
+        Command::Serve(args) => vsock_tool::run_serve(args).map_err(CliError::Vsock),
+        Command::Vsock(cmd) => vsock_tool::run(cmd).map_err(CliError::Vsock),
         Command::DamonMonitor(args) => {
             let damon = DamonSysfs::detect(g.damon_root())
                 .map_err(CliError::DamonMonitor)?

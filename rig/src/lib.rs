@@ -19,7 +19,7 @@ pub use detect::{detect, detect_with, find_rig_script, DetectEnv, KvmBackend, RI
 pub use elf::is_static_executable;
 pub use error::RigError;
 pub use payload::Payload;
-pub use run::{run_in_rig, run_local, RigOptions, RigOutcome};
+pub use run::{rig_lock_path, run_in_rig, run_local, RigLock, RigOptions, RigOutcome};
 
 /// Result type of this crate.
 pub type Result<T, E = RigError> = std::result::Result<T, E>;

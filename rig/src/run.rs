@@ -71,7 +71,9 @@ pub fn run_in_rig<S: AsRef<OsStr>>(
         .args(command);
     // One rig at a time per host: each saturates every core, and two at once slow both past
     // their timeouts. The lock is released when `_lock` drops (or the process dies).
-    let _lock = lock_rig()?;
+    let _lock = RigLock::acquire(
+        |path| tracing::info!(lock = %path.display(), "another KVM rig is running; waiting for it"),
+    )?;
     tracing::info!(script = %script.display(), payload = %payload.as_ref().display(), ?opts, "starting the KVM rig");
     let guard = Duration::from_secs(opts.timeout_s) + RIG_GUARD_SLACK;
     let mut outcome = run_streaming(cmd, "kvm-rig run.sh", guard, on_line)?;
@@ -90,35 +92,47 @@ pub fn run_in_rig<S: AsRef<OsStr>>(
 /// share it with `flock /tmp/kvm-rig.lock run.sh ...`.
 pub fn rig_lock_path() -> std::path::PathBuf {
     std::env::var_os("VMM_KVM_RIG_LOCK")
+        .filter(|p| !p.is_empty())
         .map(Into::into)
         .unwrap_or_else(|| "/tmp/kvm-rig.lock".into())
 }
 
-/// Takes the rig lock, waiting (and saying so) while another rig runs.
-fn lock_rig() -> Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    let path = rig_lock_path();
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| RigError::Lock {
-            path: path.clone(),
-            source,
-        })?;
-    // SAFETY: flock on a descriptor this function owns; no memory is involved.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        tracing::info!(lock = %path.display(), "another KVM rig is running; waiting for it");
-        // SAFETY: as above, blocking this time.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(RigError::Lock {
-                path,
-                source: std::io::Error::last_os_error(),
-            });
+/// An exclusive `flock(2)` on the host-wide rig lock, held until dropped: one rig (or one
+/// timing-sensitive run on a host with real KVM) at a time. [`run_in_rig`] takes it itself, so
+/// it must not be held around that call (a second `flock` from this process would wait for
+/// itself).
+pub struct RigLock {
+    _file: std::fs::File,
+}
+
+impl RigLock {
+    /// Takes the lock; while another holder has it, calls `on_wait` once with the lock's path
+    /// and then blocks.
+    pub fn acquire(on_wait: impl FnOnce(&Path)) -> Result<RigLock> {
+        use std::os::fd::AsRawFd;
+        let path = rig_lock_path();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| RigError::Lock {
+                path: path.clone(),
+                source,
+            })?;
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            on_wait(&path);
+            // SAFETY: as above, blocking this time.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(RigError::Lock {
+                    path,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
         }
+        Ok(RigLock { _file: file })
     }
-    Ok(file)
 }
 
 /// Runs `program args...` on the host in `cwd`, streaming its output like [`run_in_rig`] and

@@ -229,6 +229,8 @@ pub struct Image {
     pub kernel: PathBuf,
     /// The initramfs.
     pub initrd: PathBuf,
+    /// The data disk (`data_disk` of `vmm image build --json`, or `$VMM_E2E_DATA_DISK`).
+    pub data_disk: Option<PathBuf>,
 }
 
 /// The guest image: `$VMM_E2E_KERNEL` + `$VMM_E2E_INITRD` if set, else what
@@ -242,6 +244,7 @@ pub fn image(vmm: &Path, trimmer: &Path) -> Result<Image, HarnessError> {
         return Ok(Image {
             kernel: k.into(),
             initrd: i.into(),
+            data_disk: std::env::var_os("VMM_E2E_DATA_DISK").map(PathBuf::from),
         });
     }
     let timeout = Duration::from_secs(env_num("VMM_E2E_IMAGE_TIMEOUT", 1200));
@@ -274,6 +277,7 @@ pub fn image(vmm: &Path, trimmer: &Path) -> Result<Image, HarnessError> {
     Ok(Image {
         kernel: path("kernel")?,
         initrd: path("initrd")?,
+        data_disk: path("data_disk").ok(),
     })
 }
 
@@ -364,6 +368,18 @@ fn run_suite() -> Result<Suite, HarnessError> {
     ]
     .map(String::from)
     .to_vec();
+    // The data disk (~330 MiB) rides in the rig's RAM: only when a block scenario runs.
+    let only_env = std::env::var("VMM_E2E_ONLY").unwrap_or_default();
+    if let Some(disk) = img
+        .data_disk
+        .as_ref()
+        .filter(|_| only_env.is_empty() || only_env.contains("block_"))
+    {
+        payload
+            .add_file(disk, "data.ext4", 0o644)
+            .map_err(HarnessError::Payload)?;
+        args.extend(["--data-disk".to_string(), "./data.ext4".to_string()]);
+    }
     if let Ok(only) = std::env::var("VMM_E2E_ONLY") {
         if !only.is_empty() {
             args.extend(["--only".to_string(), only]);

@@ -6,7 +6,9 @@
 //! byte is a nested exit, and `quiet` cuts a boot from ~45 s to ~8 s there.
 
 mod balloon;
+mod block;
 mod snapshot;
+mod vsock;
 
 use crate::proc::{describe, Proc};
 use std::io::{Read, Write};
@@ -52,6 +54,8 @@ pub struct Ctx {
     pub kernel: PathBuf,
     /// Guest initramfs.
     pub initrd: PathBuf,
+    /// The data disk (`vmm image build`'s data.ext4), when the runner was given one.
+    pub data_disk: Option<PathBuf>,
     /// A scratch directory of this scenario.
     pub work: PathBuf,
     /// The scenario's name (console prefix).
@@ -117,6 +121,16 @@ pub fn all() -> Vec<Scenario> {
             400,
             snapshot::reported_memory_is_left_out,
         ),
+        // Block (src/scenarios/block.rs): virtio-blk drives.
+        sc("block_bad_disk_path", 60, block::bad_disk_path),
+        sc("block_disks", 420, block::disks),
+        // vsock (src/scenarios/vsock.rs): each boots a guest with a virtio-vsock device.
+        sc(
+            "vsock_ping_concurrency_vanishing_client",
+            300,
+            vsock::ping_concurrency_vanishing_client,
+        ),
+        sc("vsock_bulk_both_ways", 400, vsock::bulk_both_ways),
     ]
 }
 

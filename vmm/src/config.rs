@@ -6,7 +6,9 @@
 //!   "machine-config": {"vcpu_count": 2, "mem_size_mib": 512},
 //!   "serial": {"output": "stdout"},
 //!   "balloon": {"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_s": 1,
-//!               "free_page_reporting": true, "free_page_hinting": false}
+//!               "free_page_reporting": true, "free_page_hinting": false},
+//!   "drives": [{"drive_id": "data", "path_on_host": "data.ext4", "is_read_only": true}]
+//!   "vsock": {"guest_cid": 3, "uds_path": "/tmp/vm.vsock"}
 //! }
 //! ```
 //! Unknown fields are rejected so that a typo never silently falls back to a default.
@@ -15,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use balloon::{BalloonConfig, BalloonConfigError};
 use serde::{Deserialize, Serialize};
+use vsock::{VsockConfig, VsockConfigError};
 
 /// Smallest guest the VMM boots: below this the stock kernel and initramfs do not fit.
 pub const MIN_MEM_MIB: u64 = 64;
@@ -121,6 +124,12 @@ pub struct VmConfig {
     /// A virtio-balloon device, if any (Firecracker's balloon resource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonConfig>,
+    /// virtio-blk drives (Firecracker's drives resource), in guest order: /dev/vda, vdb...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<block::DriveConfig>,
+    /// A virtio-vsock device, if any (Firecracker's vsock resource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
 
 /// Errors reading or validating a configuration.
@@ -146,6 +155,12 @@ pub enum ConfigError {
     /// The balloon section is invalid for this VM.
     #[error("invalid balloon configuration")]
     Balloon(#[source] BalloonConfigError),
+    /// A drive is invalid.
+    #[error("invalid drive configuration")]
+    Drive(#[source] block::DriveConfigError),
+    /// The vsock section is invalid.
+    #[error("invalid vsock configuration")]
+    Vsock(#[source] VsockConfigError),
     /// A value is out of range.
     #[error("{field}: {message}")]
     Invalid {
@@ -194,6 +209,10 @@ impl VmConfig {
             balloon
                 .validate(machine.mem_size_mib)
                 .map_err(ConfigError::Balloon)?;
+        }
+        block::DriveConfig::validate_all(&self.drives).map_err(ConfigError::Drive)?;
+        if let Some(vsock) = &self.vsock {
+            vsock.validate().map_err(ConfigError::Vsock)?;
         }
         Ok(())
     }
@@ -262,6 +281,18 @@ mod tests {
             err.contains("mem_size_mib") && err.contains("got 16"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn vsock_section_parses_and_is_validated() {
+        let mut config: VmConfig = serde_json::from_str(
+            r#"{"boot-source": {"kernel_image_path": "k"},
+                "vsock": {"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "/tmp/v.sock"}}"#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        config.vsock.as_mut().unwrap().guest_cid = 2;
+        assert!(matches!(config.validate(), Err(ConfigError::Vsock(_))));
     }
 
     #[test]

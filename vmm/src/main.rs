@@ -35,6 +35,9 @@ enum Command {
     /// Control a running microVM's balloon through its API socket.
     #[command(subcommand)]
     Balloon(cli::balloon::BalloonCommand),
+    /// Talk to a guest's vsock listeners through the VM's vsock unix socket.
+    #[command(subcommand)]
+    Vsock(cli::vsock::VsockCommand),
     /// The main job end to end: build the image, boot it, report, power off.
     Demo(cli::demo::DemoArgs),
     /// Snapshot a running microVM into a directory through its API socket.
@@ -57,6 +60,7 @@ fn main() {
         Command::Status(args) => cli::control::status(args),
         Command::Stop(args) => cli::control::stop(args),
         Command::Balloon(cmd) => cli::balloon::run(cmd),
+        Command::Vsock(cmd) => cli::vsock::run(cmd),
         Command::Demo(args) => cli::demo::run(args),
         Command::Snapshot(args) => cli::snapshot::run(args),
         Command::Restore(args) => cli::restore::run(args),

@@ -227,8 +227,12 @@ pub struct VmHandle {
     events: Sender<VmEvent>,
     /// The balloon's controls and its configuration at start, if the VM has one.
     balloon: Option<(balloon::BalloonHandle, balloon::BalloonConfig)>,
+    /// The drives, in guest order.
+    drives: Vec<block::BlockHandle>,
     /// Dirty page tracking, while the VM lives (empty without dirty logging).
     dirty: Weak<DirtyTracker>,
+    /// The vsock device's status, if the VM has one.
+    vsock: Option<vsock::VsockHandle>,
 }
 
 impl VmHandle {
@@ -276,6 +280,16 @@ impl VmHandle {
         self.balloon.as_ref()
     }
 
+    /// The drives (virtio-blk devices), in guest order.
+    pub fn drives(&self) -> &[block::BlockHandle] {
+        &self.drives
+    }
+
+    /// The vsock device's status handle, if the VM has one.
+    pub fn vsock(&self) -> Option<&vsock::VsockHandle> {
+        self.vsock.as_ref()
+    }
+
     /// Marks every page the guest wrote since the last sync live in the page-state map (see
     /// [`DirtyTracker::sync`]). Returns how many pages changed state, or `None` when the VM
     /// does not log dirty pages (or has ended).
@@ -308,6 +322,8 @@ pub struct Vm {
     // virtio devices (and their workers) stop when their transports drop, after the vCPUs.
     virtio_devices: Vec<AttachedDevice>,
     balloon: Option<balloon::BalloonHandle>,
+    drives: Vec<block::BlockHandle>,
+    vsock: Option<vsock::VsockHandle>,
     /// Dirty page tracking; holds a reference to the VM fd, dropped with it.
     dirty: Option<Arc<DirtyTracker>>,
     /// When the event loop last synced the dirty log.
@@ -460,6 +476,8 @@ impl Vm {
             vcpu_threads,
             virtio_devices,
             balloon: devices.balloon,
+            drives: devices.drives,
+            vsock: devices.vsock,
             dirty,
             last_dirty_sync: Instant::now(),
             dirty_sync_interval: dirty_sync_interval(),
@@ -498,8 +516,12 @@ impl Vm {
             mut phases,
         } = restored;
         let state_path = dir.join(crate::snapshot::format::STATE_FILE);
-        let restored_devices =
-            crate::snapshot::devices::restore_devices(&devices, &ram, &state_path)?;
+        let restored_devices = crate::snapshot::devices::restore_devices(
+            &devices,
+            &ram,
+            config.vsock.as_ref(),
+            &state_path,
+        )?;
         let dirty = log_dirty
             .then(|| start_dirty_tracking(&vm_fd, &ram, restored_devices.balloon.as_ref()))
             .transpose()?;
@@ -566,6 +588,8 @@ impl Vm {
             vcpu_threads,
             virtio_devices,
             balloon: restored_devices.balloon,
+            drives: restored_devices.drives,
+            vsock: restored_devices.vsock,
             dirty,
             last_dirty_sync: Instant::now(),
             dirty_sync_interval: dirty_sync_interval(),
@@ -627,7 +651,9 @@ impl Vm {
         VmHandle {
             events: self.events_tx.clone(),
             balloon: self.balloon.clone().zip(self.config.balloon.clone()),
+            drives: self.drives.clone(),
             dirty: self.dirty.as_ref().map(Arc::downgrade).unwrap_or_default(),
+            vsock: self.vsock.clone(),
         }
     }
 
@@ -725,6 +751,8 @@ impl Vm {
                 .map(AttachedDevice::info)
                 .collect::<Vec<_>>(),
             "balloon": self.balloon.as_ref().map(balloon::BalloonHandle::status),
+            "drives": self.drives.iter().map(block::BlockHandle::status).collect::<Vec<_>>(),
+            "vsock": self.vsock.as_ref().map(vsock::VsockHandle::status),
             "memory": {
                 "released_bytes": self.ram.released_bytes(),
                 "dirty_log": self.dirty.as_ref().map(|t| t.stats()),
@@ -938,7 +966,9 @@ mod tests {
         let handle = VmHandle {
             events,
             balloon: None,
+            drives: Vec::new(),
             dirty: Weak::new(),
+            vsock: None,
         };
         let config = balloon::BalloonConfig {
             amount_mib: 0,

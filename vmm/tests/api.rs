@@ -77,6 +77,8 @@ impl ApiHandler for FakeVmm {
             ApiRequest::CreateSnapshot(_) => {
                 Err(ApiError::Conflict("the fake VMM has no snapshots".into()))
             }
+            ApiRequest::Drive(request) => vmm::api::drives::handle(&[], request),
+            ApiRequest::Vsock(_) => Err(ApiError::Conflict("the fake VMM has no vsock".into())),
         }
     }
 }

@@ -92,6 +92,7 @@ impl Driver<'_> {
 
 fn config() -> VmConfig {
     VmConfig {
+        drives: Vec::new(),
         boot_source: BootSource {
             kernel_image_path: "/nonexistent".into(),
             initrd_path: None,
@@ -109,6 +110,7 @@ fn config() -> VmConfig {
             free_page_reporting: false,
             free_page_hinting: false,
         }),
+        vsock: None,
     }
 }
 

@@ -8,8 +8,8 @@
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
-use super::inflate::read_pfns;
-use super::{apply_page_ranges, coalesce_pfns, BalloonQueue, QueueCtx};
+use super::inflate::apply_pfn_chain;
+use super::{BalloonQueue, QueueCtx};
 use crate::page_state::PageState;
 
 /// Handles one deflateq chain: marks its pages live.
@@ -19,17 +19,10 @@ pub(crate) fn handle_chain(
     head: u16,
     chain: DescriptorChain<&GuestMemoryMmap>,
 ) -> u32 {
-    let mut pfns = match read_pfns(ctx.mem, chain) {
-        Ok(pfns) => pfns,
-        Err(err) => {
-            ctx.skip_chain(BalloonQueue::Deflate, head, &err);
-            return 0;
-        }
-    };
-    let ranges = coalesce_pfns(&mut pfns);
-    let applied = apply_page_ranges(ctx, &ranges, PageState::Live, false, BalloonQueue::Deflate);
-    let counters = &ctx.shared.counters;
-    counters.add(&counters.pages_deflated, applied.pages);
-    counters.add(&counters.pages_outside_ram, applied.pages_outside_ram);
+    let deflate = BalloonQueue::Deflate;
+    if let Some(applied) = apply_pfn_chain(ctx, head, chain, deflate, PageState::Live, false) {
+        let counters = &ctx.shared.counters;
+        counters.add(&counters.pages_deflated, applied.pages);
+    }
     0
 }

@@ -27,14 +27,12 @@
 //! snapshot writer skips hinted pages that dirty tracking has not turned live since.
 //! Buffers are returned with used length 0; hints outside a run are returned and ignored.
 
-use std::ops::Range;
-
 use serde::{Deserialize, Serialize};
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    apply_page_ranges, collect_buffers, read_buffers, whole_pages, BalloonQueue, ChainRules,
+    apply_page_ranges, buffer_page_ranges, collect_buffers, read_buffers, BalloonQueue, ChainRules,
     Direction, QueueCtx,
 };
 use crate::device::lock;
@@ -317,11 +315,7 @@ fn handle_hints(ctx: &mut QueueCtx<'_>, head: u16, chain: DescriptorChain<&Guest
         counters.add(&counters.hints_ignored, buffers.len() as u64);
         return;
     };
-    let ranges: Vec<Range<u64>> = buffers
-        .iter()
-        .map(|b| whole_pages(b.gpa, u64::from(b.len_bytes)))
-        .filter(|r| !r.is_empty())
-        .collect();
+    let ranges = buffer_page_ranges(&buffers);
     let applied = apply_page_ranges(
         ctx,
         &ranges,
@@ -331,7 +325,6 @@ fn handle_hints(ctx: &mut QueueCtx<'_>, head: u16, chain: DescriptorChain<&Guest
     );
     let counters = &ctx.shared.counters;
     counters.add(&counters.pages_hinted, applied.pages);
-    counters.add(&counters.pages_outside_ram, applied.pages_outside_ram);
     let mut state = lock(&ctx.shared.state);
     if state.hint.cmd_id == run_cmd_id {
         state.hint.run_pages_hinted += applied.pages;

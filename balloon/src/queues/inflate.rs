@@ -11,8 +11,8 @@ use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    apply_page_ranges, coalesce_pfns, collect_buffers, read_buffers, BalloonQueue, ChainError,
-    ChainRules, Direction, QueueCtx,
+    apply_page_ranges, coalesce_pfns, collect_buffers, read_buffers, Applied, BalloonQueue,
+    ChainError, ChainRules, Direction, QueueCtx,
 };
 use crate::page_state::PageState;
 
@@ -40,6 +40,28 @@ pub(crate) fn read_pfns(
         .collect())
 }
 
+/// Reads a PFN chain of `queue` and moves its pages to `state` (releasing them on the host when
+/// `release`), `None` when the chain was malformed (skipped
+/// and logged).
+pub(crate) fn apply_pfn_chain(
+    ctx: &mut QueueCtx<'_>,
+    head: u16,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    queue: BalloonQueue,
+    state: PageState,
+    release: bool,
+) -> Option<Applied> {
+    let mut pfns = match read_pfns(ctx.mem, chain) {
+        Ok(pfns) => pfns,
+        Err(err) => {
+            ctx.skip_chain(queue, head, &err);
+            return None;
+        }
+    };
+    let ranges = coalesce_pfns(&mut pfns);
+    Some(apply_page_ranges(ctx, &ranges, state, release, queue))
+}
+
 /// Handles one inflateq chain: marks its pages inflated and releases them.
 /// Returns the used length: 0, the device writes nothing.
 pub(crate) fn handle_chain(
@@ -47,24 +69,11 @@ pub(crate) fn handle_chain(
     head: u16,
     chain: DescriptorChain<&GuestMemoryMmap>,
 ) -> u32 {
-    let mut pfns = match read_pfns(ctx.mem, chain) {
-        Ok(pfns) => pfns,
-        Err(err) => {
-            ctx.skip_chain(BalloonQueue::Inflate, head, &err);
-            return 0;
-        }
-    };
-    let ranges = coalesce_pfns(&mut pfns);
-    let applied = apply_page_ranges(
-        ctx,
-        &ranges,
-        PageState::Inflated,
-        true,
-        BalloonQueue::Inflate,
-    );
-    let counters = &ctx.shared.counters;
-    counters.add(&counters.pages_inflated, applied.pages);
-    counters.add(&counters.pages_outside_ram, applied.pages_outside_ram);
+    let inflate = BalloonQueue::Inflate;
+    if let Some(applied) = apply_pfn_chain(ctx, head, chain, inflate, PageState::Inflated, true) {
+        let counters = &ctx.shared.counters;
+        counters.add(&counters.pages_inflated, applied.pages);
+    }
     0
 }
 

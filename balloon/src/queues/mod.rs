@@ -336,6 +336,16 @@ pub(crate) fn clip_to_ram(layout: &[GuestRamRegion], pfns: Range<u64>) -> (Vec<R
     (parts, total - inside)
 }
 
+/// The whole guest pages (frame numbers) that `buffers` cover; partial pages at either end
+/// are left out (a free-page buffer says nothing about the rest of a page).
+pub(crate) fn buffer_page_ranges(buffers: &[Buffer]) -> Vec<Range<u64>> {
+    buffers
+        .iter()
+        .map(|b| whole_pages(b.gpa, u64::from(b.len_bytes)))
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
 /// What [`apply_page_ranges`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Applied {
@@ -347,7 +357,7 @@ pub(crate) struct Applied {
 
 /// Sets the pages in `ranges` (frame numbers) to `state` in the page-state map, and releases
 /// them on the host if `release`. Pages outside guest RAM (the map's layout and the guest
-/// memory) are skipped and counted. The map lock is not held while releasing.
+/// memory) are skipped and counted (also in the `pages_outside_ram` counter). The map lock is not held while releasing.
 pub(crate) fn apply_page_ranges(
     ctx: &mut QueueCtx<'_>,
     ranges: &[Range<u64>],
@@ -413,6 +423,8 @@ pub(crate) fn apply_page_ranges(
             release_range(ctx, part, queue);
         }
     }
+    let counters = &ctx.shared.counters;
+    counters.add(&counters.pages_outside_ram, applied.pages_outside_ram);
     applied
 }
 

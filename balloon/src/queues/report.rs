@@ -6,13 +6,12 @@
 //! each buffer [`PageState::Reported`], releases them on the host, then returns the chain (used
 //! length 0: the device writes nothing).
 
-use std::ops::Range;
-
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    apply_page_ranges, collect_buffers, whole_pages, BalloonQueue, ChainRules, Direction, QueueCtx,
+    apply_page_ranges, buffer_page_ranges, collect_buffers, BalloonQueue, ChainRules, Direction,
+    QueueCtx,
 };
 use crate::page_state::PageState;
 
@@ -38,11 +37,7 @@ pub(crate) fn handle_chain(
             return 0;
         }
     };
-    let ranges: Vec<Range<u64>> = buffers
-        .iter()
-        .map(|b| whole_pages(b.gpa, u64::from(b.len_bytes)))
-        .filter(|r| !r.is_empty())
-        .collect();
+    let ranges = buffer_page_ranges(&buffers);
     let applied = apply_page_ranges(
         ctx,
         &ranges,
@@ -52,7 +47,6 @@ pub(crate) fn handle_chain(
     );
     let counters = &ctx.shared.counters;
     counters.add(&counters.pages_reported, applied.pages);
-    counters.add(&counters.pages_outside_ram, applied.pages_outside_ram);
     0
 }
 

@@ -2,7 +2,7 @@
 //! host whose /dev/kvm boots stock guests) and prints one `E2E-RESULT {json}` line per scenario,
 //! with every guest console streamed as `[scenario] line`.
 //!
-//! Usage: `e2e-runner --vmm PATH --kernel PATH --initrd PATH [--only NAME,NAME] [--work DIR]`
+//! Usage: `e2e-runner --vmm PATH --kernel PATH --initrd PATH [--data-disk PATH] [--only NAME,NAME] [--work DIR]`
 //! or `e2e-runner --list`. Exits 0 when every scenario passed, 1 when one failed, 2 on bad usage.
 
 use std::path::PathBuf;
@@ -15,6 +15,7 @@ struct Args {
     vmm: PathBuf,
     kernel: PathBuf,
     initrd: PathBuf,
+    data_disk: Option<PathBuf>,
     only: Option<Vec<String>>,
     work: PathBuf,
 }
@@ -22,7 +23,7 @@ struct Args {
 fn usage(msg: &str) -> ! {
     eprintln!("e2e-runner: {msg}");
     eprintln!(
-        "usage: e2e-runner --vmm PATH --kernel PATH --initrd PATH [--only NAME,NAME] [--work DIR] | --list"
+        "usage: e2e-runner --vmm PATH --kernel PATH --initrd PATH [--data-disk PATH] [--only NAME,NAME] [--work DIR] | --list"
     );
     std::process::exit(2);
 }
@@ -30,6 +31,7 @@ fn usage(msg: &str) -> ! {
 fn parse_args() -> Args {
     let mut it = std::env::args().skip(1);
     let (mut vmm, mut kernel, mut initrd, mut only, mut work) = (None, None, None, None, None);
+    let mut data_disk = None;
     while let Some(a) = it.next() {
         let mut val = || {
             it.next()
@@ -45,6 +47,7 @@ fn parse_args() -> Args {
             "--vmm" => vmm = Some(PathBuf::from(val())),
             "--kernel" => kernel = Some(PathBuf::from(val())),
             "--initrd" => initrd = Some(PathBuf::from(val())),
+            "--data-disk" => data_disk = Some(PathBuf::from(val())),
             "--only" => only = Some(val().split(',').map(str::to_string).collect()),
             "--work" => work = Some(PathBuf::from(val())),
             other => usage(&format!("unknown argument {other:?}")),
@@ -55,6 +58,7 @@ fn parse_args() -> Args {
         vmm: abs(vmm.unwrap_or_else(|| usage("--vmm is required"))),
         kernel: abs(kernel.unwrap_or_else(|| usage("--kernel is required"))),
         initrd: abs(initrd.unwrap_or_else(|| usage("--initrd is required"))),
+        data_disk: data_disk.map(abs),
         only,
         work: work.unwrap_or_else(|| std::env::temp_dir().join("e2e-work")),
     }
@@ -105,6 +109,7 @@ fn main() {
             vmm: args.vmm.clone(),
             kernel: args.kernel.clone(),
             initrd: args.initrd.clone(),
+            data_disk: args.data_disk.clone(),
             work: work.clone(),
             name: s.name.to_string(),
         };

@@ -10,6 +10,7 @@
 //! answer `204 No Content` and queries `200 OK` with a JSON body.
 
 pub mod client;
+pub mod drives;
 pub mod http;
 pub mod routes;
 pub mod server;
@@ -32,6 +33,34 @@ pub enum ApiRequest {
     Balloon(BalloonRequest),
     /// `PUT /snapshot/create`: pause, write a snapshot, then resume, stay paused or stop.
     CreateSnapshot(crate::snapshot::SnapshotRequest),
+    /// `/drives...`: the virtio-blk drives.
+    Drive(DriveRequest),
+    /// `/vsock`: the virtio-vsock resource.
+    Vsock(VsockRequest),
+}
+
+/// A request on the drives resource (Firecracker's shape).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriveRequest {
+    /// `GET /drives`: every drive's configuration and state.
+    List,
+    /// `GET /drives/{id}`: one drive.
+    Get(String),
+    /// `PUT /drives/{id}`: add or replace a drive. Firecracker takes it before boot; this VMM
+    /// boots at `vmm run`, so drives come from `vmm run --disk` and this answers `409`.
+    Configure(String),
+    /// `PATCH /drives/{id}`: Firecracker swaps the backing file; not supported (`409`).
+    Update(String),
+}
+
+/// A request on the vsock resource (Firecracker's shape).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VsockRequest {
+    /// `PUT /vsock`: Firecracker adds the device before boot; here it comes from
+    /// `vmm run --vsock-uds` (or the config file), so this answers `409`.
+    Configure(vsock::VsockConfig),
+    /// `GET /vsock`: configuration and counters.
+    Get,
 }
 
 /// A request on the balloon resource (Firecracker's shape).

@@ -8,7 +8,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::http::{Method, Request, Response};
-use super::{ApiError, ApiReply, ApiRequest, BalloonRequest, VmStateRequest};
+use super::{
+    ApiError, ApiReply, ApiRequest, BalloonRequest, DriveRequest, VmStateRequest, VsockRequest,
+};
 
 /// Turns a request (and the path segments matched by `{...}` in its pattern) into an
 /// [`ApiRequest`].
@@ -24,6 +26,26 @@ struct Route {
 
 /// The routing table.
 const ROUTES: &[Route] = &[
+    Route {
+        method: Method::Get,
+        pattern: "/drives",
+        parse: |r, _| expect_no_body(r).map(|()| ApiRequest::Drive(DriveRequest::List)),
+    },
+    Route {
+        method: Method::Get,
+        pattern: "/drives/{id}",
+        parse: |r, c| expect_no_body(r).map(|()| ApiRequest::Drive(DriveRequest::Get(c[0].into()))),
+    },
+    Route {
+        method: Method::Put,
+        pattern: "/drives/{id}",
+        parse: |_, c| Ok(ApiRequest::Drive(DriveRequest::Configure(c[0].into()))),
+    },
+    Route {
+        method: Method::Patch,
+        pattern: "/drives/{id}",
+        parse: |_, c| Ok(ApiRequest::Drive(DriveRequest::Update(c[0].into()))),
+    },
     Route {
         method: Method::Get,
         pattern: "/",
@@ -43,6 +65,23 @@ const ROUTES: &[Route] = &[
         method: Method::Put,
         pattern: "/balloon",
         parse: put_balloon,
+    },
+    Route {
+        method: Method::Put,
+        pattern: "/vsock",
+        parse: |request, _| {
+            Ok(ApiRequest::Vsock(VsockRequest::Configure(parse_body(
+                request,
+            )?)))
+        },
+    },
+    Route {
+        method: Method::Get,
+        pattern: "/vsock",
+        parse: |request, _| {
+            expect_no_body(request)?;
+            Ok(ApiRequest::Vsock(VsockRequest::Get))
+        },
     },
     Route {
         method: Method::Patch,
@@ -433,6 +472,48 @@ mod tests {
             )),
             Ok(ApiRequest::Shutdown)
         );
+    }
+
+    #[test]
+    fn drive_routes() {
+        for (method, path, expected) in [
+            (Method::Get, "/drives", DriveRequest::List),
+            (
+                Method::Get,
+                "/drives/data",
+                DriveRequest::Get("data".into()),
+            ),
+            (
+                Method::Put,
+                "/drives/new",
+                DriveRequest::Configure("new".into()),
+            ),
+            (
+                Method::Patch,
+                "/drives/data",
+                DriveRequest::Update("data".into()),
+            ),
+        ] {
+            assert_eq!(
+                route(&request(method, path, "")).unwrap(),
+                ApiRequest::Drive(expected),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn vsock_routes() {
+        assert_eq!(
+            route(&request(Method::Get, "/vsock", "")),
+            Ok(ApiRequest::Vsock(VsockRequest::Get))
+        );
+        let body = r#"{"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "/tmp/v.sock"}"#;
+        assert!(matches!(
+            route(&request(Method::Put, "/vsock", body)),
+            Ok(ApiRequest::Vsock(VsockRequest::Configure(c))) if c.guest_cid == 3
+        ));
+        assert!(route(&request(Method::Put, "/vsock", r#"{"cid": 3}"#)).is_err());
     }
 
     #[test]

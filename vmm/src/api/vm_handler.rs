@@ -28,6 +28,8 @@ impl ApiHandler for VmHandle {
                     Err(message) => Err(ApiError::Internal(message)),
                 }
             }
+            ApiRequest::Drive(request) => return super::drives::handle(self.drives(), request),
+            ApiRequest::Vsock(request) => return self.handle_vsock(request),
         };
         match self.request(control) {
             Ok(Some(body)) => Ok(ApiReply::Json(body)),
@@ -40,7 +42,26 @@ impl ApiHandler for VmHandle {
     }
 }
 
+/// The `409` answer to vsock requests on a VM without a vsock device.
+pub const NO_VSOCK_MESSAGE: &str =
+    "this microVM has no vsock device; it must be configured at start: vmm run --vsock-uds PATH [--vsock-cid N]";
+
 impl VmHandle {
+    fn handle_vsock(&self, request: super::VsockRequest) -> Result<ApiReply, ApiError> {
+        let Some(handle) = self.vsock() else {
+            return Err(ApiError::Conflict(NO_VSOCK_MESSAGE.into()));
+        };
+        match request {
+            super::VsockRequest::Configure(_) => Err(ApiError::Conflict(
+                "the vsock device is configured at start (vmm run --vsock-uds); GET /vsock shows it".into(),
+            )),
+            super::VsockRequest::Get => Ok(ApiReply::Json(
+                serde_json::to_value(handle.status())
+                    .map_err(|e| ApiError::Internal(format!("cannot encode the vsock status: {e}")))?,
+            )),
+        }
+    }
+
     fn handle_balloon(&self, request: BalloonRequest) -> Result<ApiReply, ApiError> {
         let Some((handle, config)) = self.balloon() else {
             return Err(ApiError::Conflict(NO_BALLOON_MESSAGE.into()));

@@ -71,7 +71,13 @@ fn build(args: BuildArgs) -> CliResult {
         force: args.force,
     };
     let image = guest_image::build(&opts).context("building the guest image")?;
-    print_image(&image, &cache_dir, args.json)?;
+    let data_disk = guest_image::data_disk::build(
+        &cache_dir.join("image"),
+        &guest_image::data_disk::DataDiskSpec::default(),
+        args.force,
+    )
+    .context("building the data disk")?;
+    print_image(&image, Some(&data_disk), &cache_dir, args.json)?;
     Ok(0)
 }
 
@@ -80,11 +86,20 @@ fn path(args: PathArgs) -> CliResult {
         .cache_dir
         .unwrap_or_else(guest_image::default_cache_dir);
     let image = guest_image::locate(&cache_dir)?;
-    print_image(&image, &cache_dir, args.json)?;
+    let data_disk = guest_image::data_disk::locate(
+        &cache_dir.join("image"),
+        &guest_image::data_disk::DataDiskSpec::default(),
+    );
+    print_image(&image, data_disk.as_ref(), &cache_dir, args.json)?;
     Ok(0)
 }
 
-fn print_image(image: &GuestImage, cache_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+fn print_image(
+    image: &GuestImage,
+    data_disk: Option<&guest_image::data_disk::DataDisk>,
+    cache_dir: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<()> {
     if json {
         let value = serde_json::json!({
             "kernel": image.kernel,
@@ -94,11 +109,15 @@ fn print_image(image: &GuestImage, cache_dir: &std::path::Path, json: bool) -> a
             "cache_dir": cache_dir,
             "rebuilt": image.rebuilt,
             "initrd_size_bytes": image.initrd_size_bytes,
+            "data_disk": data_disk.map(|d| &d.path),
         });
         println!("{}", serde_json::to_string(&value)?);
     } else {
         println!("kernel: {}", image.kernel.display());
         println!("initrd: {}", image.initrd.display());
+        if let Some(disk) = data_disk {
+            println!("data_disk: {}", disk.path.display());
+        }
     }
     Ok(())
 }

@@ -42,6 +42,13 @@ pub struct RunArgs {
     /// (missing keys: 0 / false).
     #[arg(long, value_parser = super::balloon::parse_balloon_spec)]
     pub balloon: Option<balloon::BalloonConfig>,
+    /// Add a virtio-blk drive over a raw image: `PATH[,ro][,id=NAME]`; repeat for more
+    /// (guest order /dev/vda, /dev/vdb...; appended after the config file's drives).
+    #[arg(long = "disk", value_parser = super::drive::parse_disk_spec)]
+    pub disks: Vec<block::DriveConfig>,
+    /// virtio-vsock (`--vsock-uds`, `--vsock-cid`).
+    #[command(flatten)]
+    pub vsock: super::vsock::VsockRunArgs,
     /// A JSON VM configuration (Firecracker's shape); flags given too override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -71,6 +78,8 @@ fn resolve_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
                 machine_config: MachineConfig::default(),
                 serial: SerialConfig::default(),
                 balloon: None,
+                drives: Vec::new(),
+                vsock: None,
             }
         }
     };
@@ -100,6 +109,10 @@ fn resolve_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     if let Some(balloon) = &args.balloon {
         config.balloon = Some(balloon.clone());
     }
+    let first_flag_drive = config.drives.len();
+    config.drives.extend(args.disks.iter().cloned());
+    super::drive::name_drives(&mut config.drives[first_flag_drive..]);
+    super::vsock::apply_run_args(&args.vsock, &mut config);
     config.validate()?;
     if !config.boot_source.kernel_image_path.is_file() {
         anyhow::bail!(

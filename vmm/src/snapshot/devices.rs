@@ -75,16 +75,17 @@ impl<D: VirtioDevice> VirtioDevice for SharedDevice<D> {
 pub enum SnapshotHandle {
     /// The virtio-balloon.
     Balloon(Arc<Mutex<Balloon>>),
+    /// A virtio-blk drive.
+    Block(Arc<Mutex<block::Block>>),
+    /// The virtio-vsock device.
+    Vsock(Arc<Mutex<vsock::Vsock>>),
 }
 
 /// One virtio device's state: one variant per device type, each with the transport's state
 /// and the device crate's own versioned state.
 ///
-/// Integration points for the devices being written on other branches: virtio-blk adds
-/// `Block { transport, device: block::BlockState }` (its `save_state()` / `restore(...)`);
-/// virtio-vsock adds its variant the same way and, in [`restore_devices`], must send the guest a
-/// transport reset event (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`) once the transport is
-/// re-activated, since host-side connections do not survive the process.
+/// The vsock device sends the guest its transport reset event itself once the restored
+/// transport re-activates it (host-side connections do not survive the process).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum DeviceState {
@@ -97,13 +98,30 @@ pub enum DeviceState {
         /// Which pages are inflated, reported or hinted.
         page_states: PageStateMapState,
     },
+    /// A virtio-blk drive (its state holds its drive configuration).
+    Block {
+        /// The virtio-mmio transport.
+        transport: TransportState,
+        /// The device.
+        device: block::BlockState,
+    },
+    /// The virtio-vsock device. Host connections are reset when saving; once re-activated on
+    /// restore the device sends the guest `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+    Vsock {
+        /// The virtio-mmio transport.
+        transport: TransportState,
+        /// The device.
+        device: vsock::VsockState,
+    },
 }
 
 impl DeviceState {
     /// The transport's part.
     pub fn transport(&self) -> &TransportState {
         match self {
-            DeviceState::Balloon { transport, .. } => transport,
+            DeviceState::Balloon { transport, .. }
+            | DeviceState::Block { transport, .. }
+            | DeviceState::Vsock { transport, .. } => transport,
         }
     }
 
@@ -111,6 +129,8 @@ impl DeviceState {
     pub fn name(&self) -> &'static str {
         match self {
             DeviceState::Balloon { .. } => "balloon",
+            DeviceState::Block { .. } => "block",
+            DeviceState::Vsock { .. } => "vsock",
         }
     }
 }
@@ -138,6 +158,20 @@ pub fn save_device(device: &AttachedDevice) -> Result<DeviceState, SnapshotError
                 page_states,
             })
         }
+        Some(SnapshotHandle::Block(device)) => Ok(DeviceState::Block {
+            transport,
+            device: device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .save_state(),
+        }),
+        Some(SnapshotHandle::Vsock(device)) => Ok(DeviceState::Vsock {
+            transport,
+            device: device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .save_state(),
+        }),
         None => Err(SnapshotError::UnsupportedDevice(format!(
             "{}@{:#x}",
             device.name, device.base
@@ -151,17 +185,24 @@ pub struct RestoredDevices {
     pub specs: Vec<VirtioDeviceSpec>,
     /// The balloon's controls, if there is one.
     pub balloon: Option<BalloonHandle>,
+    /// The drives' handles, in guest order.
+    pub drives: Vec<block::BlockHandle>,
+    /// The vsock device's handle, if there is one.
+    pub vsock: Option<vsock::VsockHandle>,
 }
 
 /// Rebuilds each device from its saved state (validated by the device crate).
 pub fn restore_devices(
     states: &[DeviceState],
     ram: &Arc<GuestRam>,
+    vsock_config: Option<&vsock::VsockConfig>,
     state_path: &std::path::Path,
 ) -> Result<RestoredDevices, SnapshotError> {
     let mut restored = RestoredDevices {
         specs: Vec::with_capacity(states.len()),
         balloon: None,
+        drives: Vec::new(),
+        vsock: None,
     };
     let invalid = |name: &str, reason: String| SnapshotError::Invalid {
         path: state_path.to_owned(),
@@ -185,6 +226,31 @@ pub fn restore_devices(
                     name: "balloon",
                     device: Box::new(device),
                     snapshot: Some(SnapshotHandle::Balloon(handle)),
+                });
+            }
+            DeviceState::Block { device, .. } => {
+                let drive = block::Block::restore(device.config.clone(), device, ram.memory())
+                    .map_err(|e| invalid("block", crate::devices::virtio::error_chain(&e)))?;
+                restored.drives.push(drive.handle());
+                let (drive, handle) = SharedDevice::new(drive);
+                restored.specs.push(VirtioDeviceSpec {
+                    name: "block",
+                    device: Box::new(drive),
+                    snapshot: Some(SnapshotHandle::Block(handle)),
+                });
+            }
+            DeviceState::Vsock { device, .. } => {
+                let config = vsock_config.ok_or_else(|| {
+                    invalid("vsock", "the configuration has no vsock section".into())
+                })?;
+                let vsock = vsock::Vsock::restore(config.clone(), device, ram.memory())
+                    .map_err(|e| invalid("vsock", crate::devices::virtio::error_chain(&e)))?;
+                restored.vsock = Some(vsock.handle());
+                let (vsock, handle) = SharedDevice::new(vsock);
+                restored.specs.push(VirtioDeviceSpec {
+                    name: "vsock",
+                    device: Box::new(vsock),
+                    snapshot: Some(SnapshotHandle::Vsock(handle)),
                 });
             }
         }

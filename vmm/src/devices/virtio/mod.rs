@@ -92,6 +92,18 @@ pub enum BuildError {
     /// The balloon device cannot be created.
     #[error("cannot create the balloon device")]
     Balloon(#[source] BalloonError),
+    /// A block device cannot be created.
+    #[error("cannot create the block device of drive {drive_id}")]
+    Block {
+        /// The drive.
+        drive_id: String,
+        /// Why.
+        #[source]
+        source: block::BlockError,
+    },
+    /// The vsock device cannot be created.
+    #[error("cannot create the vsock device")]
+    Vsock(#[source] vsock::VsockError),
 }
 
 /// The devices a configuration asks for, in slot order, and host-side handles to them.
@@ -100,6 +112,10 @@ pub struct VirtioDevices {
     pub specs: Vec<VirtioDeviceSpec>,
     /// Control of the balloon, if there is one.
     pub balloon: Option<BalloonHandle>,
+    /// The drives, in configuration (= guest) order.
+    pub drives: Vec<block::BlockHandle>,
+    /// Status of the vsock device, if there is one.
+    pub vsock: Option<vsock::VsockHandle>,
 }
 
 /// Creates the virtio devices `config` asks for. The balloon gets a page-state map over all of
@@ -111,6 +127,8 @@ pub fn build_virtio_devices(
     let mut devices = VirtioDevices {
         specs: Vec::new(),
         balloon: None,
+        drives: Vec::new(),
+        vsock: None,
     };
     if let Some(balloon_config) = &config.balloon {
         let page_states =
@@ -127,6 +145,29 @@ pub fn build_virtio_devices(
             name: "balloon",
             device: Box::new(device),
             snapshot: Some(crate::snapshot::devices::SnapshotHandle::Balloon(handle)),
+        });
+    }
+    for drive in &config.drives {
+        let device = block::Block::new(drive.clone()).map_err(|source| BuildError::Block {
+            drive_id: drive.drive_id.clone(),
+            source,
+        })?;
+        devices.drives.push(device.handle());
+        let (device, handle) = crate::snapshot::devices::SharedDevice::new(device);
+        devices.specs.push(VirtioDeviceSpec {
+            name: "block",
+            device: Box::new(device),
+            snapshot: Some(crate::snapshot::devices::SnapshotHandle::Block(handle)),
+        });
+    }
+    if let Some(vsock_config) = &config.vsock {
+        let device = vsock::Vsock::new(vsock_config.clone()).map_err(BuildError::Vsock)?;
+        devices.vsock = Some(device.handle());
+        let (device, handle) = crate::snapshot::devices::SharedDevice::new(device);
+        devices.specs.push(VirtioDeviceSpec {
+            name: "vsock",
+            device: Box::new(device),
+            snapshot: Some(crate::snapshot::devices::SnapshotHandle::Vsock(handle)),
         });
     }
     Ok(devices)
