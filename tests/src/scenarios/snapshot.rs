@@ -664,3 +664,69 @@ pub fn reported_memory_is_left_out(ctx: &Ctx) -> Outcome {
         (skipped_reported * 4096) as f64 / 1048576.0
     ))
 }
+
+/// One JSON ping to the guest's `guest-trimmer serve` endpoint (port 52) through the VM's
+/// vsock unix socket.
+fn vsock_ping(uds: &Path) -> Result<(), String> {
+    use std::io::{BufRead, BufReader, Write};
+    let (s, _) = vsock::connect_to_guest(uds, 52, Some(Duration::from_secs(20)))
+        .map_err(|e| format!("connecting to guest port 52: {e}"))?;
+    let mut writer = s.try_clone().map_err(|e| e.to_string())?;
+    writer
+        .write_all(b"{\"op\":\"ping\"}\n")
+        .map_err(|e| format!("sending a ping: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the ping reply: {e}"))?;
+    ensure(line.contains("\"ok\":true"), || {
+        format!("unexpected ping reply {line:?}")
+    })
+}
+
+/// Retries [`vsock_ping`] for up to `limit`.
+fn vsock_ping_within(uds: &Path, limit: Duration) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match vsock_ping(uds) {
+            Ok(()) => return Ok(()),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(300)),
+        }
+    }
+}
+
+/// A VM with a vsock device: snapshot, SIGKILL, restore; the restored guest re-hashes its
+/// buffer and its vsock endpoint answers again after the transport reset.
+pub fn with_vsock(ctx: &Ctx) -> Outcome {
+    let uds = ctx.work.join("v.sock");
+    let uds_arg = uds.display().to_string();
+    let mut vm = boot_hash_vm_with(ctx, "", 256, 1, "", &["--vsock-uds", &uds_arg])?;
+    vsock_ping_within(&uds, Duration::from_secs(30)).map_err(|e| format!("before: {e}"))?;
+    let dir = ctx.work.join("snap");
+    snapshot(ctx, &vm.sock, &dir, "pause")?;
+    let last_uptime = hashes(&vm.p).last().map(|h| h.1).unwrap_or(0.0);
+    vm.p.signal(libc::SIGKILL);
+    vm.p.wait_exit(Duration::from_secs(10))?;
+    // The killed VMM could not remove its socket file.
+    let _ = std::fs::remove_file(&uds);
+    let mut clone = restore(ctx, "clone", &dir)?;
+    check_restored(&mut clone, &vm.hash0, last_uptime)?;
+    vsock_ping_within(&uds, Duration::from_secs(60)).map_err(|e| {
+        format!(
+            "the restored guest's vsock endpoint: {e}; {}",
+            clone.context()
+        )
+    })?;
+    clone.signal(libc::SIGTERM);
+    let st = clone.wait_exit(Duration::from_secs(20))?;
+    no_panic(&clone)?;
+    ensure(st.code() == Some(0), || {
+        format!(
+            "restored VMM after SIGTERM: {}; {}",
+            describe(&st),
+            clone.context()
+        )
+    })?;
+    Ok("vsock endpoint answered before the snapshot and after the restore (transport reset); the clone re-hashed its buffer".into())
+}
