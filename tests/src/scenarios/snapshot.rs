@@ -282,16 +282,7 @@ fn round_trip(ctx: &Ctx, vcpus: u32, clones: usize) -> Outcome {
         ));
     }
     for p in &mut restored {
-        p.signal(libc::SIGTERM);
-        let st = p.wait_exit(Duration::from_secs(20))?;
-        no_panic(p)?;
-        ensure(st.code() == Some(0), || {
-            format!(
-                "restored VMM after SIGTERM: {}; {}",
-                describe(&st),
-                p.context()
-            )
-        })?;
+        stop_clone(p)?;
     }
     Ok(format!(
         "{vcpus} vCPU(s): snapshot kept {kept} pages ({} bytes memory file, {:.0} ms); {} clone(s) re-hashed {}…: {}",
@@ -311,6 +302,20 @@ pub fn round_trip_1vcpu(ctx: &Ctx) -> Outcome {
 /// Round trip with 2 vCPUs, two clones restored from the snapshot at the same time.
 pub fn round_trip_2vcpu_two_clones(ctx: &Ctx) -> Outcome {
     round_trip(ctx, 2, 2)
+}
+
+/// Stops a restored VMM with SIGTERM and checks it exits 0 without a panic.
+fn stop_clone(p: &mut Proc) -> Result<(), String> {
+    p.signal(libc::SIGTERM);
+    let st = p.wait_exit(Duration::from_secs(20))?;
+    no_panic(p)?;
+    ensure(st.code() == Some(0), || {
+        format!(
+            "restored VMM after SIGTERM: {}; {}",
+            describe(&st),
+            p.context()
+        )
+    })
 }
 
 /// Copies snapshot directory `from` to `to` (two files).
@@ -647,16 +652,7 @@ pub fn reported_memory_is_left_out(ctx: &Ctx) -> Outcome {
     })?;
     let mut clone = restore(ctx, "clone", &dir)?;
     check_restored(&mut clone, &vm.hash0, last_uptime)?;
-    clone.signal(libc::SIGTERM);
-    let st = clone.wait_exit(Duration::from_secs(20))?;
-    no_panic(&clone)?;
-    ensure(st.code() == Some(0), || {
-        format!(
-            "restored VMM after SIGTERM: {}; {}",
-            describe(&st),
-            clone.context()
-        )
-    })?;
+    stop_clone(&mut clone)?;
     Ok(format!(
         "{reported} MiB reported; memory file {:.1} MiB ({:.1} MiB on disk) for {MEM_MIB} MiB of RAM, {:.1} MiB skipped as reported; the clone with the restored balloon re-hashed its buffer",
         file as f64 / 1048576.0,
@@ -718,15 +714,6 @@ pub fn with_vsock(ctx: &Ctx) -> Outcome {
             clone.context()
         )
     })?;
-    clone.signal(libc::SIGTERM);
-    let st = clone.wait_exit(Duration::from_secs(20))?;
-    no_panic(&clone)?;
-    ensure(st.code() == Some(0), || {
-        format!(
-            "restored VMM after SIGTERM: {}; {}",
-            describe(&st),
-            clone.context()
-        )
-    })?;
+    stop_clone(&mut clone)?;
     Ok("vsock endpoint answered before the snapshot and after the restore (transport reset); the clone re-hashed its buffer".into())
 }
