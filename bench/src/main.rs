@@ -20,6 +20,7 @@ mod protocol;
 mod qemu;
 mod report;
 mod smaps;
+mod snapshot;
 mod stats;
 mod vsock;
 
@@ -40,6 +41,13 @@ enum Cmd {
     Block(block::BlockArgs),
     /// The in-rig driver: run a plan's boots and print one result line per boot.
     RigBoot(driver::RigBootArgs),
+    /// Snapshot size and time, restore time by phase: compact vs raw full dump (in the rig).
+    Snapshot(snapshot::SnapshotArgs),
+    /// Write bench-results/snapshot.* from a saved log of `bench/rig/snapshot.sh`.
+    SnapshotFromLog {
+        /// The log holding `SNAPSHOT-BENCH` lines.
+        log: std::path::PathBuf,
+    },
     /// virtio-vsock throughput each way and round-trip latency (in the rig).
     Vsock(vsock::VsockArgs),
     /// The in-rig vsock driver.
@@ -52,6 +60,8 @@ fn main() {
         Cmd::Boot(args) => host::run(args),
         Cmd::Block(args) => block::run(args),
         Cmd::RigBoot(args) => driver::run(args).map(|()| 0),
+        Cmd::Snapshot(args) => snapshot::run(args, &host::workspace_root()),
+        Cmd::SnapshotFromLog { log } => snapshot::from_log(&log, &host::workspace_root()),
         Cmd::Vsock(args) => vsock::run(args),
         Cmd::RigVsock(args) => vsock::rig_run(args).map(|()| 0),
     };

@@ -7,6 +7,7 @@
 
 mod balloon;
 mod block;
+mod snapshot;
 mod vsock;
 
 use crate::proc::{describe, Proc};
@@ -102,6 +103,25 @@ pub fn all() -> Vec<Scenario> {
             balloon::reporting_returns_memory,
         ),
         sc("balloon_hinting", 300, balloon::hinting),
+        // Snapshots (src/scenarios/snapshot.rs).
+        sc("snapshot_round_trip_1vcpu", 400, snapshot::round_trip_1vcpu),
+        sc(
+            "snapshot_round_trip_2vcpu_two_clones",
+            500,
+            snapshot::round_trip_2vcpu_two_clones,
+        ),
+        sc("snapshot_bad_input", 500, snapshot::bad_input),
+        sc(
+            "snapshot_fresh_1gib_is_compact",
+            300,
+            snapshot::fresh_1gib_is_compact,
+        ),
+        sc(
+            "snapshot_reported_memory_is_left_out",
+            400,
+            snapshot::reported_memory_is_left_out,
+        ),
+        sc("snapshot_with_vsock", 400, snapshot::with_vsock),
         // Block (src/scenarios/block.rs): virtio-blk drives.
         sc("block_bad_disk_path", 60, block::bad_disk_path),
         sc("block_disks", 420, block::disks),

@@ -40,6 +40,12 @@ enum Command {
     Vsock(cli::vsock::VsockCommand),
     /// The main job end to end: build the image, boot it, report, power off.
     Demo(cli::demo::DemoArgs),
+    /// Snapshot a running microVM into a directory through its API socket.
+    Snapshot(cli::snapshot::SnapshotArgs),
+    /// Recreate a microVM from a snapshot directory and run it.
+    Restore(cli::restore::RestoreArgs),
+    /// Describe and verify a snapshot directory.
+    Inspect(cli::inspect::InspectArgs),
 }
 
 fn main() {
@@ -56,6 +62,9 @@ fn main() {
         Command::Balloon(cmd) => cli::balloon::run(cmd),
         Command::Vsock(cmd) => cli::vsock::run(cmd),
         Command::Demo(args) => cli::demo::run(args),
+        Command::Snapshot(args) => cli::snapshot::run(args),
+        Command::Restore(args) => cli::restore::run(args),
+        Command::Inspect(args) => cli::inspect::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -31,6 +31,7 @@ use crate::kvm::{kvm_device_path, open_kvm, KvmError};
 use crate::memory::dirty::{dirty_logging_wanted, dirty_sync_interval, memory_slots};
 use crate::memory::{DirtyLogError, DirtyTracker, GuestRam};
 use crate::metrics::BootTimeline;
+use crate::snapshot::SnapshotError;
 
 /// How long vCPUs get to park when pausing.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -114,6 +115,12 @@ pub enum BootError {
     /// A vCPU cannot be created or configured.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The snapshot to restore cannot be loaded or applied.
+    #[error("cannot restore the snapshot")]
+    Snapshot(#[from] SnapshotError),
+    /// The VM generation ID cannot be written or announced.
+    #[error(transparent)]
+    VmGenId(#[from] crate::devices::vmgenid::VmGenIdError),
     /// A vCPU thread cannot be started.
     #[error("cannot start the thread of vCPU {id}")]
     Thread {
@@ -207,6 +214,11 @@ pub enum VmEvent {
     Signal(i32),
     /// A control request, with where to send the answer.
     Control(ControlRequest, Sender<ControlReply>),
+    /// Write a snapshot (see [`crate::snapshot`]), with where to send the outcome.
+    Snapshot(
+        crate::snapshot::SnapshotRequest,
+        Sender<crate::snapshot::SnapshotReply>,
+    ),
 }
 
 /// A cloneable way to send control requests to a running VM.
@@ -235,6 +247,20 @@ impl VmHandle {
             Err(RecvTimeoutError::Timeout) => Err(ControlError::Timeout),
             Err(RecvTimeoutError::Disconnected) => Err(ControlError::Stopped),
         }
+    }
+
+    /// Asks the VM to write a snapshot and waits for the outcome.
+    pub fn snapshot(
+        &self,
+        request: crate::snapshot::SnapshotRequest,
+    ) -> crate::snapshot::SnapshotReply {
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.events
+            .send(VmEvent::Snapshot(request, reply_tx))
+            .map_err(|_| ControlError::Stopped.to_string())?;
+        reply_rx
+            .recv_timeout(crate::snapshot::SNAPSHOT_TIMEOUT)
+            .map_err(|_| ControlError::Timeout.to_string())?
     }
 
     /// Tells the VM a termination signal arrived.
@@ -306,8 +332,10 @@ pub struct Vm {
     dirty_sync_interval: Duration,
     /// Whether a free page hinting run was accepting hints at the last event loop pass.
     hinting_was_running: bool,
-    _vm_fd: Arc<VmFd>,
+    vm_fd: Arc<VmFd>,
     _kvm: Kvm,
+    /// MSRs a snapshot saves (`KVM_GET_MSR_INDEX_LIST`).
+    msr_indices: Arc<[u32]>,
     ram: Arc<GuestRam>,
     serial: Arc<Mutex<SerialDevice>>,
     control: Arc<VcpuControl>,
@@ -356,40 +384,9 @@ impl Vm {
         let ram = Arc::new(GuestRam::new(mem.clone()));
 
         let devices = virtio::build_virtio_devices(&config, &ram)?;
-        let dirty = if log_dirty {
-            let page_states = match &devices.balloon {
-                Some(balloon) => balloon.page_states(),
-                // `VMM_DIRTY_LOG=always` without a balloon: a map of its own (all Live), so the
-                // cost of logging and syncing can be measured.
-                None => {
-                    let layout: Vec<_> = ram
-                        .regions()
-                        .into_iter()
-                        .map(|(start_gpa, len_bytes)| balloon::GuestRamRegion {
-                            start_gpa,
-                            len_bytes,
-                        })
-                        .collect();
-                    Arc::new(Mutex::new(
-                        balloon::PageStateMap::new(&layout).map_err(BootError::DirtyPageStates)?,
-                    ))
-                }
-            };
-            let tracker = DirtyTracker::new(vm_fd.clone(), memory_slots(&mem), page_states)
-                .map_err(BootError::DirtyTracking)?;
-            tracing::info!(
-                slots = tracker.slots().len(),
-                interval_ms = dirty_sync_interval().as_millis() as u64,
-                "dirty page logging on"
-            );
-            let tracker = Arc::new(tracker);
-            if let Some(balloon) = &devices.balloon {
-                balloon.set_write_tracker(tracker.clone());
-            }
-            Some(tracker)
-        } else {
-            None
-        };
+        let dirty = log_dirty
+            .then(|| start_dirty_tracking(&vm_fd, &ram, devices.balloon.as_ref()))
+            .transpose()?;
         let mut mmio = Bus::default();
         let virtio_devices =
             virtio::attach_virtio_devices(&*vm_fd, &mem, &mut mmio, devices.specs)?;
@@ -411,29 +408,16 @@ impl Vm {
             &acpi,
         )?;
         crate::kvm::regs::write_boot_tables(&mem).map_err(BootError::BootTables)?;
+        crate::devices::vmgenid::write_generation_id(
+            &mem,
+            &crate::devices::vmgenid::new_generation_id(),
+        )?;
 
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BootError::Device {
-            device: "the serial interrupt",
-            source,
-        })?;
-        vm_fd
-            .register_irqfd(&serial_irq, COM1_GSI)
-            .map_err(|e| BootError::Device {
-                device: "the serial interrupt",
-                source: e.into(),
-            })?;
         let serial = Arc::new(Mutex::new(SerialDevice::new(
-            serial_irq,
+            serial_irq(&vm_fd)?,
             ConsoleOutput::new(serial_sink, timeline.clone()),
         )));
-        let mut pio = Bus::default();
-        pio.insert(COM1_PORT.into(), COM1_PORT_COUNT.into(), serial.clone())?;
-        pio.insert(
-            ACPI_SLEEP_CONTROL_PORT.into(),
-            acpi_pm::PORT_COUNT,
-            Arc::new(Mutex::new(AcpiPmDevice)),
-        )?;
-        let pio = Arc::new(pio);
+        let pio = pio_bus(&serial)?;
 
         let supported_cpuid = kvm
             .get_supported_cpuid(MAX_CPUID_ENTRIES)
@@ -477,29 +461,9 @@ impl Vm {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
-        vcpu::install_kick_handler().map_err(|source| BootError::Device {
-            device: "the vCPU kick signal",
-            source,
-        })?;
         let (events_tx, events_rx) = mpsc::channel();
         let control = Arc::new(VcpuControl::default());
-        let mut vcpu_threads = Vec::with_capacity(vcpus.len());
-        for (id, vcpu) in vcpus.into_iter().enumerate() {
-            let (control, timeline) = (control.clone(), timeline.clone());
-            let events = events_tx.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || {
-                    vcpu.run(control, timeline, |event| {
-                        drop(events.send(VmEvent::Vcpu(event)))
-                    })
-                })
-                .map_err(|source| BootError::Thread {
-                    id: id as u8,
-                    source,
-                })?;
-            vcpu_threads.push(thread);
-        }
+        let vcpu_threads = spawn_vcpus(vcpus, &control, &timeline, &events_tx)?;
         tracing::info!(
             vcpus = machine.vcpu_count,
             mem_mib = machine.mem_size_mib,
@@ -518,8 +482,9 @@ impl Vm {
             last_dirty_sync: Instant::now(),
             dirty_sync_interval: dirty_sync_interval(),
             hinting_was_running: false,
-            _vm_fd: vm_fd,
+            vm_fd,
             _kvm: kvm,
+            msr_indices: Arc::from(msr_list.as_slice()),
             ram,
             serial,
             control,
@@ -528,6 +493,157 @@ impl Vm {
             events_tx,
             events_rx,
         })
+    }
+
+    /// Recreates the VM of the snapshot in `dir` and starts its vCPUs where the original
+    /// paused (see [`crate::snapshot::restore`]).
+    pub fn restore(
+        dir: &std::path::Path,
+        options: &crate::snapshot::restore::RestoreOptions,
+        timeline: Arc<BootTimeline>,
+    ) -> Result<Self, BootError> {
+        let restored = crate::snapshot::restore::prepare(dir, options)?;
+        let crate::snapshot::restore::Prepared {
+            config,
+            kvm,
+            vm_fd,
+            ram,
+            vcpu_states,
+            serial_state,
+            devices,
+            log_dirty,
+            msr_indices,
+            mut phases,
+        } = restored;
+        let state_path = dir.join(crate::snapshot::format::STATE_FILE);
+        let restored_devices = crate::snapshot::devices::restore_devices(
+            &devices,
+            &ram,
+            config.vsock.as_ref(),
+            &state_path,
+        )?;
+        let dirty = log_dirty
+            .then(|| start_dirty_tracking(&vm_fd, &ram, restored_devices.balloon.as_ref()))
+            .transpose()?;
+        let mut mmio = Bus::default();
+        let virtio_devices = virtio::attach_virtio_devices(
+            &*vm_fd,
+            ram.memory(),
+            &mut mmio,
+            restored_devices.specs,
+        )?;
+        for (device, state) in virtio_devices.iter().zip(&devices) {
+            device
+                .transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore_state(state.transport())
+                .map_err(|e| SnapshotError::Invalid {
+                    path: state_path.clone(),
+                    reason: format!(
+                        "device {}: transport: {}",
+                        state.name(),
+                        crate::devices::virtio::error_chain(&e)
+                    ),
+                })?;
+        }
+        phases.mark("devices_ms");
+        let serial_sink = open_serial_sink(&config.serial.output)?;
+        let serial = SerialDevice::restored(
+            &serial_state,
+            serial_irq(&vm_fd)?,
+            ConsoleOutput::new(serial_sink, timeline.clone()),
+        )
+        .map_err(|source| BootError::Device {
+            device: "the serial console (saved state)",
+            source,
+        })?;
+        let serial = Arc::new(Mutex::new(serial));
+        let pio = pio_bus(&serial)?;
+        let mmio = Arc::new(mmio);
+        let vcpus = vcpu_states
+            .iter()
+            .map(|state| Vcpu::restored(&vm_fd, state, pio.clone(), mmio.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        phases.mark("vcpus_ms");
+        let generation = crate::devices::vmgenid::regenerate_and_notify(&vm_fd, ram.memory())?;
+        phases.mark("vmgenid_ms");
+        tracing::debug!(
+            vmgenid = %crate::snapshot::format::id_hex(&generation),
+            "new VM generation ID, guest notified"
+        );
+        let (events_tx, events_rx) = mpsc::channel();
+        let control = Arc::new(VcpuControl::default());
+        let vcpu_threads = spawn_vcpus(vcpus, &control, &timeline, &events_tx)?;
+        phases.mark("threads_ms");
+        tracing::info!(
+            snapshot = %dir.display(),
+            vcpus = config.machine_config.vcpu_count,
+            mem_mib = config.machine_config.mem_size_mib,
+            phases_ms = %phases,
+            "microVM restored"
+        );
+        Ok(Self {
+            config,
+            vcpu_threads,
+            virtio_devices,
+            balloon: restored_devices.balloon,
+            drives: restored_devices.drives,
+            vsock: restored_devices.vsock,
+            dirty,
+            last_dirty_sync: Instant::now(),
+            dirty_sync_interval: dirty_sync_interval(),
+            hinting_was_running: false,
+            vm_fd,
+            _kvm: kvm,
+            msr_indices,
+            ram,
+            serial,
+            control,
+            timeline,
+            state: VmState::Running,
+            events_tx,
+            events_rx,
+        })
+    }
+
+    /// Pauses the VM (if it runs), writes a snapshot, then resumes, stays paused or stops as
+    /// `request` asks. A failed snapshot resumes a VM that was running. Returns whether the VM
+    /// must stop.
+    fn snapshot(
+        &mut self,
+        request: &crate::snapshot::SnapshotRequest,
+    ) -> (crate::snapshot::SnapshotReply, bool) {
+        use crate::snapshot::AfterSnapshot;
+        let started = Instant::now();
+        let was_running = self.state == VmState::Running;
+        if let Err(err) = self.pause() {
+            return (
+                Err(format!("cannot pause the VM for the snapshot: {err}")),
+                false,
+            );
+        }
+        let result = crate::snapshot::take(
+            &crate::snapshot::LiveVm {
+                config: &self.config,
+                vm_fd: &self.vm_fd,
+                control: &self.control,
+                vcpu_count: self.vcpu_threads.len(),
+                msr_indices: self.msr_indices.clone(),
+                serial: &self.serial,
+                ram: &self.ram,
+                dirty: self.dirty.as_deref(),
+                virtio_devices: &self.virtio_devices,
+                page_states: self.balloon.as_ref().map(|b| b.page_states()),
+            },
+            request,
+            started,
+        );
+        let stop = result.is_ok() && request.after == AfterSnapshot::Stop;
+        if was_running && (result.is_err() || request.after == AfterSnapshot::Resume) {
+            let _ = self.resume();
+        }
+        (result.map_err(|e| DisplayChain(&e).to_string()), stop)
     }
 
     /// A handle for control requests from other threads.
@@ -709,6 +825,13 @@ impl Vm {
                     break ExitReason::VcpuFailed(format!("vCPU {id}: {error}"))
                 }
                 VmEvent::Signal(signal) => break ExitReason::Signal(signal),
+                VmEvent::Snapshot(request, reply) => {
+                    let (answer, stop) = self.snapshot(&request);
+                    let _ = reply.send(answer);
+                    if stop {
+                        break ExitReason::Shutdown;
+                    }
+                }
                 VmEvent::Control(request, reply) => {
                     let answer = match request {
                         ControlRequest::Info => Ok(Some(self.info())),
@@ -744,6 +867,92 @@ impl Vm {
             }
         }
     }
+}
+
+/// Turns on dirty page tracking over the balloon's page-state map (or, with
+/// `VMM_DIRTY_LOG=always` and no balloon, a map of its own, all Live, so the cost of logging and
+/// syncing can be measured). The memory slots must have been registered with dirty logging.
+fn start_dirty_tracking(
+    vm_fd: &Arc<VmFd>,
+    ram: &GuestRam,
+    balloon: Option<&balloon::BalloonHandle>,
+) -> Result<Arc<DirtyTracker>, BootError> {
+    let page_states = match balloon {
+        Some(balloon) => balloon.page_states(),
+        None => Arc::new(Mutex::new(
+            balloon::PageStateMap::new(&ram.page_layout()).map_err(BootError::DirtyPageStates)?,
+        )),
+    };
+    let tracker = DirtyTracker::new(vm_fd.clone(), memory_slots(ram.memory()), page_states)
+        .map_err(BootError::DirtyTracking)?;
+    tracing::info!(
+        slots = tracker.slots().len(),
+        interval_ms = dirty_sync_interval().as_millis() as u64,
+        "dirty page logging on"
+    );
+    let tracker = Arc::new(tracker);
+    if let Some(balloon) = balloon {
+        balloon.set_write_tracker(tracker.clone());
+    }
+    Ok(tracker)
+}
+
+/// Creates the serial console's interrupt: an eventfd registered as an irqfd on COM1's GSI.
+fn serial_irq(vm_fd: &VmFd) -> Result<EventFd, BootError> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BootError::Device {
+        device: "the serial interrupt",
+        source,
+    })?;
+    vm_fd
+        .register_irqfd(&irq, COM1_GSI)
+        .map_err(|e| BootError::Device {
+            device: "the serial interrupt",
+            source: e.into(),
+        })?;
+    Ok(irq)
+}
+
+/// The port-I/O bus: COM1 and the ACPI sleep/reset ports.
+fn pio_bus(serial: &Arc<Mutex<SerialDevice>>) -> Result<Arc<Bus>, BootError> {
+    let mut pio = Bus::default();
+    pio.insert(COM1_PORT.into(), COM1_PORT_COUNT.into(), serial.clone())?;
+    pio.insert(
+        ACPI_SLEEP_CONTROL_PORT.into(),
+        acpi_pm::PORT_COUNT,
+        Arc::new(Mutex::new(AcpiPmDevice)),
+    )?;
+    Ok(Arc::new(pio))
+}
+
+/// Starts one thread per vCPU; their events go to `events_tx`.
+fn spawn_vcpus(
+    vcpus: Vec<Vcpu>,
+    control: &Arc<VcpuControl>,
+    timeline: &Arc<BootTimeline>,
+    events_tx: &Sender<VmEvent>,
+) -> Result<Vec<JoinHandle<()>>, BootError> {
+    vcpu::install_kick_handler().map_err(|source| BootError::Device {
+        device: "the vCPU kick signal",
+        source,
+    })?;
+    let mut vcpu_threads = Vec::with_capacity(vcpus.len());
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let (control, timeline) = (control.clone(), timeline.clone());
+        let events = events_tx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                vcpu.run(control, timeline, |event| {
+                    drop(events.send(VmEvent::Vcpu(event)))
+                })
+            })
+            .map_err(|source| BootError::Thread {
+                id: id as u8,
+                source,
+            })?;
+        vcpu_threads.push(thread);
+    }
+    Ok(vcpu_threads)
 }
 
 #[cfg(test)]

@@ -74,6 +74,9 @@ impl ApiHandler for FakeVmm {
                 Ok(ApiReply::Empty)
             }
             ApiRequest::Balloon(_) => Err(ApiError::Conflict("the fake VMM has no balloon".into())),
+            ApiRequest::CreateSnapshot(_) => {
+                Err(ApiError::Conflict("the fake VMM has no snapshots".into()))
+            }
             ApiRequest::Drive(request) => vmm::api::drives::handle(&[], request),
             ApiRequest::Vsock(_) => Err(ApiError::Conflict("the fake VMM has no vsock".into())),
         }

@@ -31,6 +31,8 @@ pub enum ApiRequest {
     Shutdown,
     /// `/balloon...`: the virtio-balloon resource.
     Balloon(BalloonRequest),
+    /// `PUT /snapshot/create`: pause, write a snapshot, then resume, stay paused or stop.
+    CreateSnapshot(crate::snapshot::SnapshotRequest),
     /// `/drives...`: the virtio-blk drives.
     Drive(DriveRequest),
     /// `/vsock`: the virtio-vsock resource.

@@ -118,6 +118,16 @@ const ROUTES: &[Route] = &[
         pattern: "/balloon/hinting/stop",
         parse: put_balloon_hinting_stop,
     },
+    Route {
+        method: Method::Put,
+        pattern: "/snapshot/create",
+        parse: put_snapshot_create,
+    },
+    Route {
+        method: Method::Put,
+        pattern: "/snapshot/load",
+        parse: put_snapshot_load,
+    },
 ];
 
 /// The actions `PUT /actions` accepts.
@@ -320,6 +330,51 @@ fn get_balloon_hinting_status(request: &Request, _: &[&str]) -> Result<ApiReques
 fn put_balloon_hinting_stop(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiError> {
     expect_empty_object(request)?;
     Ok(ApiRequest::Balloon(BalloonRequest::StopHinting))
+}
+
+/// Body of `PUT /snapshot/create` (Firecracker's shape; the snapshot is a directory).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotCreateBody {
+    /// The snapshot directory.
+    snapshot_path: std::path::PathBuf,
+    /// Only `"Full"` (the default).
+    #[serde(default)]
+    snapshot_type: Option<String>,
+    /// What the VM does afterwards: `resume` (default), `pause` or `stop`.
+    #[serde(default)]
+    after: crate::snapshot::AfterSnapshot,
+    /// `true`: store every page (a raw full dump, for comparison); default compact.
+    #[serde(default)]
+    raw_memory: bool,
+}
+
+/// `PUT /snapshot/create {"snapshot_path": DIR[, "snapshot_type": "Full"][, "after": "resume"|"pause"|"stop"]}`
+fn put_snapshot_create(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiError> {
+    let body: SnapshotCreateBody = parse_body(request)?;
+    if let Some(kind) = body.snapshot_type.as_deref().filter(|k| *k != "Full") {
+        return Err(ApiError::BadRequest(format!(
+            "snapshot_type {} is not supported; allowed values: `Full`",
+            truncate(kind)
+        )));
+    }
+    if body.snapshot_path.as_os_str().is_empty() {
+        return Err(ApiError::BadRequest("snapshot_path is empty".into()));
+    }
+    Ok(ApiRequest::CreateSnapshot(
+        crate::snapshot::SnapshotRequest {
+            path: body.snapshot_path,
+            after: body.after,
+            raw_memory: body.raw_memory,
+        },
+    ))
+}
+
+/// `PUT /snapshot/load`: a snapshot is restored by a new VMM process, never into a running VM.
+fn put_snapshot_load(_: &Request, _: &[&str]) -> Result<ApiRequest, ApiError> {
+    Err(ApiError::Conflict(
+        "this VMM already runs a VM; restore a snapshot in a new VMM process: vmm restore --snapshot DIR [--api-sock SOCK]".into(),
+    ))
 }
 
 /// An empty body, or `{}` (what some clients send with every `PUT`).

@@ -20,6 +20,14 @@ impl ApiHandler for VmHandle {
             ApiRequest::SetVmState(VmStateRequest::Resumed) => ControlRequest::Resume,
             ApiRequest::Shutdown => ControlRequest::Shutdown,
             ApiRequest::Balloon(request) => return self.handle_balloon(request),
+            ApiRequest::CreateSnapshot(request) => {
+                return match self.snapshot(request) {
+                    Ok(summary) => Ok(ApiReply::Json(
+                        serde_json::to_value(summary).unwrap_or_default(),
+                    )),
+                    Err(message) => Err(ApiError::Internal(message)),
+                }
+            }
             ApiRequest::Drive(request) => return super::drives::handle(self.drives(), request),
             ApiRequest::Vsock(request) => return self.handle_vsock(request),
         };

@@ -18,8 +18,8 @@ use zerocopy::{Immutable, IntoBytes};
 
 use super::layout::{
     ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT,
-    ACPI_SLEEP_STATUS_PORT, ACPI_START, BIOS_END, COM1_GSI, COM1_PORT, COM1_PORT_COUNT,
-    IOAPIC_ADDR, LAPIC_ADDR,
+    ACPI_SLEEP_STATUS_PORT, ACPI_START, COM1_GSI, COM1_PORT, COM1_PORT_COUNT, GED_GSI, IOAPIC_ADDR,
+    LAPIC_ADDR, VMGENID_ADDR,
 };
 
 const OEM_ID: [u8; 6] = *b"SNAPVM";
@@ -161,6 +161,42 @@ fn build_dsdt(config: &AcpiConfig) -> Vec<u8> {
         )));
     }
 
+    // VMGenID: the ID's address, and a Generic Event Device whose interrupt notifies it.
+    dsdt.append_slice(&aml_bytes(&aml::Device::new(
+        "_SB_.VGEN".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"VMGENCTR"),
+            &aml::Name::new("_CID".into(), &"VM_Gen_Counter"),
+            &aml::Name::new("_DDN".into(), &"VM_Gen_Counter"),
+            &aml::Name::new(
+                "ADDR".into(),
+                &aml::Package::new(vec![&(VMGENID_ADDR as u32), &((VMGENID_ADDR >> 32) as u32)]),
+            ),
+        ],
+    )));
+    dsdt.append_slice(&aml_bytes(&aml::Device::new(
+        "_SB_.GED0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true, true, false, false, GED_GSI,
+                )]),
+            ),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![&aml::If::new(
+                    &aml::Equal::new(&aml::Arg(0), &GED_GSI),
+                    vec![&aml::Notify::new(&aml::Path::new("\\_SB_.VGEN"), &0x80u8)],
+                )],
+            ),
+        ],
+    )));
+
     dsdt.append_slice(&aml_bytes(&aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&ACPI_S5_SLEEP_TYPE]),
@@ -226,10 +262,10 @@ pub fn build_acpi_tables(config: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     xsdt.add_entry(madt_addr);
     let xsdt = aml_bytes(&xsdt);
     let end = xsdt_addr + xsdt.len() as u64;
-    if end > BIOS_END {
+    if end > VMGENID_ADDR {
         return Err(AcpiError::TooLarge {
             needed: end - ACPI_START,
-            available: BIOS_END - ACPI_START,
+            available: VMGENID_ADDR - ACPI_START,
         });
     }
     let rsdp = aml_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
@@ -325,7 +361,7 @@ mod tests {
         for pair in spans.windows(2) {
             assert!(pair[0].1 <= pair[1].0);
         }
-        assert!(spans.last().unwrap().1 <= BIOS_END);
+        assert!(spans.last().unwrap().1 <= VMGENID_ADDR);
     }
 
     #[test]

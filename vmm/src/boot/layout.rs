@@ -67,3 +67,9 @@ pub const COM1_GSI: u32 = 4;
 
 /// Guest page size.
 pub const PAGE_SIZE: u64 = 4096;
+/// The VM generation ID (16 bytes): the last page of the BIOS area, reserved in e820 and kept
+/// clear of the ACPI tables.
+pub const VMGENID_ADDR: u64 = 0xf_f000;
+/// GSI of the Generic Event Device that notifies the guest of a new generation ID (the last
+/// IOAPIC pin; virtio-mmio devices use the ones below).
+pub const GED_GSI: u32 = 23;

@@ -6,7 +6,10 @@ pub mod control;
 pub mod demo;
 pub mod drive;
 pub mod image;
+pub mod inspect;
+pub mod restore;
 pub mod run;
+pub mod snapshot;
 pub mod vsock;
 
 /// Result of a subcommand: the process exit code, or an error printed with its causes.

@@ -142,7 +142,7 @@ fn should_forward_stdin() -> bool {
 }
 
 /// The termination signals the VMM turns into a clean stop.
-fn termination_signals() -> SigSet {
+pub(crate) fn termination_signals() -> SigSet {
     let mut set = SigSet::empty();
     for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         set.add(signal);
@@ -169,6 +169,17 @@ pub fn run(args: RunArgs) -> CliResult {
     let api_server = args.api_sock.as_deref().map(ApiServer::bind).transpose()?;
     let timeline = Arc::new(BootTimeline::new(start));
     let vm = Vm::boot(config, timeline)?;
+    serve(vm, api_server, signals, args.metrics_file.as_deref())
+}
+
+/// Serves a booted or restored VM until it ends: the API (if bound), termination signals
+/// (`signals`, blocked in every thread), stdin to the console; writes the metrics file.
+pub(crate) fn serve(
+    vm: Vm,
+    api_server: Option<ApiServer>,
+    signals: SigSet,
+    metrics_file: Option<&std::path::Path>,
+) -> CliResult {
     let handle = vm.handle();
     let api_server = match api_server {
         Some(server) => Some(server.spawn(Arc::new(handle.clone()))?),
@@ -190,7 +201,7 @@ pub fn run(args: RunArgs) -> CliResult {
     let timeline_probe = vm.timings_source();
     let reason = vm.run();
     drop(api_server);
-    if let Some(path) = &args.metrics_file {
+    if let Some(path) = metrics_file {
         let timings = timeline_probe.timings();
         let report = json!({
             "setup_ms": timings.setup_ms,

@@ -4,3 +4,4 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod serial;
 pub mod virtio;
+pub mod vmgenid;

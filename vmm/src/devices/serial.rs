@@ -4,7 +4,8 @@
 use std::io::{self, Write};
 use std::sync::Arc;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -75,6 +76,32 @@ impl Write for ConsoleOutput {
     }
 }
 
+/// The UART's state in a snapshot (vm-superio's `SerialState`, serializable).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedSerial {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Input the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
 /// The UART as a port-I/O bus device.
 pub struct SerialDevice {
     uart: Serial<IrqTrigger, NoEvents, ConsoleOutput>,
@@ -86,6 +113,51 @@ impl SerialDevice {
         Self {
             uart: Serial::new(IrqTrigger(irq), output),
         }
+    }
+
+    /// The UART's registers and unread input, for a snapshot.
+    pub fn save_state(&self) -> SavedSerial {
+        let s = self.uart.state();
+        SavedSerial {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in the saved state `saved`, raising `irq` and writing to `output`. Fails when
+    /// the saved input does not fit the FIFO (a corrupt state).
+    pub fn restored(
+        saved: &SavedSerial,
+        irq: EventFd,
+        output: ConsoleOutput,
+    ) -> Result<Self, io::Error> {
+        let state = SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&state, IrqTrigger(irq), NoEvents, output).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("invalid saved serial state: {e:?}"),
+            )
+        })?;
+        Ok(Self { uart })
     }
 
     /// Queues bytes typed on the host console for the guest to read.
@@ -165,6 +237,28 @@ mod tests {
         out.write_all(format!("echo {READY_MARKER}\n").as_bytes())
             .unwrap();
         assert!(!timeline.is_ready());
+    }
+
+    #[test]
+    fn saved_state_round_trips_with_pending_input() {
+        let timeline = Arc::new(BootTimeline::new(Instant::now()));
+        let out = || ConsoleOutput::new(Box::new(io::sink()), timeline.clone());
+        let mut serial = SerialDevice::new(EventFd::new(0).unwrap(), out());
+        serial.write(7, &[0x5a]); // scratch
+        serial.write(1, &[0x01]); // IER: received data interrupt
+        assert_eq!(serial.enqueue_input(b"hi"), 2);
+        let saved = serial.save_state();
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: SavedSerial = serde_json::from_str(&json).unwrap();
+        let mut restored = SerialDevice::restored(&back, EventFd::new(0).unwrap(), out()).unwrap();
+        let mut byte = [0u8];
+        restored.read(7, &mut byte);
+        assert_eq!(byte[0], 0x5a);
+        restored.read(0, &mut byte);
+        assert_eq!(byte[0], b'h');
+        let mut bad = back.clone();
+        bad.in_buffer = vec![0; 1 << 16];
+        assert!(SerialDevice::restored(&bad, EventFd::new(0).unwrap(), out()).is_err());
     }
 
     #[test]

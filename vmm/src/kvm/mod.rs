@@ -5,7 +5,9 @@ pub mod cpuid;
 pub mod msrs;
 pub mod regs;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
+pub mod vm_state;
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};

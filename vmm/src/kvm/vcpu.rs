@@ -14,6 +14,7 @@ use kvm_bindings::{kvm_run, CpuId, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUT
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use super::vcpu_state::VcpuState;
 use super::{cpuid, msrs, regs};
 use crate::boot::loader::BootEntry;
 use crate::devices::bus::{Bus, GuestRequest};
@@ -78,6 +79,12 @@ pub enum RunState {
 struct ControlState {
     desired: RunState,
     parked: usize,
+    /// Bumped for each snapshot; parked vCPUs save their state once per generation.
+    save_generation: u64,
+    /// MSRs the current save request reads.
+    save_msrs: Arc<[u32]>,
+    /// Answers to the current save request.
+    saved: Vec<Result<VcpuState, VcpuError>>,
 }
 
 /// Shared between the controller and the vCPU threads.
@@ -93,6 +100,9 @@ impl Default for VcpuControl {
             state: Mutex::new(ControlState {
                 desired: RunState::Running,
                 parked: 0,
+                save_generation: 0,
+                save_msrs: Arc::from(Vec::new()),
+                saved: Vec::new(),
             }),
             changed: Condvar::new(),
         }
@@ -118,14 +128,18 @@ impl VcpuControl {
         self.lock().desired
     }
 
-    /// Waits until `count` vCPUs are parked, up to `timeout`. Returns whether they are.
-    pub fn wait_parked(&self, count: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.lock();
-        while state.parked < count {
+    /// Waits on `state` until `done` holds, up to `deadline`; returns the guard and whether it
+    /// holds.
+    fn wait_until<'a>(
+        &'a self,
+        mut state: std::sync::MutexGuard<'a, ControlState>,
+        deadline: Instant,
+        done: impl Fn(&ControlState) -> bool,
+    ) -> (std::sync::MutexGuard<'a, ControlState>, bool) {
+        while !done(&state) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return false;
+                return (state, false);
             }
             state = self
                 .changed
@@ -133,17 +147,61 @@ impl VcpuControl {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        true
+        (state, true)
     }
 
-    /// Called by a vCPU thread between runs: parks while paused; returns `false` when the thread
-    /// must exit.
-    fn checkpoint(&self) -> bool {
+    /// Waits until `count` vCPUs are parked, up to `timeout`. Returns whether they are.
+    pub fn wait_parked(&self, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        self.wait_until(self.lock(), deadline, |s| s.parked >= count)
+            .1
+    }
+
+    /// Asks the `count` parked vCPUs to save their state (reading `msr_indices`) and waits up
+    /// to `timeout` for all answers, returned in vCPU order. The vCPUs must be paused.
+    pub fn save_parked(
+        &self,
+        count: usize,
+        msr_indices: Arc<[u32]>,
+        timeout: Duration,
+    ) -> Option<Vec<Result<VcpuState, VcpuError>>> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        state.saved.clear();
+        state.save_msrs = msr_indices;
+        state.save_generation += 1;
+        self.changed.notify_all();
+        let (mut state, answered) = self.wait_until(state, deadline, |s| s.saved.len() >= count);
+        if !answered {
+            return None;
+        }
+        let mut saved = std::mem::take(&mut state.saved);
+        saved.sort_by_key(|r| match r {
+            Ok(s) => s.id,
+            Err(e) => e.id,
+        });
+        Some(saved)
+    }
+
+    /// Called by a vCPU thread between runs: parks while paused, saving its state through
+    /// `save` when asked; returns `false` when the thread must exit.
+    fn checkpoint(&self, save: &mut dyn FnMut(&[u32]) -> Result<VcpuState, VcpuError>) -> bool {
         let mut state = self.lock();
         if state.desired == RunState::Paused {
             state.parked += 1;
             self.changed.notify_all();
+            let mut seen_generation = state.save_generation;
             while state.desired == RunState::Paused {
+                if state.save_generation != seen_generation {
+                    seen_generation = state.save_generation;
+                    let msrs = state.save_msrs.clone();
+                    drop(state);
+                    let result = save(&msrs);
+                    state = self.lock();
+                    state.saved.push(result);
+                    self.changed.notify_all();
+                    continue;
+                }
                 state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
             }
             state.parked -= 1;
@@ -251,6 +309,23 @@ impl Vcpu {
         Ok(Self { id, fd, pio, mmio })
     }
 
+    /// Creates vCPU `state.id` with the saved state of a snapshot (see [`VcpuState::restore`]).
+    pub fn restored(
+        vm: &VmFd,
+        state: &VcpuState,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+    ) -> Result<Self, VcpuError> {
+        let id = state.id;
+        let fd = vm.create_vcpu(id.into()).map_err(|source| VcpuError {
+            id,
+            operation: "create the vCPU",
+            source,
+        })?;
+        state.restore(&fd)?;
+        Ok(Self { id, fd, pio, mmio })
+    }
+
     /// Runs the vCPU until the controller says exit or the guest powers off, resets or fails.
     /// `report` receives the event that ended the vCPU, if any.
     pub fn run(
@@ -260,7 +335,12 @@ impl Vcpu {
         report: impl FnOnce(VcpuEvent),
     ) {
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
-        while control.checkpoint() {
+        let id = self.id;
+        loop {
+            let fd = &self.fd;
+            if !control.checkpoint(&mut |msrs| VcpuState::save(fd, id, msrs)) {
+                break;
+            }
             if self.id == 0 {
                 timeline.mark_first_kvm_run();
             }
@@ -367,13 +447,49 @@ mod tests {
         assert_eq!(value, 0x1_0711);
     }
 
+    fn no_save(_: &[u32]) -> Result<VcpuState, VcpuError> {
+        Err(VcpuError {
+            id: 7,
+            operation: "save in a test",
+            source: kvm_ioctls::Error::new(libc::ENOSYS),
+        })
+    }
+
+    #[test]
+    fn parked_vcpus_answer_save_requests_once_each() {
+        let control = Arc::new(VcpuControl::default());
+        control.set(RunState::Paused);
+        let worker = {
+            let control = control.clone();
+            std::thread::spawn(move || control.checkpoint(&mut no_save))
+        };
+        assert!(control.wait_parked(1, Duration::from_secs(5)));
+        let answers = control
+            .save_parked(1, Arc::from(vec![1u32]), Duration::from_secs(5))
+            .expect("the parked vCPU answers");
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].as_ref().unwrap_err().id, 7);
+        // A second request gets a second answer; no request, no answer.
+        assert_eq!(
+            control
+                .save_parked(1, Arc::from(vec![]), Duration::from_secs(5))
+                .map(|a| a.len()),
+            Some(1)
+        );
+        assert!(control
+            .save_parked(2, Arc::from(vec![]), Duration::from_millis(50))
+            .is_none());
+        control.set(RunState::Running);
+        assert!(worker.join().unwrap());
+    }
+
     #[test]
     fn paused_vcpus_park_and_resume() {
         let control = Arc::new(VcpuControl::default());
         control.set(RunState::Paused);
         let worker = {
             let control = control.clone();
-            std::thread::spawn(move || control.checkpoint())
+            std::thread::spawn(move || control.checkpoint(&mut no_save))
         };
         assert!(control.wait_parked(1, Duration::from_secs(5)));
         control.set(RunState::Running);
@@ -381,7 +497,7 @@ mod tests {
         control.set(RunState::Exiting);
         control.set(RunState::Running);
         assert_eq!(control.desired(), RunState::Exiting, "exiting is final");
-        assert!(!control.checkpoint());
+        assert!(!control.checkpoint(&mut no_save));
         assert!(!control.wait_parked(1, Duration::from_millis(10)));
     }
 }

@@ -45,12 +45,38 @@ pub enum ReleaseError {
         #[source]
         source: nix::errno::Errno,
     },
+    /// Remapping anonymous memory over a snapshot-file-backed range failed.
+    #[error(
+        "remapping anonymous memory over {len_bytes:#x} bytes at guest address {gpa:#x} failed"
+    )]
+    Remap {
+        /// Guest physical start.
+        gpa: u64,
+        /// Length.
+        len_bytes: u64,
+        /// errno.
+        #[source]
+        source: nix::errno::Errno,
+    },
+}
+
+impl ReleaseError {
+    /// A [`ReleaseError::Remap`] with the current `errno`.
+    fn remap(gpa: u64, len_bytes: u64) -> Self {
+        ReleaseError::Remap {
+            gpa,
+            len_bytes,
+            source: nix::errno::Errno::last(),
+        }
+    }
 }
 
 impl From<ReleaseError> for std::io::Error {
     fn from(err: ReleaseError) -> Self {
         let kind = match &err {
-            ReleaseError::Madvise { source, .. } => std::io::Error::from(*source).kind(),
+            ReleaseError::Madvise { source, .. } | ReleaseError::Remap { source, .. } => {
+                std::io::Error::from(*source).kind()
+            }
             _ => std::io::ErrorKind::InvalidInput,
         };
         std::io::Error::new(kind, err)
@@ -62,6 +88,9 @@ impl From<ReleaseError> for std::io::Error {
 pub struct GuestRam {
     mem: GuestMemoryMmap,
     released_bytes: AtomicU64,
+    /// Parts of guest memory are private mappings of a snapshot's memory file: releasing
+    /// remaps anonymous memory (`MADV_DONTNEED` would bring back the file's old contents).
+    file_backed: bool,
 }
 
 impl GuestRam {
@@ -70,6 +99,15 @@ impl GuestRam {
         Self {
             mem,
             released_bytes: AtomicU64::new(0),
+            file_backed: false,
+        }
+    }
+
+    /// Wraps guest memory restored from a snapshot, where ranges are private file mappings.
+    pub fn file_backed(mem: GuestMemoryMmap) -> Self {
+        Self {
+            file_backed: true,
+            ..Self::new(mem)
         }
     }
 
@@ -87,6 +125,17 @@ impl GuestRam {
             .collect();
         regions.sort_unstable();
         regions
+    }
+
+    /// The RAM regions as the balloon's page-state map describes guest RAM.
+    pub fn page_layout(&self) -> Vec<balloon::GuestRamRegion> {
+        self.regions()
+            .into_iter()
+            .map(|(start_gpa, len_bytes)| balloon::GuestRamRegion {
+                start_gpa,
+                len_bytes,
+            })
+            .collect()
     }
 
     /// Bytes released since boot (counting a range released twice twice).
@@ -123,12 +172,33 @@ impl GuestRam {
         // drops the pages' contents (they read as zero afterwards); it cannot unmap or change
         // protection, so no Rust reference into guest memory is invalidated — the VMM accesses
         // guest memory only through volatile accessors, and the guest gave these pages up.
-        let rc = unsafe {
-            libc::madvise(
-                host.cast::<libc::c_void>(),
-                len_bytes as usize,
-                libc::MADV_DONTNEED,
-            )
+        let rc = if self.file_backed {
+            // SAFETY: as above, the range lies inside the region's live mapping; MAP_FIXED
+            // replaces exactly those pages with fresh anonymous zero pages (the region is still
+            // unmapped as a whole on drop), and nothing holds a reference into them.
+            let addr = unsafe {
+                libc::mmap(
+                    host.cast::<libc::c_void>(),
+                    len_bytes as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if addr == libc::MAP_FAILED {
+                return Err(ReleaseError::remap(gpa, len_bytes));
+            }
+            0
+        } else {
+            // SAFETY: see above.
+            unsafe {
+                libc::madvise(
+                    host.cast::<libc::c_void>(),
+                    len_bytes as usize,
+                    libc::MADV_DONTNEED,
+                )
+            }
         };
         if rc != 0 {
             return Err(ReleaseError::Madvise {

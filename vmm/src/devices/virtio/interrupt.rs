@@ -47,6 +47,14 @@ impl MmioInterrupt {
         self.status.store(0, Ordering::SeqCst);
     }
 
+    /// Sets both registers from a snapshot (no interrupt is raised: one the guest had not
+    /// acknowledged is still pending in the restored interrupt controller).
+    pub fn restore(&self, status: u32, config_generation: u32) {
+        self.status.store(status, Ordering::SeqCst);
+        self.config_generation
+            .store(config_generation, Ordering::SeqCst);
+    }
+
     /// The `ConfigGeneration` register.
     pub fn config_generation(&self) -> u32 {
         self.config_generation.load(Ordering::SeqCst)

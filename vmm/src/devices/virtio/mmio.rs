@@ -16,7 +16,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -25,7 +25,9 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio::*;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_device::{ActivateContext, GuestWriteLog, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use virtio_device::{
+    ActivateContext, GuestWriteLog, Interrupt, SavedQueue, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -631,6 +633,122 @@ impl MmioTransport {
     }
 }
 
+/// The transport's registers and queue set-up in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportState {
+    /// `Status`.
+    pub device_status: u32,
+    /// `DeviceFeaturesSel`.
+    pub device_features_select: u32,
+    /// `DriverFeaturesSel`.
+    pub driver_features_select: u32,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+    /// `QueueSel`.
+    pub queue_select: u32,
+    /// Whether the device was serving its queues.
+    pub activated: bool,
+    /// Each queue's set-up and ring positions.
+    pub queues: Vec<SavedQueue>,
+    /// `InterruptStatus`.
+    pub interrupt_status: u32,
+    /// `ConfigGeneration`.
+    pub config_generation: u32,
+}
+
+/// Why a saved transport state cannot be restored (the state file is untrusted).
+#[derive(Debug, thiserror::Error)]
+pub enum TransportRestoreError {
+    /// Another number of queues than the device has.
+    #[error("the saved state has {found} queues, the device {expected}")]
+    QueueCount {
+        /// In the state.
+        found: usize,
+        /// The device's.
+        expected: usize,
+    },
+    /// A queue's saved set-up is invalid.
+    #[error("saved queue {index} is invalid")]
+    Queue {
+        /// Queue index.
+        index: usize,
+        /// Why.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// Features outside the offer.
+    #[error("the saved state acked features {acked:#x} that are not offered ({offered:#x})")]
+    Features {
+        /// Acked.
+        acked: u64,
+        /// Offered.
+        offered: u64,
+    },
+    /// Re-activating the device failed.
+    #[error("cannot re-activate the device: {0}")]
+    Activate(String),
+}
+
+impl MmioTransport {
+    /// The transport's state for a snapshot (take it with the vCPUs paused).
+    pub fn save_state(&self) -> TransportState {
+        TransportState {
+            device_status: self.device_status,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            acked_features: self.acked_features,
+            queue_select: self.queue_select,
+            activated: self.activated,
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.config_generation(),
+        }
+    }
+
+    /// Puts a freshly created transport (whose device was restored from the same snapshot) in
+    /// the saved state; an activated device is activated again with the saved queues.
+    pub fn restore_state(&mut self, state: &TransportState) -> Result<(), TransportRestoreError> {
+        if state.queues.len() != self.queues.len() {
+            return Err(TransportRestoreError::QueueCount {
+                found: state.queues.len(),
+                expected: self.queues.len(),
+            });
+        }
+        if state.acked_features & !self.offered_features != 0 {
+            return Err(TransportRestoreError::Features {
+                acked: state.acked_features,
+                offered: self.offered_features,
+            });
+        }
+        let queues = state
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(index, saved)| {
+                Queue::try_from(virtio_queue::QueueState::from(*saved))
+                    .map_err(|source| TransportRestoreError::Queue { index, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.queues = queues;
+        self.device_status = state.device_status;
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.acked_features = state.acked_features;
+        self.queue_select = state.queue_select;
+        if state.activated {
+            self.device.set_acked_features(state.acked_features);
+            self.try_activate().map_err(|e| {
+                TransportRestoreError::Activate(crate::devices::virtio::error_chain(&e))
+            })?;
+            self.activated = true;
+        }
+        self.interrupt
+            .restore(state.interrupt_status, state.config_generation);
+        Ok(())
+    }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
@@ -875,6 +993,40 @@ mod tests {
         setup_queue(t, 1, &q1);
         add_status(t, VIRTIO_CONFIG_S_DRIVER_OK);
         [q0, q1]
+    }
+
+    #[test]
+    fn saved_state_restores_registers_queues_and_reactivates() {
+        let mut r = rig();
+        let [q0, _q1] = bring_up(&mut r.transport, &r.mem);
+        r.interrupt.signal_config_change().unwrap();
+        let saved = r.transport.save_state();
+        assert!(saved.activated);
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: TransportState = serde_json::from_str(&json).unwrap();
+
+        let mut fresh = rig();
+        fresh.transport.restore_state(&back).unwrap();
+        assert_eq!(fresh.transport.save_state(), saved);
+        assert_eq!(status(&mut fresh.transport), 0xf);
+        let seen = fresh.seen.lock().unwrap();
+        assert_eq!(seen.activations, 1, "the restored device is active again");
+        assert_eq!(seen.acked, Some(VIRTIO_F_VERSION_1 | FEATURE_A));
+        let ctx = seen.last.as_ref().unwrap();
+        assert_eq!(ctx.queues[0].desc_table(), q0.desc_table_addr().0);
+        assert_eq!(fresh.interrupt.status(), r.interrupt.status());
+        drop(seen);
+
+        // Untrusted input: wrong queue count, unoffered features, a bad queue.
+        let mut bad = saved.clone();
+        bad.queues.pop();
+        assert!(rig().transport.restore_state(&bad).is_err());
+        let mut bad = saved.clone();
+        bad.acked_features |= FEATURE_HIGH;
+        assert!(rig().transport.restore_state(&bad).is_err());
+        let mut bad = saved;
+        bad.queues[0].size = 3;
+        assert!(rig().transport.restore_state(&bad).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod mmio;
 
 use std::sync::{Arc, Mutex};
 
-use balloon::{Balloon, BalloonError, BalloonHandle, GuestRamRegion, PageStateError, PageStateMap};
+use balloon::{Balloon, BalloonError, BalloonHandle, PageStateError, PageStateMap};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::Serialize;
 use virtio_device::VirtioDevice;
@@ -30,8 +30,8 @@ use crate::memory::GuestRam;
 
 /// GSI of the first virtio-mmio device (0-4 are the PIT, keyboard, cascade and COM1 lines).
 pub const FIRST_VIRTIO_GSI: u32 = 5;
-/// Last GSI usable for a virtio-mmio device: the IOAPIC has 24 pins.
-pub const LAST_VIRTIO_GSI: u32 = 23;
+/// Last GSI usable for a virtio-mmio device: the IOAPIC has 24 pins, the last is the GED's.
+pub const LAST_VIRTIO_GSI: u32 = crate::boot::layout::GED_GSI - 1;
 /// Most virtio-mmio devices one VM can have (one GSI each).
 pub const MAX_VIRTIO_DEVICES: usize = (LAST_VIRTIO_GSI - FIRST_VIRTIO_GSI + 1) as usize;
 
@@ -131,15 +131,8 @@ pub fn build_virtio_devices(
         vsock: None,
     };
     if let Some(balloon_config) = &config.balloon {
-        let layout: Vec<GuestRamRegion> = ram
-            .regions()
-            .into_iter()
-            .map(|(start_gpa, len_bytes)| GuestRamRegion {
-                start_gpa,
-                len_bytes,
-            })
-            .collect();
-        let page_states = PageStateMap::new(&layout).map_err(BuildError::PageStateMap)?;
+        let page_states =
+            PageStateMap::new(&ram.page_layout()).map_err(BuildError::PageStateMap)?;
         let device = Balloon::new(
             balloon_config.clone(),
             Arc::new(Mutex::new(page_states)),
@@ -147,9 +140,11 @@ pub fn build_virtio_devices(
         )
         .map_err(BuildError::Balloon)?;
         devices.balloon = Some(device.handle());
+        let (device, handle) = crate::snapshot::devices::SharedDevice::new(device);
         devices.specs.push(VirtioDeviceSpec {
             name: "balloon",
             device: Box::new(device),
+            snapshot: Some(crate::snapshot::devices::SnapshotHandle::Balloon(handle)),
         });
     }
     for drive in &config.drives {
@@ -158,17 +153,21 @@ pub fn build_virtio_devices(
             source,
         })?;
         devices.drives.push(device.handle());
+        let (device, handle) = crate::snapshot::devices::SharedDevice::new(device);
         devices.specs.push(VirtioDeviceSpec {
             name: "block",
             device: Box::new(device),
+            snapshot: Some(crate::snapshot::devices::SnapshotHandle::Block(handle)),
         });
     }
     if let Some(vsock_config) = &config.vsock {
         let device = vsock::Vsock::new(vsock_config.clone()).map_err(BuildError::Vsock)?;
         devices.vsock = Some(device.handle());
+        let (device, handle) = crate::snapshot::devices::SharedDevice::new(device);
         devices.specs.push(VirtioDeviceSpec {
             name: "vsock",
             device: Box::new(device),
+            snapshot: Some(crate::snapshot::devices::SnapshotHandle::Vsock(handle)),
         });
     }
     Ok(devices)
@@ -210,6 +209,8 @@ pub struct VirtioDeviceSpec {
     pub name: &'static str,
     /// The device.
     pub device: Box<dyn VirtioDevice>,
+    /// How a snapshot saves it (`None`: snapshots of the VM are refused).
+    pub snapshot: Option<crate::snapshot::devices::SnapshotHandle>,
 }
 
 /// A device on the MMIO bus.
@@ -222,6 +223,8 @@ pub struct AttachedDevice {
     pub gsi: u32,
     /// The transport (also held by the bus).
     pub transport: Arc<Mutex<MmioTransport>>,
+    /// How a snapshot saves the device (`None`: snapshots of the VM are refused).
+    pub snapshot: Option<crate::snapshot::devices::SnapshotHandle>,
 }
 
 /// What `GET /` reports about one device.
@@ -340,6 +343,7 @@ pub fn attach_virtio_devices(
             base,
             gsi,
             transport,
+            snapshot: spec.snapshot,
         });
     }
     Ok(attached)
@@ -421,6 +425,7 @@ mod tests {
         VirtioDeviceSpec {
             name: "dummy",
             device: Box::new(Dummy(vec![64; queues])),
+            snapshot: None,
         }
     }
 
@@ -490,11 +495,12 @@ mod tests {
         let too_many = (0..=MAX_VIRTIO_DEVICES).map(|_| spec(1)).collect();
         assert!(matches!(
             attach_virtio_devices(&Recorder::default(), &mem, &mut Bus::default(), too_many),
-            Err(AttachError::TooManyDevices(20))
+            Err(AttachError::TooManyDevices(19))
         ));
         let bad = VirtioDeviceSpec {
             name: "bad",
             device: Box::new(Dummy(vec![100])),
+            snapshot: None,
         };
         let err = attach_virtio_devices(&Recorder::default(), &mem, &mut Bus::default(), vec![bad])
             .err()

@@ -1,0 +1,192 @@
+//! The on-disk format: file names, magic numbers, the format version and the framing of the
+//! state file and the memory file's header.
+//!
+//! A snapshot is a directory with two files:
+//! - `state` — a 32-byte header (magic `VMMSNAPS`, format version, body length, CRC-32C of the
+//!   body) followed by the JSON-encoded [`super::state::SnapshotState`];
+//! - `memory` — a 4 KiB header (magic `VMMSNAPM`, format version, the snapshot ID the state
+//!   file names, data length, CRC-32C of the header) followed by the kept guest pages, each
+//!   kept range at a page-aligned offset so it can be mapped straight into guest memory. The
+//!   state file's index says where each range goes and holds a CRC-32C per chunk.
+
+use super::crc32c::crc32c;
+
+/// Name of the state file inside a snapshot directory.
+pub const STATE_FILE: &str = "state";
+/// Name of the memory file inside a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+/// First bytes of a state file.
+pub const STATE_MAGIC: [u8; 8] = *b"VMMSNAPS";
+/// First bytes of a memory file.
+pub const MEMORY_MAGIC: [u8; 8] = *b"VMMSNAPM";
+/// The format this VMM writes and the only one it reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Bytes of the state file's header.
+pub const STATE_HEADER_BYTES: usize = 32;
+/// Bytes of the memory file's header (one page, so data stays page aligned).
+pub const MEMORY_HEADER_BYTES: u64 = 4096;
+/// Largest state body accepted (a corrupt length must not make the reader allocate GiBs).
+pub const MAX_STATE_BODY_BYTES: u64 = 64 << 20;
+/// Page size of guest memory and of the memory file's layout.
+pub const PAGE_BYTES: u64 = 4096;
+
+/// What is wrong with a header.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// Shorter than a header.
+    #[error("truncated: {0} bytes, shorter than the header")]
+    Truncated(u64),
+    /// Wrong magic number.
+    #[error("not a snapshot {0} file (bad magic number)")]
+    BadMagic(&'static str),
+    /// Another format version.
+    #[error("format version {found}, this VMM reads version {FORMAT_VERSION} only")]
+    Version {
+        /// The version in the file.
+        found: u32,
+    },
+    /// The header's own checksum does not match.
+    #[error("header checksum mismatch")]
+    Checksum,
+    /// The body length is implausible.
+    #[error("body length {0} bytes is larger than the limit")]
+    TooLong(u64),
+}
+
+/// The state file's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateHeader {
+    /// Bytes of JSON after the header.
+    pub body_bytes: u64,
+    /// CRC-32C of those bytes.
+    pub body_crc32c: u32,
+}
+
+impl StateHeader {
+    /// The 32 header bytes.
+    pub fn encode(&self) -> [u8; STATE_HEADER_BYTES] {
+        let mut out = [0u8; STATE_HEADER_BYTES];
+        out[..8].copy_from_slice(&STATE_MAGIC);
+        out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out[16..24].copy_from_slice(&self.body_bytes.to_le_bytes());
+        out[24..28].copy_from_slice(&self.body_crc32c.to_le_bytes());
+        let crc = crc32c(&out[..28]);
+        out[28..32].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Parses and checks a header (magic, version, its checksum, the length limit).
+    pub fn decode(bytes: &[u8]) -> Result<Self, HeaderError> {
+        let Some(bytes) = bytes.get(..STATE_HEADER_BYTES) else {
+            return Err(HeaderError::Truncated(bytes.len() as u64));
+        };
+        if bytes[..8] != STATE_MAGIC {
+            return Err(HeaderError::BadMagic("state"));
+        }
+        let found = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        if found != FORMAT_VERSION {
+            return Err(HeaderError::Version { found });
+        }
+        let crc = u32::from_le_bytes(bytes[28..32].try_into().expect("4 bytes"));
+        if crc32c(&bytes[..28]) != crc {
+            return Err(HeaderError::Checksum);
+        }
+        let body_bytes = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+        if body_bytes > MAX_STATE_BODY_BYTES {
+            return Err(HeaderError::TooLong(body_bytes));
+        }
+        Ok(Self {
+            body_bytes,
+            body_crc32c: u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes")),
+        })
+    }
+}
+
+/// The memory file's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryHeader {
+    /// The snapshot this file belongs to (the state file holds the same ID).
+    pub snapshot_id: [u8; 16],
+    /// Bytes of page data after the header.
+    pub data_bytes: u64,
+}
+
+impl MemoryHeader {
+    /// The first 40 meaningful bytes (the rest of the header page is zero).
+    pub fn encode(&self) -> [u8; 44] {
+        let mut out = [0u8; 44];
+        out[..8].copy_from_slice(&MEMORY_MAGIC);
+        out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out[16..32].copy_from_slice(&self.snapshot_id);
+        out[32..40].copy_from_slice(&self.data_bytes.to_le_bytes());
+        let crc = crc32c(&out[..40]);
+        out[40..44].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Parses and checks a header.
+    pub fn decode(bytes: &[u8]) -> Result<Self, HeaderError> {
+        let Some(bytes) = bytes.get(..44) else {
+            return Err(HeaderError::Truncated(bytes.len() as u64));
+        };
+        if bytes[..8] != MEMORY_MAGIC {
+            return Err(HeaderError::BadMagic("memory"));
+        }
+        let found = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        if found != FORMAT_VERSION {
+            return Err(HeaderError::Version { found });
+        }
+        let crc = u32::from_le_bytes(bytes[40..44].try_into().expect("4 bytes"));
+        if crc32c(&bytes[..40]) != crc {
+            return Err(HeaderError::Checksum);
+        }
+        Ok(Self {
+            snapshot_id: bytes[16..32].try_into().expect("16 bytes"),
+            data_bytes: u64::from_le_bytes(bytes[32..40].try_into().expect("8 bytes")),
+        })
+    }
+}
+
+/// A snapshot ID as hex, for messages and `inspect`.
+pub fn id_hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_and_reject_damage() {
+        let state = StateHeader {
+            body_bytes: 1234,
+            body_crc32c: 0xdead_beef,
+        };
+        let bytes = state.encode();
+        assert_eq!(StateHeader::decode(&bytes), Ok(state));
+        assert_eq!(
+            StateHeader::decode(&bytes[..10]),
+            Err(HeaderError::Truncated(10))
+        );
+        let mut other_version = bytes;
+        other_version[8] = 9;
+        assert_eq!(
+            StateHeader::decode(&other_version),
+            Err(HeaderError::Version { found: 9 })
+        );
+        let mut flipped = bytes;
+        flipped[17] ^= 1;
+        assert_eq!(StateHeader::decode(&flipped), Err(HeaderError::Checksum));
+        let memory = MemoryHeader {
+            snapshot_id: [7; 16],
+            data_bytes: 8192,
+        };
+        let bytes = memory.encode();
+        assert_eq!(MemoryHeader::decode(&bytes), Ok(memory));
+        assert_eq!(
+            MemoryHeader::decode(&[&state.encode()[..], &[0u8; 32]].concat()),
+            Err(HeaderError::BadMagic("memory"))
+        );
+        assert_eq!(id_hex(&[0xab; 16]).len(), 32);
+    }
+}

@@ -1,0 +1,455 @@
+//! The memory file: which guest pages to keep, writing them, and mapping them back.
+//!
+//! A page is kept when it is resident on the host (`mincore`, one call per RAM region), not
+//! known free by the balloon's page-state map (inflated, reported, hinted), and not all zero.
+//! Kept pages form ranges; each range is stored contiguously at a page-aligned file offset, cut
+//! into chunks of at most [`CHUNK_MAX_BYTES`], each with its own CRC-32C.
+//!
+//! Restore maps each range with `mmap(MAP_PRIVATE | MAP_FIXED)` over the anonymous guest
+//! memory: no copy, one system call per range, pages shared in the host page cache by every
+//! clone of the snapshot and copied only when a clone writes them. Skipped pages stay anonymous
+//! zero memory.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use balloon::{PageState, PageStateMap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::crc32c::crc32c;
+use super::format::{MemoryHeader, MEMORY_HEADER_BYTES, PAGE_BYTES};
+use super::state::{MemoryChunk, MemoryIndex, PageCounts};
+use super::SnapshotError;
+
+/// Largest chunk: the unit of checksums (and of the error that names a damaged one).
+pub const CHUNK_MAX_BYTES: u64 = 4 << 20;
+
+/// Why a page is left out (or kept).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PageFate {
+    Keep,
+    Inflated,
+    Reported,
+    Hinted,
+    NeverTouched,
+    Zero,
+}
+
+impl PageCounts {
+    fn add(&mut self, fate: PageFate, pages: u64) {
+        let slot = match fate {
+            PageFate::Keep => &mut self.kept,
+            PageFate::Inflated => &mut self.skipped_inflated,
+            PageFate::Reported => &mut self.skipped_reported,
+            PageFate::Hinted => &mut self.skipped_hinted,
+            PageFate::NeverTouched => &mut self.skipped_never_touched,
+            PageFate::Zero => &mut self.skipped_zero,
+        };
+        *slot += pages;
+    }
+}
+
+/// The host view of one RAM region: its guest start and its bytes.
+struct RegionView<'a> {
+    gpa: u64,
+    bytes: &'a [u8],
+}
+
+/// Host views of every RAM region of `mem`, in address order.
+///
+/// # Safety
+///
+/// Nothing may write guest memory while the views live: the vCPUs are paused and no device
+/// touches guest memory (the caller guarantees both).
+unsafe fn region_views(mem: &GuestMemoryMmap) -> Vec<RegionView<'_>> {
+    let mut views: Vec<_> = mem
+        .iter()
+        .map(|region| {
+            let host = region.as_ptr();
+            // SAFETY: the region's mapping is `len` bytes, alive as long as `mem`; the caller
+            // guarantees no concurrent writes.
+            let bytes = unsafe { std::slice::from_raw_parts(host, region.len() as usize) };
+            RegionView {
+                gpa: region.start_addr().0,
+                bytes,
+            }
+        })
+        .collect();
+    views.sort_by_key(|v| v.gpa);
+    views
+}
+
+/// Residency of each page of `bytes` (one `mincore` call).
+fn resident_pages(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    let pages = bytes.len().div_ceil(PAGE_BYTES as usize);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `bytes` is a live, page-aligned mapping (a guest RAM region) and `vec` holds one
+    // byte per page of it.
+    let rc = unsafe { libc::mincore(bytes.as_ptr() as *mut _, bytes.len(), vec.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(vec)
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the aligned middle.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|b| *b == 0) && tail.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0)
+}
+
+/// Decides the fate of every page of one region.
+fn classify(
+    view: &RegionView,
+    page_states: Option<&PageStateMap>,
+    keep_all: bool,
+) -> std::io::Result<Vec<PageFate>> {
+    if keep_all {
+        return Ok(vec![PageFate::Keep; view.bytes.len() / PAGE_BYTES as usize]);
+    }
+    let resident = resident_pages(view.bytes)?;
+    let first_pfn = view.gpa / PAGE_BYTES;
+    let mut fates = Vec::with_capacity(resident.len());
+    for (i, page) in view.bytes.chunks(PAGE_BYTES as usize).enumerate() {
+        let state = page_states
+            .and_then(|m| m.state(first_pfn + i as u64).ok())
+            .unwrap_or(PageState::Live);
+        let fate = match state {
+            PageState::Inflated => PageFate::Inflated,
+            PageState::Reported => PageFate::Reported,
+            PageState::Hinted => PageFate::Hinted,
+            PageState::Live if resident[i] & 1 == 0 => PageFate::NeverTouched,
+            PageState::Live if is_zero(page) => PageFate::Zero,
+            PageState::Live => PageFate::Keep,
+        };
+        fates.push(fate);
+    }
+    Ok(fates)
+}
+
+/// Writes the memory file at `path` (header, then the kept pages) and returns its index.
+/// `file` must be empty. Nothing may write guest memory meanwhile (vCPUs paused).
+pub fn write_memory_file(
+    file: &mut File,
+    path: &Path,
+    mem: &GuestMemoryMmap,
+    page_states: Option<&PageStateMap>,
+    keep_all: bool,
+    snapshot_id: [u8; 16],
+) -> Result<MemoryIndex, SnapshotError> {
+    // SAFETY: the caller has paused the vCPUs and the VM has no device writing guest memory.
+    let views = unsafe { region_views(mem) };
+    let mut index = MemoryIndex {
+        regions: views
+            .iter()
+            .map(|v| (v.gpa, v.bytes.len() as u64))
+            .collect(),
+        ..MemoryIndex::default()
+    };
+    let write_err = || SnapshotError::io("write the memory file", path);
+    file.write_all(&[0u8; MEMORY_HEADER_BYTES as usize])
+        .map_err(write_err())?;
+    let mut offset = MEMORY_HEADER_BYTES;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut *file);
+    for view in &views {
+        let fates = classify(view, page_states, keep_all)
+            .map_err(SnapshotError::io("read page residency (mincore) for", path))?;
+        let mut page = 0usize;
+        while page < fates.len() {
+            let fate = fates[page];
+            let run = fates[page..].iter().take_while(|f| **f == fate).count();
+            index.pages.add(fate, run as u64);
+            if fate == PageFate::Keep {
+                let start = page * PAGE_BYTES as usize;
+                let end = start + run * PAGE_BYTES as usize;
+                for piece in view.bytes[start..end].chunks(CHUNK_MAX_BYTES as usize) {
+                    let gpa = view.gpa + (piece.as_ptr() as u64 - view.bytes.as_ptr() as u64);
+                    out.write_all(piece).map_err(write_err())?;
+                    index.chunks.push(MemoryChunk {
+                        gpa,
+                        len_bytes: piece.len() as u64,
+                        file_offset: offset,
+                        crc32c: crc32c(piece),
+                    });
+                    offset += piece.len() as u64;
+                }
+            }
+            page += run;
+        }
+    }
+    out.flush().map_err(write_err())?;
+    drop(out);
+    index.data_bytes = offset - MEMORY_HEADER_BYTES;
+    let header = MemoryHeader {
+        snapshot_id,
+        data_bytes: index.data_bytes,
+    };
+    file.write_all_at(&header.encode(), 0)
+        .map_err(write_err())?;
+    Ok(index)
+}
+
+/// Checks the index against guest RAM and the file's length (a chunk past the end of the file
+/// would fault the guest with SIGBUS on first touch). `file_bytes` is the file's length.
+pub fn validate_index(
+    index: &MemoryIndex,
+    path: &Path,
+    file_bytes: u64,
+) -> Result<(), SnapshotError> {
+    let invalid = |reason: String| SnapshotError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
+    let needed = MEMORY_HEADER_BYTES + index.data_bytes;
+    if file_bytes < needed {
+        return Err(SnapshotError::Truncated {
+            path: path.to_owned(),
+            needed,
+            actual: file_bytes,
+        });
+    }
+    for (i, chunk) in index.chunks.iter().enumerate() {
+        let aligned = (chunk.gpa | chunk.len_bytes | chunk.file_offset) % PAGE_BYTES == 0;
+        let in_file = chunk.file_offset >= MEMORY_HEADER_BYTES
+            && chunk
+                .file_offset
+                .checked_add(chunk.len_bytes)
+                .is_some_and(|end| end <= needed);
+        let in_ram = index.regions.iter().any(|&(start, len)| {
+            chunk.gpa >= start
+                && chunk
+                    .gpa
+                    .checked_add(chunk.len_bytes)
+                    .is_some_and(|end| end <= start + len)
+        });
+        if !aligned || !in_file || !in_ram || chunk.len_bytes == 0 {
+            return Err(invalid(format!(
+                "chunk {i} (guest address {:#x}, {} bytes at file offset {:#x}) is not page aligned, outside the memory file or outside guest RAM",
+                chunk.gpa, chunk.len_bytes, chunk.file_offset
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Maps the kept ranges of the memory file `file` over guest memory `mem` (private,
+/// copy-on-write); adjacent chunks are mapped with one call. The index must have passed
+/// [`validate_index`]. Returns the number of `mmap` calls.
+pub fn map_into_guest(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    path: &Path,
+    chunks: &[MemoryChunk],
+) -> Result<usize, SnapshotError> {
+    let mut calls = 0;
+    let mut i = 0;
+    while i < chunks.len() {
+        let first = chunks[i];
+        let mut len = first.len_bytes;
+        let mut j = i + 1;
+        while j < chunks.len()
+            && chunks[j].gpa == first.gpa + len
+            && chunks[j].file_offset == first.file_offset + len
+        {
+            len += chunks[j].len_bytes;
+            j += 1;
+        }
+        let map_err = |source| SnapshotError::Map {
+            path: path.to_owned(),
+            gpa: first.gpa,
+            len_bytes: len,
+            source,
+        };
+        let region = mem
+            .find_region(GuestAddress(first.gpa))
+            .filter(|r| first.gpa + len <= r.start_addr().0 + r.len())
+            .ok_or_else(|| {
+                map_err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "range crosses guest RAM regions",
+                ))
+            })?;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(
+                first.gpa - region.start_addr().0,
+            ))
+            .map_err(|e| map_err(std::io::Error::other(e.to_string())))?;
+        // SAFETY: `host..host + len` lies inside one region's live anonymous mapping (checked
+        // above), which `mem` keeps and unmaps as a whole; MAP_FIXED replaces those pages with a
+        // private copy-on-write mapping of the file range, which `validate_index` checked lies
+        // inside the file. No Rust reference into guest memory exists (it is accessed through
+        // volatile accessors only) and no vCPU runs yet.
+        let addr = unsafe {
+            libc::mmap(
+                host.cast(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                first.file_offset as libc::off_t,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(map_err(std::io::Error::last_os_error()));
+        }
+        calls += 1;
+        i = j;
+    }
+    Ok(calls)
+}
+
+/// Checks every chunk's CRC-32C, reading through `read(chunk) -> bytes`; the first mismatch is
+/// an error naming the file and the chunk.
+pub fn verify_chunks<'a>(
+    chunks: &[MemoryChunk],
+    path: &Path,
+    mut read: impl FnMut(&MemoryChunk) -> Result<&'a [u8], SnapshotError>,
+) -> Result<(), SnapshotError> {
+    for (index, chunk) in chunks.iter().enumerate() {
+        let bytes = read(chunk)?;
+        if crc32c(bytes) != chunk.crc32c {
+            return Err(SnapshotError::ChunkChecksum {
+                path: path.to_owned(),
+                index,
+                gpa: chunk.gpa,
+                len_bytes: chunk.len_bytes,
+                file_offset: chunk.file_offset,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Verifies the chunks through guest memory after [`map_into_guest`] (reading the mapped page
+/// cache; nothing is copied).
+pub fn verify_mapped(
+    mem: &GuestMemoryMmap,
+    chunks: &[MemoryChunk],
+    path: &Path,
+) -> Result<(), SnapshotError> {
+    // SAFETY: no vCPU runs yet and no device is active: nothing writes guest memory.
+    let views = unsafe { region_views(mem) };
+    verify_chunks(chunks, path, |chunk| {
+        views
+            .iter()
+            .find(|v| {
+                chunk.gpa >= v.gpa && chunk.gpa + chunk.len_bytes <= v.gpa + v.bytes.len() as u64
+            })
+            .map(|v| {
+                let start = (chunk.gpa - v.gpa) as usize;
+                &v.bytes[start..start + chunk.len_bytes as usize]
+            })
+            .ok_or_else(|| SnapshotError::Invalid {
+                path: path.to_owned(),
+                reason: format!(
+                    "chunk at guest address {:#x} is outside guest RAM",
+                    chunk.gpa
+                ),
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn keeps_only_nonzero_live_pages_and_maps_them_back() {
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 2 * MIB as usize),
+            (GuestAddress(4 * MIB), MIB as usize),
+        ])
+        .unwrap();
+        // Pages 1-2 hold data, page 3 is written with zeros, page 10 reported, 4 MiB + 1 page data.
+        mem.write_slice(&[0xab; 8192], GuestAddress(4096)).unwrap();
+        mem.write_slice(&[0; 4096], GuestAddress(3 * 4096)).unwrap();
+        mem.write_slice(&[0x11; 4096], GuestAddress(10 * 4096))
+            .unwrap();
+        mem.write_obj(0x77u8, GuestAddress(4 * MIB + 4096 + 5))
+            .unwrap();
+        let mut states = PageStateMap::new(&[
+            balloon::GuestRamRegion {
+                start_gpa: 0,
+                len_bytes: 2 * MIB,
+            },
+            balloon::GuestRamRegion {
+                start_gpa: 4 * MIB,
+                len_bytes: MIB,
+            },
+        ])
+        .unwrap();
+        states
+            .mark_range(10 * 4096, 4096, PageState::Reported)
+            .unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+        let mut file = File::create(&path).unwrap();
+        let index =
+            write_memory_file(&mut file, &path, &mem, Some(&states), false, [3; 16]).unwrap();
+        drop(file);
+        assert_eq!(index.pages.kept, 3);
+        assert_eq!(index.pages.skipped_reported, 1);
+        assert_eq!(index.pages.skipped_zero, 1);
+        assert_eq!(index.pages.kept + index.pages.skipped(), (3 * MIB) / 4096);
+        assert_eq!(index.chunks.len(), 2);
+        assert_eq!(index.data_bytes, 3 * 4096);
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len, MEMORY_HEADER_BYTES + 3 * 4096);
+        validate_index(&index, &path, len).unwrap();
+        assert!(matches!(
+            validate_index(&index, &path, len - 1),
+            Err(SnapshotError::Truncated { .. })
+        ));
+
+        let restored = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 2 * MIB as usize),
+            (GuestAddress(4 * MIB), MIB as usize),
+        ])
+        .unwrap();
+        let file = File::open(&path).unwrap();
+        assert_eq!(
+            map_into_guest(&restored, &file, &path, &index.chunks).unwrap(),
+            2
+        );
+        verify_mapped(&restored, &index.chunks, &path).unwrap();
+        assert_eq!(restored.read_obj::<u8>(GuestAddress(4096)).unwrap(), 0xab);
+        assert_eq!(restored.read_obj::<u8>(GuestAddress(10 * 4096)).unwrap(), 0);
+        assert_eq!(
+            restored
+                .read_obj::<u8>(GuestAddress(4 * MIB + 4096 + 5))
+                .unwrap(),
+            0x77
+        );
+        // A flipped byte is found and named.
+        let mut bad = index.chunks.clone();
+        bad[1].crc32c ^= 1;
+        let err = verify_mapped(&restored, &bad, &path).unwrap_err();
+        assert!(err.to_string().contains("chunk 1"), "{err}");
+        // Copy-on-write: writing the clone does not change the file.
+        restored.write_obj(0x55u8, GuestAddress(4096)).unwrap();
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, MEMORY_HEADER_BYTES).unwrap();
+        assert_eq!(byte[0], 0xab);
+
+        // Releasing a file-backed page must give zeros, not the file's contents back.
+        let ram = crate::memory::GuestRam::file_backed(restored.clone());
+        ram.release(4096, 8192).unwrap();
+        assert_eq!(restored.read_obj::<u8>(GuestAddress(4096)).unwrap(), 0);
+        assert_eq!(restored.read_obj::<u8>(GuestAddress(2 * 4096)).unwrap(), 0);
+        assert_eq!(
+            restored
+                .read_obj::<u8>(GuestAddress(4 * MIB + 4096 + 5))
+                .unwrap(),
+            0x77
+        );
+    }
+}

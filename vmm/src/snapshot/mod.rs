@@ -1,0 +1,157 @@
+//! Snapshots: a paused VM written to a directory (a state file and a compact memory file), and
+//! a new VMM process recreating the VM from it without copying guest memory.
+//!
+//! - [`format`]: file names, magic numbers, version, header framing;
+//! - [`state`]: what the state file holds;
+//! - [`memory_file`]: choosing the pages to keep, writing them, mapping them back;
+//! - [`take`]: collecting the state of a paused VM;
+//! - [`restore`]: recreating a VM from a snapshot (memory mapped, not copied);
+//! - [`writer`]: the snapshot directory, written under a temporary name, fsynced and renamed;
+//! - [`reader`]: loading and validating a snapshot for restore and `inspect`;
+//! - [`crc32c`]: the checksum.
+
+pub mod crc32c;
+pub mod devices;
+pub mod format;
+pub mod memory_file;
+pub mod reader;
+pub mod restore;
+pub mod state;
+pub mod take;
+pub mod writer;
+
+pub use take::{take, AfterSnapshot, LiveVm, SnapshotReply, SnapshotRequest, SNAPSHOT_TIMEOUT};
+pub use writer::SnapshotSummary;
+
+use std::path::PathBuf;
+
+use format::HeaderError;
+
+/// Errors writing, reading or restoring a snapshot. Each names the file (and chunk) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A file operation failed.
+    #[error("cannot {operation} {path}")]
+    Io {
+        /// What the VMM was doing.
+        operation: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A header is damaged, of another format or version.
+    #[error("{path}: invalid header")]
+    Header {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: HeaderError,
+    },
+    /// The state body does not match its checksum.
+    #[error("{path}: state checksum mismatch (expected {expected:#010x}, found {found:#010x}): the file is corrupt")]
+    StateChecksum {
+        /// The state file.
+        path: PathBuf,
+        /// From the header.
+        expected: u32,
+        /// Computed.
+        found: u32,
+    },
+    /// The state body is not a valid state.
+    #[error("{path}: cannot decode the state")]
+    StateDecode {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A file is shorter than its header or index says.
+    #[error("{path}: truncated: {actual} bytes, the snapshot needs {needed}")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes there.
+        actual: u64,
+    },
+    /// The memory file belongs to another snapshot.
+    #[error("{path} belongs to snapshot {found}, but the state file is of snapshot {expected}")]
+    ForeignMemoryFile {
+        /// The memory file.
+        path: PathBuf,
+        /// The state's snapshot ID.
+        expected: String,
+        /// The memory file's.
+        found: String,
+    },
+    /// A memory chunk does not match its checksum.
+    #[error("{path}: chunk {index} (guest address {gpa:#x}, {len_bytes} bytes at file offset {file_offset:#x}) checksum mismatch: the file is corrupt")]
+    ChunkChecksum {
+        /// The memory file.
+        path: PathBuf,
+        /// Chunk number in the index.
+        index: usize,
+        /// Its guest address.
+        gpa: u64,
+        /// Its length.
+        len_bytes: u64,
+        /// Its offset in the file.
+        file_offset: u64,
+    },
+    /// The state is self-inconsistent (e.g. a chunk outside guest RAM).
+    #[error("{path}: invalid snapshot: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The VM has a device whose state cannot be saved yet.
+    #[error("cannot snapshot this VM: device {0} does not support snapshots yet")]
+    UnsupportedDevice(String),
+    /// The output path exists and is not a snapshot (it is never overwritten then).
+    #[error("{0} exists and is not a snapshot directory; refusing to replace it")]
+    NotASnapshotDir(PathBuf),
+    /// Pausing the vCPUs or collecting their state failed.
+    #[error("cannot save the vCPUs: {0}")]
+    Vcpus(String),
+    /// A vCPU's state cannot be read or set.
+    #[error(transparent)]
+    Vcpu(#[from] crate::kvm::vcpu::VcpuError),
+    /// The VM's state cannot be read or set.
+    #[error(transparent)]
+    Vm(#[from] crate::kvm::vm::VmError),
+    /// Mapping the memory file into guest memory failed.
+    #[error("cannot map {len_bytes} bytes of {path} at guest address {gpa:#x}")]
+    Map {
+        /// The memory file.
+        path: PathBuf,
+        /// Guest address.
+        gpa: u64,
+        /// Length.
+        len_bytes: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl SnapshotError {
+    /// An [`SnapshotError::Io`] for `operation` on `path`.
+    pub fn io(
+        operation: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> SnapshotError {
+        let path = path.into();
+        move |source| SnapshotError::Io {
+            operation,
+            path,
+            source,
+        }
+    }
+}

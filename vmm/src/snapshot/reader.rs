@@ -1,0 +1,160 @@
+//! Loading a snapshot: the state file checked (header, version, checksum, decoding, index
+//! consistency) and the memory file matched to it (magic, version, snapshot ID, length).
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::crc32c::crc32c;
+use super::format::{
+    id_hex, MemoryHeader, StateHeader, MEMORY_FILE, STATE_FILE, STATE_HEADER_BYTES,
+};
+use super::memory_file::validate_index;
+use super::state::SnapshotState;
+use super::SnapshotError;
+
+/// A snapshot whose state is loaded and whose memory file is open and matched to it.
+pub struct LoadedSnapshot {
+    /// The decoded state.
+    pub state: SnapshotState,
+    /// The state file's path.
+    pub state_path: PathBuf,
+    /// The memory file, open read-only.
+    pub memory: File,
+    /// Its path.
+    pub memory_path: PathBuf,
+    /// Its length in bytes.
+    pub memory_file_bytes: u64,
+    /// The state file's length in bytes.
+    pub state_file_bytes: u64,
+}
+
+/// Reads and checks the state file of `dir`.
+pub fn read_state(dir: &Path) -> Result<(SnapshotState, PathBuf, u64), SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let mut file = File::open(&path).map_err(SnapshotError::io("open", &path))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(SnapshotError::io("read", &path))?;
+    let header = StateHeader::decode(&bytes).map_err(|source| SnapshotError::Header {
+        path: path.clone(),
+        source,
+    })?;
+    let needed = STATE_HEADER_BYTES as u64 + header.body_bytes;
+    if (bytes.len() as u64) < needed {
+        return Err(SnapshotError::Truncated {
+            path,
+            needed,
+            actual: bytes.len() as u64,
+        });
+    }
+    if (bytes.len() as u64) > needed {
+        return Err(SnapshotError::Invalid {
+            path,
+            reason: format!(
+                "{} bytes after the state body (expected {needed} bytes in all)",
+                bytes.len() as u64 - needed
+            ),
+        });
+    }
+    let body = &bytes[STATE_HEADER_BYTES..];
+    let found = crc32c(body);
+    if found != header.body_crc32c {
+        return Err(SnapshotError::StateChecksum {
+            path,
+            expected: header.body_crc32c,
+            found,
+        });
+    }
+    let state: SnapshotState =
+        serde_json::from_slice(body).map_err(|source| SnapshotError::StateDecode {
+            path: path.clone(),
+            source,
+        })?;
+    if state.vcpus.is_empty()
+        || state.vcpus.len() != usize::from(state.config.machine_config.vcpu_count)
+        || state
+            .vcpus
+            .iter()
+            .enumerate()
+            .any(|(i, v)| usize::from(v.id) != i)
+    {
+        return Err(SnapshotError::Invalid {
+            path,
+            reason: "the vCPU states do not match the configured vCPU count".into(),
+        });
+    }
+    Ok((state, path, bytes.len() as u64))
+}
+
+/// Loads `dir`: the state file, then the memory file, checked against each other.
+pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
+    let (state, state_path, state_file_bytes) = read_state(dir)?;
+    let memory_path = dir.join(MEMORY_FILE);
+    let memory = File::open(&memory_path).map_err(SnapshotError::io("open", &memory_path))?;
+    let memory_file_bytes = memory
+        .metadata()
+        .map_err(SnapshotError::io("stat", &memory_path))?
+        .len();
+    let mut header = [0u8; 64];
+    let read = memory
+        .read_at(&mut header, 0)
+        .map_err(SnapshotError::io("read", &memory_path))?;
+    let header = MemoryHeader::decode(&header[..read.min(header.len())]).map_err(|source| {
+        SnapshotError::Header {
+            path: memory_path.clone(),
+            source,
+        }
+    })?;
+    if header.snapshot_id != state.snapshot_id {
+        return Err(SnapshotError::ForeignMemoryFile {
+            path: memory_path,
+            expected: id_hex(&state.snapshot_id),
+            found: id_hex(&header.snapshot_id),
+        });
+    }
+    if header.data_bytes != state.memory.data_bytes {
+        return Err(SnapshotError::Invalid {
+            path: memory_path,
+            reason: format!(
+                "the header says {} data bytes, the state's index {}",
+                header.data_bytes, state.memory.data_bytes
+            ),
+        });
+    }
+    validate_index(&state.memory, &memory_path, memory_file_bytes)?;
+    Ok(LoadedSnapshot {
+        state,
+        state_path,
+        memory,
+        memory_path,
+        memory_file_bytes,
+        state_file_bytes,
+    })
+}
+
+impl LoadedSnapshot {
+    /// Verifies every chunk by reading the memory file (for `inspect`; restore verifies through
+    /// the mapping instead).
+    pub fn verify_file(&self) -> Result<(), SnapshotError> {
+        let mut buf = Vec::new();
+        let chunks = &self.state.memory.chunks;
+        for (i, chunk) in chunks.iter().enumerate() {
+            buf.resize(chunk.len_bytes as usize, 0);
+            self.memory
+                .read_exact_at(&mut buf, chunk.file_offset)
+                .map_err(SnapshotError::io("read", &self.memory_path))?;
+            if crc32c(&buf) != chunk.crc32c {
+                return Err(SnapshotError::ChunkChecksum {
+                    path: self.memory_path.clone(),
+                    index: i,
+                    gpa: chunk.gpa,
+                    len_bytes: chunk.len_bytes,
+                    file_offset: chunk.file_offset,
+                });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,156 @@
+//! Recreating a VM from a snapshot: the state loaded and checked, guest memory built from
+//! anonymous memory with the memory file's kept ranges mapped over it (private, copy-on-write,
+//! one `mmap` per range, nothing copied), the KVM VM created and its interrupt controllers,
+//! PIT and clock restored. [`crate::vm::Vm::restore`] then restores the devices and vCPUs.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use super::memory_file::{map_into_guest, verify_mapped};
+use super::reader::load;
+use super::SnapshotError;
+use crate::config::{SerialOutput, VmConfig};
+use crate::devices::serial::SavedSerial;
+use crate::kvm::vcpu_state::VcpuState;
+use crate::kvm::vm::create_vm;
+use crate::kvm::{kvm_device_path, open_kvm};
+use crate::memory::dirty::dirty_logging_wanted;
+use crate::memory::GuestRam;
+use crate::vm::BootError;
+
+/// How to restore.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// Where the console goes instead of the snapshot's configuration.
+    pub serial: Option<SerialOutput>,
+    /// Skip checking memory chunk checksums (faster; the state file is always checked).
+    pub skip_memory_verify: bool,
+}
+
+/// Time since the restore began at each phase's end, for the log and the benchmark.
+#[derive(Clone, Debug)]
+pub struct Phases {
+    start: Instant,
+    marks: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    /// Starts the clock.
+    pub fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            marks: Vec::new(),
+        }
+    }
+
+    /// Records that phase `name` ended now.
+    pub fn mark(&mut self, name: &'static str) {
+        self.marks
+            .push((name, self.start.elapsed().as_secs_f64() * 1e3));
+    }
+
+    /// `(phase, ms since the start)` in order.
+    pub fn marks(&self) -> &[(&'static str, f64)] {
+        &self.marks
+    }
+}
+
+impl Default for Phases {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, ms)) in self.marks.iter().enumerate() {
+            if i > 0 {
+                write!(f, " ")?;
+            }
+            write!(f, "{name}={ms:.3}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The VM half-restored: memory and KVM VM ready, devices and vCPUs still to create.
+pub struct Prepared {
+    /// The configuration (with the console override applied).
+    pub config: VmConfig,
+    /// `/dev/kvm`.
+    pub kvm: Kvm,
+    /// The VM, its irqchip, PIT and clock restored.
+    pub vm_fd: Arc<VmFd>,
+    /// Guest memory, file-backed where the snapshot kept pages.
+    pub ram: Arc<GuestRam>,
+    /// The vCPUs' saved state.
+    pub vcpu_states: Vec<VcpuState>,
+    /// The console's saved state.
+    pub serial_state: SavedSerial,
+    /// The virtio devices' saved state, in slot order.
+    pub devices: Vec<super::devices::DeviceState>,
+    /// Whether the memory slots log dirty pages (the balloon reports or hints).
+    pub log_dirty: bool,
+    /// MSRs a later snapshot saves.
+    pub msr_indices: Arc<[u32]>,
+    /// Phase timings so far.
+    pub phases: Phases,
+}
+
+/// Loads the snapshot in `dir` and prepares memory and the KVM VM.
+pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootError> {
+    let mut phases = Phases::new();
+    let loaded = load(dir)?;
+    phases.mark("load_ms");
+    let mut state = loaded.state;
+    if let Some(serial) = &options.serial {
+        state.config.serial.output = serial.clone();
+    }
+    let kvm = open_kvm(&kvm_device_path())?;
+    let ranges: Vec<_> = state
+        .memory
+        .regions
+        .iter()
+        .map(|&(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| BootError::GuestMemory {
+        mem_mib: state.config.machine_config.mem_size_mib,
+        source,
+    })?;
+    let chunks = &state.memory.chunks;
+    let mmaps = map_into_guest(&mem, &loaded.memory, &loaded.memory_path, chunks)?;
+    phases.mark("map_memory_ms");
+    if !options.skip_memory_verify {
+        verify_mapped(&mem, chunks, &loaded.memory_path)?;
+    }
+    phases.mark("verify_memory_ms");
+    let log_dirty = dirty_logging_wanted(state.config.balloon.as_ref());
+    let vm_fd = Arc::new(create_vm(&kvm, &mem, log_dirty)?);
+    state.vm.restore(&vm_fd).map_err(SnapshotError::from)?;
+    let msr_indices: Arc<[u32]> = kvm
+        .get_msr_index_list()
+        .map_err(|source| BootError::KvmQuery {
+            operation: "list MSRs",
+            source,
+        })?
+        .as_slice()
+        .into();
+    phases.mark("kvm_vm_ms");
+    tracing::debug!(mmaps, chunks = chunks.len(), "snapshot memory mapped");
+    Ok(Prepared {
+        config: state.config,
+        kvm,
+        vm_fd,
+        ram: Arc::new(GuestRam::file_backed(mem)),
+        vcpu_states: state.vcpus,
+        serial_state: state.serial,
+        devices: state.devices,
+        log_dirty,
+        msr_indices,
+        phases,
+    })
+}

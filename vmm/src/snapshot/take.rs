@@ -1,0 +1,150 @@
+//! Taking a snapshot of a paused VM: collecting the vCPUs' state (each saves its own, on its
+//! thread), the VM's and the devices' state, then writing the directory.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+
+use super::devices::save_device;
+use super::state::SnapshotState;
+use super::writer::{new_snapshot_id, write_snapshot, SnapshotParts, SnapshotSummary};
+use super::SnapshotError;
+use crate::config::VmConfig;
+use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::AttachedDevice;
+use crate::kvm::vcpu::VcpuControl;
+use crate::kvm::vm_state::VmKvmState;
+use crate::memory::{DirtyTracker, GuestRam};
+
+/// How long a snapshot request may take end to end (writing GiBs on a slow disk).
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long parked vCPUs get to save their state.
+const VCPU_SAVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the VM does once the snapshot is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterSnapshot {
+    /// Run again (if it was running).
+    #[default]
+    Resume,
+    /// Stay paused.
+    Pause,
+    /// Stop the VM and the VMM.
+    Stop,
+}
+
+/// A request to snapshot the VM into a directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    /// The snapshot directory (replaced atomically if it holds a snapshot).
+    pub path: PathBuf,
+    /// What the VM does afterwards.
+    pub after: AfterSnapshot,
+    /// Store every page (a raw full dump, as Firecracker writes it), for comparison.
+    pub raw_memory: bool,
+}
+
+/// The outcome the VM's event loop sends back.
+pub type SnapshotReply = Result<SnapshotSummary, String>;
+
+/// The parts of a running VM a snapshot reads (borrowed from [`crate::vm::Vm`]).
+pub struct LiveVm<'a> {
+    /// Its configuration.
+    pub config: &'a VmConfig,
+    /// The KVM VM.
+    pub vm_fd: &'a VmFd,
+    /// The vCPUs' controller (they must be parked).
+    pub control: &'a VcpuControl,
+    /// Number of vCPUs.
+    pub vcpu_count: usize,
+    /// MSRs to save.
+    pub msr_indices: Arc<[u32]>,
+    /// COM1.
+    pub serial: &'a Mutex<SerialDevice>,
+    /// Guest memory.
+    pub ram: &'a GuestRam,
+    /// Dirty page tracking, synced before the page-state map is read.
+    pub dirty: Option<&'a DirtyTracker>,
+    /// The virtio devices.
+    pub virtio_devices: &'a [AttachedDevice],
+    /// The balloon's page-state map, if any.
+    pub page_states: Option<Arc<Mutex<balloon::PageStateMap>>>,
+}
+
+/// Snapshots the paused `vm` into `path`. `started` is when the request arrived.
+pub fn take(
+    vm: &LiveVm,
+    request: &SnapshotRequest,
+    started: Instant,
+) -> Result<SnapshotSummary, SnapshotError> {
+    let path = request.path.as_path();
+    // Devices first: a VM with a device whose state cannot be saved gets no snapshot at all.
+    let devices = vm
+        .virtio_devices
+        .iter()
+        .map(save_device)
+        .collect::<Result<Vec<_>, _>>()?;
+    let answers = vm
+        .control
+        .save_parked(vm.vcpu_count, vm.msr_indices.clone(), VCPU_SAVE_TIMEOUT)
+        .ok_or_else(|| SnapshotError::Vcpus("the parked vCPUs did not answer in time".into()))?;
+    let vcpus = answers.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let vm_state = VmKvmState::save(vm.vm_fd)?;
+    let serial = vm
+        .serial
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .save_state();
+    if let Some(dirty) = vm.dirty {
+        if let Err(err) = dirty.sync() {
+            // Pages whose state is stale stay in the state the map has: sync failures only
+            // make a snapshot keep pages (the map counts them Live), never lose them, except for
+            // pages written after a hint; refuse rather than risk that.
+            return Err(SnapshotError::Vcpus(format!(
+                "cannot sync the dirty log before reading the page-state map: {err}"
+            )));
+        }
+    }
+    let map_guard = vm
+        .page_states
+        .as_ref()
+        .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
+    let state = SnapshotState {
+        snapshot_id: new_snapshot_id(),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default(),
+        vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+        config: vm.config.clone(),
+        vcpus,
+        vm: vm_state,
+        serial,
+        devices,
+        memory: Default::default(),
+    };
+    let summary = write_snapshot(
+        path,
+        SnapshotParts {
+            state,
+            mem: vm.ram.memory(),
+            page_states: map_guard.as_deref(),
+            keep_all: request.raw_memory,
+            started,
+        },
+    )?;
+    tracing::info!(
+        path = %path.display(),
+        kept_pages = summary.pages.kept,
+        skipped_pages = summary.pages.skipped(),
+        memory_file_bytes = summary.memory_file_bytes,
+        save_state_ms = summary.save_state_ms,
+        write_ms = summary.write_ms,
+        "snapshot written"
+    );
+    Ok(summary)
+}

@@ -1,0 +1,207 @@
+//! Writing a snapshot directory so that a crash never leaves a half snapshot that looks whole.
+//!
+//! Everything goes into a hidden sibling directory `.NAME.tmp-PID` first: the memory file,
+//! then the state file, each fsynced, then the directory itself. Only then does the snapshot
+//! take its name: `rename`, or, when a previous snapshot is at that path, an atomic exchange
+//! (`renameat2(RENAME_EXCHANGE)`) after which the old one is deleted. A VMM killed at any point
+//! leaves the previous snapshot (or nothing) at the path, plus at most a hidden temporary
+//! directory; a full disk fails the write, removes the temporary directory and leaves the VM
+//! running.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use balloon::PageStateMap;
+use serde::Serialize;
+use vm_memory::GuestMemoryMmap;
+
+use super::crc32c::crc32c;
+use super::format::{StateHeader, MEMORY_FILE, STATE_FILE};
+use super::memory_file::write_memory_file;
+use super::state::{PageCounts, SnapshotState};
+use super::SnapshotError;
+
+/// What a finished snapshot reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotSummary {
+    /// The snapshot directory.
+    pub path: PathBuf,
+    /// Snapshot ID (hex).
+    pub snapshot_id: String,
+    /// Bytes of the state file.
+    pub state_bytes: u64,
+    /// Apparent bytes of the memory file.
+    pub memory_file_bytes: u64,
+    /// Pages kept and skipped.
+    pub pages: PageCounts,
+    /// Time to save the vCPU, VM and device state, in ms.
+    pub save_state_ms: f64,
+    /// Time to write and fsync both files and rename the directory, in ms.
+    pub write_ms: f64,
+}
+
+/// A fresh random snapshot ID.
+pub fn new_snapshot_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    // SAFETY: getrandom writes at most `id.len()` bytes into `id`.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != id.len() as isize {
+        // Fall back to time and pid: IDs need to be distinct, not secret.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        id = (nanos ^ (u128::from(std::process::id()) << 96)).to_le_bytes();
+    }
+    id
+}
+
+fn fsync_dir(path: &Path) -> Result<(), SnapshotError> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(SnapshotError::io("fsync directory", path))
+}
+
+/// Whether `path` is something a snapshot may replace: a directory holding nothing but
+/// snapshot files.
+fn is_replaceable(path: &Path) -> bool {
+    std::fs::read_dir(path).is_ok_and(|entries| {
+        entries.flatten().all(|e| {
+            let name = e.file_name();
+            (name == STATE_FILE || name == MEMORY_FILE) && e.file_type().is_ok_and(|t| t.is_file())
+        })
+    })
+}
+
+/// Atomically swaps `a` and `b` (both must exist).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    let a = CString::new(a.as_os_str().as_bytes())?;
+    let b = CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The parts of a paused VM a snapshot is made of (memory is read in place).
+pub struct SnapshotParts<'a> {
+    /// The state, with `memory` left default (filled in while writing).
+    pub state: SnapshotState,
+    /// Guest memory.
+    pub mem: &'a GuestMemoryMmap,
+    /// The balloon's page-state map (synced with the dirty log), if the VM has one.
+    pub page_states: Option<&'a PageStateMap>,
+    /// Keep every page (raw full dump) instead of only the live, non-zero, resident ones.
+    pub keep_all: bool,
+    /// When saving the state started (for the summary).
+    pub started: Instant,
+}
+
+/// Writes the snapshot directory `dir` from `parts` (see the module documentation).
+pub fn write_snapshot(dir: &Path, parts: SnapshotParts) -> Result<SnapshotSummary, SnapshotError> {
+    let save_state_ms = parts.started.elapsed().as_secs_f64() * 1e3;
+    let write_start = Instant::now();
+    let name = dir
+        .file_name()
+        .ok_or_else(|| SnapshotError::NotASnapshotDir(dir.to_owned()))?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    if dir.exists() && !is_replaceable(dir) {
+        return Err(SnapshotError::NotASnapshotDir(dir.to_owned()));
+    }
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(SnapshotError::io("create directory", &tmp))?;
+    let result = write_into(&tmp, parts).and_then(|(state_bytes, memory_file_bytes, state)| {
+        fsync_dir(&tmp)?;
+        if dir.exists() {
+            exchange(&tmp, dir).map_err(SnapshotError::io("replace the snapshot at", dir))?;
+            // `tmp` now holds the previous snapshot.
+            let _ = std::fs::remove_dir_all(&tmp);
+        } else {
+            std::fs::rename(&tmp, dir).map_err(SnapshotError::io("rename into place", dir))?;
+        }
+        fsync_dir(&parent)?;
+        Ok(SnapshotSummary {
+            path: dir.to_owned(),
+            snapshot_id: super::format::id_hex(&state.snapshot_id),
+            state_bytes,
+            memory_file_bytes,
+            pages: state.memory.pages,
+            save_state_ms,
+            write_ms: write_start.elapsed().as_secs_f64() * 1e3,
+        })
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// Writes both files into `tmp`, each fsynced; returns their sizes and the final state.
+fn write_into(
+    tmp: &Path,
+    parts: SnapshotParts,
+) -> Result<(u64, u64, SnapshotState), SnapshotError> {
+    let memory_path = tmp.join(MEMORY_FILE);
+    let mut memory = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&memory_path)
+        .map_err(SnapshotError::io("create", &memory_path))?;
+    let mut state = parts.state;
+    state.memory = write_memory_file(
+        &mut memory,
+        &memory_path,
+        parts.mem,
+        parts.page_states,
+        parts.keep_all,
+        state.snapshot_id,
+    )?;
+    memory
+        .sync_all()
+        .map_err(SnapshotError::io("fsync", &memory_path))?;
+    let memory_file_bytes = super::format::MEMORY_HEADER_BYTES + state.memory.data_bytes;
+
+    let state_path = tmp.join(STATE_FILE);
+    let body = serde_json::to_vec(&state).map_err(|e| SnapshotError::Io {
+        operation: "encode the state for",
+        path: state_path.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    let header = StateHeader {
+        body_bytes: body.len() as u64,
+        body_crc32c: crc32c(&body),
+    };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&state_path)
+        .map_err(SnapshotError::io("create", &state_path))?;
+    file.write_all(&header.encode())
+        .and_then(|()| file.write_all(&body))
+        .and_then(|()| file.sync_all())
+        .map_err(SnapshotError::io("write", &state_path))?;
+    let state_bytes = (header.encode().len() + body.len()) as u64;
+    Ok((state_bytes, memory_file_bytes, state))
+}
