@@ -2,6 +2,7 @@
 //! logs go to stderr, results to stdout.
 
 mod alloc;
+mod commands;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -57,6 +58,15 @@ enum Command {
     DamonMonitor(DamonMonitorArgs),
     /// Allocate and write N MiB of anonymous memory, hold it, then free it (a test load).
     Alloc(alloc::AllocArgs),
+    /// Run the trim daemon: DAMON monitoring from now on, control requests on a unix socket.
+    Daemon(commands::DaemonArgs),
+    /// Trim now by a policy (through the daemon if it runs, else here) and print the report.
+    Trim(commands::TrimArgs),
+    /// Send one JSON request line to the daemon and print its reply.
+    Ctl(commands::CtlArgs),
+    /// Test loads for the trim scenarios.
+    #[command(subcommand, hide = true)]
+    Workload(commands::WorkloadCmd),
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +132,12 @@ enum CliError {
     Json(#[source] serde_json::Error),
     #[error("alloc")]
     Alloc(#[source] alloc::AllocError),
+    #[error("trim")]
+    Trim(#[source] commands::CommandError),
+    #[error("ctl")]
+    Ctl(#[source] commands::CommandError),
+    #[error("workload")]
+    Workload(#[source] commands::CommandError),
 }
 
 fn main() -> ExitCode {
@@ -167,6 +183,12 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         }
         Command::DamonStatus(args) => damon_status(&g.damon_root(), args),
         Command::Alloc(args) => alloc::run(args).map_err(CliError::Alloc),
+        Command::Daemon(args) => commands::daemon(args, &g.proc_root, &g.sys_root),
+        Command::Trim(args) => {
+            commands::trim(args, &g.proc_root, &g.sys_root).map_err(CliError::Trim)
+        }
+        Command::Ctl(args) => commands::ctl(args).map_err(CliError::Ctl),
+        Command::Workload(cmd) => commands::workload(cmd).map_err(CliError::Workload),
         Command::DamonMonitor(args) => {
             let damon = DamonSysfs::detect(g.damon_root())
                 .map_err(CliError::DamonMonitor)?
