@@ -98,12 +98,12 @@ pub struct BootArgs {
 }
 
 /// Prints a progress line on stderr.
-fn say(msg: &str) {
+pub(crate) fn say(msg: &str) {
     let _ = writeln!(std::io::stderr().lock(), "bench: {msg}");
 }
 
 /// The workspace root (this crate's parent).
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("bench/ has a parent")
@@ -150,7 +150,7 @@ impl RigLock {
 }
 
 /// Runs `program args` and returns its stdout; stderr goes to ours. Fails with the status.
-fn output_of(program: &Path, args: &[&str], cwd: &Path) -> anyhow::Result<String> {
+pub(crate) fn output_of(program: &Path, args: &[&str], cwd: &Path) -> anyhow::Result<String> {
     let out = Command::new(program)
         .args(args)
         .current_dir(cwd)
@@ -171,16 +171,16 @@ fn output_of(program: &Path, args: &[&str], cwd: &Path) -> anyhow::Result<String
 
 /// The guest image.
 #[derive(Debug, Clone, Serialize)]
-struct Image {
-    kernel: PathBuf,
-    initrd: PathBuf,
+pub(crate) struct Image {
+    pub(crate) kernel: PathBuf,
+    pub(crate) initrd: PathBuf,
     kernel_version: Option<String>,
     kernel_package: Option<String>,
     kernel_bytes: u64,
     initrd_bytes: u64,
 }
 
-fn build_image(vmm: &Path, root: &Path) -> anyhow::Result<Image> {
+pub(crate) fn build_image(vmm: &Path, root: &Path) -> anyhow::Result<Image> {
     let text =
         output_of(vmm, &["image", "build", "--json"], root).context("building the guest image")?;
     let v: serde_json::Value = serde_json::from_str(text.trim())

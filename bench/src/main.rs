@@ -8,6 +8,9 @@
 //! 3. the VMM's memory overhead (Rss minus the guest RAM mapping's Rss) inside the rig;
 //! 4. the static `vmm` binary's size.
 //!
+//! `bench trim` measures the guest-trimmer (idle cost, trim time and memory freed per step) in
+//! the rig and writes `bench-results/trim.{json,md}`.
+//!
 //! `bench rig-boot --plan FILE` is the in-rig driver the host side starts (statically linked).
 
 mod clock;
@@ -20,6 +23,7 @@ mod qemu;
 mod report;
 mod smaps;
 mod stats;
+mod trim;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +40,8 @@ enum Cmd {
     Boot(host::BootArgs),
     /// The in-rig driver: run a plan's boots and print one result line per boot.
     RigBoot(driver::RigBootArgs),
+    /// Trimmer: idle cost, trim time and memory freed per step (in the rig).
+    Trim(trim::TrimArgs),
 }
 
 fn main() {
@@ -43,6 +49,7 @@ fn main() {
     let result = match cli.command {
         Cmd::Boot(args) => host::run(args),
         Cmd::RigBoot(args) => driver::run(args).map(|()| 0),
+        Cmd::Trim(args) => trim::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

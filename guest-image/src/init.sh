@@ -6,6 +6,7 @@
 #   vmm_run="<shell command>"   run it with `sh -c`, print `VMM-RUN-EXIT <status>`, then vmm_after
 #   vmm_after=shell|poweroff|halt   what to do after vmm_run (default poweroff)
 #   vmm_workload=<name>         a named workload: counter | idle
+#   vmm_trimmer=off             do not start the guest-trimmer daemon
 # With neither vmm_run nor vmm_workload an interactive shell runs on the console.
 # The host watches the console for the `VMM-SYSINFO {json}` and `VMM-GUEST-READY` lines.
 
@@ -44,6 +45,13 @@ fi
 # A data disk, if the VMM attached one.
 if [ -b /dev/vda ]; then
     mount -o ro /dev/vda /mnt || echo "vmm-init: mounting /dev/vda read-only on /mnt failed"
+fi
+
+# The trim daemon: DAMON monitoring from boot, control requests on a unix socket (log in
+# /tmp/guest-trimmer.log). vmm_trimmer=off leaves it out.
+if [ -x /bin/guest-trimmer ] && [ "${vmm_trimmer:-on}" != off ]; then
+    mkdir -p /run
+    /bin/guest-trimmer --log-level info daemon --unix /run/guest-trimmer.sock >/dev/null 2>/tmp/guest-trimmer.log &
 fi
 
 sysinfo=""

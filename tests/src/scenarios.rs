@@ -6,6 +6,7 @@
 //! byte is a nested exit, and `quiet` cuts a boot from ~45 s to ~8 s there.
 
 mod balloon;
+mod trim;
 
 use crate::proc::{describe, Proc};
 use std::io::{Read, Write};
@@ -98,6 +99,10 @@ pub fn all() -> Vec<Scenario> {
             balloon::reporting_returns_memory,
         ),
         sc("balloon_hinting", 300, balloon::hinting),
+        // Trimmer (src/scenarios/trim.rs). The data-disk scenarios join once virtio-blk lands:
+        // sc("trim_default_keeps_hot", 400, trim::default_keeps_hot),
+        // sc("trim_aggressive_drops_hot", 400, trim::aggressive_drops_hot),
+        sc("trim_pipeline", 400, trim::pipeline),
     ]
 }
 

@@ -55,4 +55,5 @@ scenario_tests!(
     balloon_oom_without_deflate,
     balloon_reporting_returns_memory,
     balloon_hinting,
+    trim_pipeline,
 );
