@@ -213,8 +213,11 @@ pub fn markdown(r: &Value) -> String {
         ("whole trim, ms", "total_ms"),
         ("trim without the reporting wait, ms", "trim_ms"),
         ("memory freed in the guest, MiB", "freed_mib"),
-        ("guest used before / after, MiB", "guest_used_before_mib"),
-        ("", "guest_used_after_mib"),
+        (
+            "guest used (MemTotal - MemFree) before, MiB",
+            "guest_used_before_mib",
+        ),
+        ("guest used after, MiB", "guest_used_after_mib"),
         ("host RSS of guest RAM before, MiB", "host_rss_before_mib"),
         ("host RSS after the trim, MiB", "host_rss_after_mib"),
         ("host RSS 3 s later, MiB", "host_rss_after_3s_mib"),

@@ -208,6 +208,9 @@ pub struct SchemeFeatures {
     pub apply_interval: bool,
 }
 
+/// Longest wait for the kernel to refill `tried_regions/` after an update request.
+const TRIED_REGIONS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn ctx_dir(kdamond: u64) -> String {
     format!("kdamonds/{kdamond}/contexts/0")
 }
@@ -355,6 +358,13 @@ impl DamonSysfs {
             });
         }
         self.kdamond_command(kdamond, "update_schemes_tried_regions")?;
+        // The kernel clears the list and refills it while the kdamond next applies the
+        // scheme: wait (bounded) for the first region to appear.
+        let first = self.root().join(format!("{dir}/0"));
+        let deadline = std::time::Instant::now() + TRIED_REGIONS_WAIT;
+        while !first.is_dir() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let mut regions = Vec::new();
         for i in 0u64.. {
             let r = format!("{dir}/{i}");

@@ -20,8 +20,9 @@ use crate::damon::{
 pub const PADDR_KDAMOND: u64 = 0;
 /// The spare kdamond for virtual address space passes.
 pub const VADDR_KDAMOND: u64 = 1;
-/// Polls with unchanged counters after which a pass counts as finished.
-const STABLE_POLLS: u32 = 2;
+/// Polls with unchanged counters after which a pass counts as finished. Regions an action was
+/// applied to restart at age zero, so once every cold region was tried the counters stop.
+const STABLE_POLLS: u32 = 1;
 
 /// What a pass does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,8 +146,10 @@ pub fn pageout_pass(
     }
 }
 
-/// Polls scheme `index`'s counters every aggregation interval until they stop moving (after
-/// `min_wait_ms` and at least two aggregation intervals), or `max`.
+/// Polls scheme `index`'s counters until they stop moving (after `min_wait_ms` and at least two
+/// aggregation intervals), or `max`. The kernel refreshes the counters at the kdamond's next
+/// aggregation, so each poll takes about one aggregation interval by itself; the sleep between
+/// polls is short.
 fn watch(
     damon: &DamonSysfs,
     kdamond: u64,
@@ -165,7 +168,7 @@ fn watch(
         if left.is_zero() {
             return Ok((last, false, polls));
         }
-        std::thread::sleep(poll.min(left));
+        std::thread::sleep((poll / 4).min(left));
         let now = damon.scheme_stats(kdamond, index)?;
         polls += 1;
         let moved = now.sz_tried_bytes != last.sz_tried_bytes

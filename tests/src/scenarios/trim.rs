@@ -135,16 +135,11 @@ pub(super) fn pipeline(ctx: &Ctx) -> Outcome {
     // default.json against the real kernel's DAMON.
     let def = json_after(&mut p, MARK_DEFAULT)?;
     let kinds = step_statuses(&def);
-    let expected: Vec<(String, String)> = [
-        "hooks",
-        "damon_pageout",
-        "drop_caches",
-        "compact_memory",
-        "wait_reported",
-    ]
-    .iter()
-    .map(|k| (k.to_string(), "ok".to_string()))
-    .collect();
+    let expected: Vec<(String, String)> =
+        ["hooks", "damon_pageout", "compact_memory", "wait_reported"]
+            .iter()
+            .map(|k| (k.to_string(), "ok".to_string()))
+            .collect();
     ensure(
         def["ok"] == true && def["ready"] == true && kinds == expected,
         || format!("default.json: steps {kinds:?}, want all ok in policy order; reply {def}"),
