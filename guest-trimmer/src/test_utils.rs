@@ -81,35 +81,7 @@ pub(crate) fn fake() -> Fake {
             put(&admin, &format!("{ctx}/monitoring_attrs/{a}"), "0\n");
         }
         for s in 0..2 {
-            let sd = format!("{ctx}/schemes/{s}");
-            put(&admin, &format!("{sd}/action"), "stat\n");
-            for f in ["sz", "nr_accesses", "age"] {
-                put(&admin, &format!("{sd}/access_pattern/{f}/min"), "0\n");
-                put(&admin, &format!("{sd}/access_pattern/{f}/max"), "0\n");
-            }
-            for f in [
-                "ms",
-                "bytes",
-                "reset_interval_ms",
-                "weights/sz_permil",
-                "weights/nr_accesses_permil",
-                "weights/age_permil",
-            ] {
-                put(&admin, &format!("{sd}/quotas/{f}"), "0\n");
-            }
-            put(&admin, &format!("{sd}/watermarks/metric"), "none\n");
-            put(&admin, &format!("{sd}/filters/nr_filters"), "0\n");
-            put(&admin, &format!("{sd}/filters/0/type"), "anon\n");
-            put(&admin, &format!("{sd}/filters/0/matching"), "N\n");
-            for f in [
-                "nr_tried",
-                "sz_tried",
-                "nr_applied",
-                "sz_applied",
-                "qt_exceeds",
-            ] {
-                put(&admin, &format!("{sd}/stats/{f}"), "3\n");
-            }
+            fake_scheme_dir(&admin, &format!("{ctx}/schemes/{s}"), Some(1), [3; 5]);
         }
     }
     let mut env = TrimEnv::new(
@@ -123,4 +95,45 @@ pub(crate) fn fake() -> Fake {
     );
     env.reporting_delay = Duration::ZERO;
     Fake { dir, env }
+}
+
+/// One scheme directory `sd` below `root` as the kernel creates it: `filters` filter
+/// directories (`None`: no `filters/` at all, a kernel before 6.3) and `stats` for `nr_tried`,
+/// `sz_tried`, `nr_applied`, `sz_applied`, `qt_exceeds`.
+pub(crate) fn fake_scheme_dir(root: &Path, sd: &str, filters: Option<usize>, stats: [u64; 5]) {
+    put(root, &format!("{sd}/action"), "stat\n");
+    put(root, &format!("{sd}/apply_interval_us"), "0\n");
+    for f in ["sz", "nr_accesses", "age"] {
+        put(root, &format!("{sd}/access_pattern/{f}/min"), "0\n");
+        put(root, &format!("{sd}/access_pattern/{f}/max"), "0\n");
+    }
+    for f in [
+        "ms",
+        "bytes",
+        "reset_interval_ms",
+        "weights/sz_permil",
+        "weights/nr_accesses_permil",
+        "weights/age_permil",
+    ] {
+        put(root, &format!("{sd}/quotas/{f}"), "0\n");
+    }
+    put(root, &format!("{sd}/watermarks/metric"), "none\n");
+    if let Some(n) = filters {
+        put(root, &format!("{sd}/filters/nr_filters"), "0\n");
+        for f in 0..n {
+            put(root, &format!("{sd}/filters/{f}/type"), "anon\n");
+            put(root, &format!("{sd}/filters/{f}/matching"), "N\n");
+        }
+    }
+    let names = [
+        "nr_tried",
+        "sz_tried",
+        "nr_applied",
+        "sz_applied",
+        "qt_exceeds",
+    ];
+    for (f, v) in names.iter().zip(stats) {
+        put(root, &format!("{sd}/stats/{f}"), &format!("{v}\n"));
+    }
+    put(root, &format!("{sd}/tried_regions/total_bytes"), "0\n");
 }

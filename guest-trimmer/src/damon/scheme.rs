@@ -419,31 +419,7 @@ impl DamonSysfs {
             1,
             &ctx,
         )?;
-        let avail_path = format!("{ctx}/avail_operations");
-        if self.root().join(&avail_path).exists() {
-            let available = self.read_words(OP, &avail_path)?;
-            if !available.iter().any(|o| o == "vaddr") {
-                return Err(DamonError::Unsupported {
-                    op: OP,
-                    wanted: "vaddr",
-                    available,
-                });
-            }
-        }
-        self.write(OP, &format!("{ctx}/operations"), "vaddr")?;
-        for (file, value) in [
-            ("intervals/sample_us", attrs.sample_us),
-            ("intervals/aggr_us", attrs.aggr_us),
-            ("intervals/update_us", attrs.update_us),
-            ("nr_regions/min", attrs.min_nr_regions),
-            ("nr_regions/max", attrs.max_nr_regions),
-        ] {
-            self.write(
-                OP,
-                &format!("{ctx}/monitoring_attrs/{file}"),
-                &value.to_string(),
-            )?;
-        }
+        self.write_operations_and_attrs(OP, &ctx, "vaddr", attrs)?;
         let n = pids.len() as u64;
         self.write_count(
             OP,

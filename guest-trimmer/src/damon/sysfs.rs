@@ -547,28 +547,7 @@ impl DamonSysfs {
             &format!("kdamonds/{}", self.nr_kdamonds - 1),
         )?;
         self.write_count(OP, "kdamonds/0/contexts/nr_contexts", 1, ctx)?;
-        let avail_path = format!("{ctx}/avail_operations");
-        if self.root.join(&avail_path).exists() {
-            let available = self.read_words(OP, &avail_path)?;
-            if !available.iter().any(|o| o == "paddr") {
-                return Err(DamonError::Unsupported {
-                    op: OP,
-                    wanted: "paddr",
-                    available,
-                });
-            }
-        }
-        self.write(OP, &format!("{ctx}/operations"), "paddr")?;
-        let attrs_dir = format!("{ctx}/monitoring_attrs");
-        for (file, value) in [
-            ("intervals/sample_us", attrs.sample_us),
-            ("intervals/aggr_us", attrs.aggr_us),
-            ("intervals/update_us", attrs.update_us),
-            ("nr_regions/min", attrs.min_nr_regions),
-            ("nr_regions/max", attrs.max_nr_regions),
-        ] {
-            self.write(OP, &format!("{attrs_dir}/{file}"), &value.to_string())?;
-        }
+        self.write_operations_and_attrs(OP, ctx, "paddr", attrs)?;
         let target = format!("{ctx}/targets/0");
         self.write_count(OP, &format!("{ctx}/targets/nr_targets"), 1, &target)?;
         let regions_dir = format!("{target}/regions");
@@ -666,6 +645,43 @@ impl DamonSysfs {
             });
         }
         tracing::info!(state = value, index, "kdamond");
+        Ok(())
+    }
+
+    /// In context directory `ctx`: checks that the kernel offers `ops` (where it lists what it
+    /// offers), selects them, and writes the monitoring attributes.
+    pub(crate) fn write_operations_and_attrs(
+        &self,
+        op: &'static str,
+        ctx: &str,
+        ops: &'static str,
+        attrs: &MonitoringAttrs,
+    ) -> Result<(), DamonError> {
+        let avail_path = format!("{ctx}/avail_operations");
+        if self.root.join(&avail_path).exists() {
+            let available = self.read_words(op, &avail_path)?;
+            if !available.iter().any(|o| o == ops) {
+                return Err(DamonError::Unsupported {
+                    op,
+                    wanted: ops,
+                    available,
+                });
+            }
+        }
+        self.write(op, &format!("{ctx}/operations"), ops)?;
+        for (file, value) in [
+            ("intervals/sample_us", attrs.sample_us),
+            ("intervals/aggr_us", attrs.aggr_us),
+            ("intervals/update_us", attrs.update_us),
+            ("nr_regions/min", attrs.min_nr_regions),
+            ("nr_regions/max", attrs.max_nr_regions),
+        ] {
+            self.write(
+                op,
+                &format!("{ctx}/monitoring_attrs/{file}"),
+                &value.to_string(),
+            )?;
+        }
         Ok(())
     }
 

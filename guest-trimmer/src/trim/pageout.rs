@@ -124,15 +124,10 @@ pub fn pageout_pass(
         damon.setup_vaddr_monitor(VADDR_KDAMOND, attrs, &p.pids)?;
         damon.set_schemes(VADDR_KDAMOND, std::slice::from_ref(&scheme))?;
         damon.start_kdamond(VADDR_KDAMOND)?;
-        // Ages start at zero: nothing is cold before the cold age has passed.
-        let result = watch(
-            damon,
-            VADDR_KDAMOND,
-            0,
-            attrs,
-            p.max_duration,
-            p.cold_age_ms,
-        );
+        // Ages start at zero: nothing is cold before the cold age has passed; wait twice that
+        // (the kdamond's aggregations lag wall time on a loaded guest).
+        let min_wait_ms = p.cold_age_ms.saturating_mul(2);
+        let result = watch(damon, VADDR_KDAMOND, 0, attrs, p.max_duration, min_wait_ms);
         let stopped = damon.stop_kdamond(VADDR_KDAMOND);
         let (stats, converged, polls) = result?;
         stopped?;

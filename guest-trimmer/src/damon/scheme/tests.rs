@@ -4,11 +4,7 @@ use super::*;
 use crate::damon::{KdamondState, MonitoringAttrs};
 use std::path::Path;
 
-fn put(root: &Path, rel: &str, value: &str) {
-    let path = root.join(rel);
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, value).unwrap();
-}
+use crate::test_utils::{fake_scheme_dir, put};
 
 fn get(root: &Path, rel: &str) -> String {
     std::fs::read_to_string(root.join(rel)).unwrap()
@@ -53,41 +49,9 @@ fn fake(
         }
         put(root, &format!("{ctx}/schemes/nr_schemes"), "0\n");
         for s in 0..nr_scheme_dirs {
-            let sd = format!("{ctx}/schemes/{s}");
-            put(root, &format!("{sd}/action"), "stat\n");
-            put(root, &format!("{sd}/apply_interval_us"), "0\n");
-            for f in ["sz", "nr_accesses", "age"] {
-                put(root, &format!("{sd}/access_pattern/{f}/min"), "0\n");
-                put(root, &format!("{sd}/access_pattern/{f}/max"), "0\n");
-            }
-            for f in [
-                "ms",
-                "bytes",
-                "reset_interval_ms",
-                "weights/sz_permil",
-                "weights/nr_accesses_permil",
-                "weights/age_permil",
-            ] {
-                put(root, &format!("{sd}/quotas/{f}"), "0\n");
-            }
-            put(root, &format!("{sd}/watermarks/metric"), "none\n");
-            if with_filters {
-                put(root, &format!("{sd}/filters/nr_filters"), "0\n");
-                for f in 0..nr_filter_dirs {
-                    put(root, &format!("{sd}/filters/{f}/type"), "anon\n");
-                    put(root, &format!("{sd}/filters/{f}/matching"), "N\n");
-                }
-            }
-            for (f, v) in [
-                ("nr_tried", 7),
-                ("sz_tried", 7 << 20),
-                ("nr_applied", 5),
-                ("sz_applied", 5 << 20),
-                ("qt_exceeds", 1),
-            ] {
-                put(root, &format!("{sd}/stats/{f}"), &format!("{v}\n"));
-            }
-            put(root, &format!("{sd}/tried_regions/total_bytes"), "0\n");
+            let filters = with_filters.then_some(nr_filter_dirs);
+            let stats = [7, 7 << 20, 5, 5 << 20, 1];
+            fake_scheme_dir(root, &format!("{ctx}/schemes/{s}"), filters, stats);
         }
     }
     let damon = DamonSysfs::detect(root).unwrap();
