@@ -8,6 +8,9 @@
 //! 3. the VMM's memory overhead (Rss minus the guest RAM mapping's Rss) inside the rig;
 //! 4. the static `vmm` binary's size.
 //!
+//! `bench trim` measures the guest-trimmer (idle cost, trim time and memory freed per step) in
+//! the rig and writes `bench-results/trim.{json,md}`.
+//!
 //! `bench rig-boot --plan FILE` is the in-rig driver the host side starts (statically linked).
 
 mod block;
@@ -22,6 +25,7 @@ mod report;
 mod smaps;
 mod snapshot;
 mod stats;
+mod trim;
 mod vsock;
 
 use clap::{Parser, Subcommand};
@@ -52,6 +56,8 @@ enum Cmd {
     Vsock(vsock::VsockArgs),
     /// The in-rig vsock driver.
     RigVsock(vsock::RigVsockArgs),
+    /// Trimmer: idle cost, trim time and memory freed per step (in the rig).
+    Trim(trim::TrimArgs),
 }
 
 fn main() {
@@ -64,6 +70,7 @@ fn main() {
         Cmd::SnapshotFromLog { log } => snapshot::from_log(&log, &host::workspace_root()),
         Cmd::Vsock(args) => vsock::run(args),
         Cmd::RigVsock(args) => vsock::rig_run(args).map(|()| 0),
+        Cmd::Trim(args) => trim::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -7,6 +7,7 @@
 #   vmm_after=shell|poweroff|halt   what to do after vmm_run (default poweroff)
 #   vmm_workload=<name>         a named workload: counter | idle
 #   vmm_trimmer_port=<port>     vsock port of `guest-trimmer serve` (default 52)
+#   vmm_trimmer=off|lite        no guest-trimmer daemon | only its vsock ping endpoint
 # With neither vmm_run nor vmm_workload an interactive shell runs on the console.
 # The host watches the console for the `VMM-SYSINFO {json}` and `VMM-GUEST-READY` lines.
 
@@ -55,11 +56,26 @@ if [ -b /dev/vda ]; then
     fi
 fi
 
-# The trimmer's JSON-lines endpoint on vsock, when the VMM attached a vsock device
-# (port: kernel parameter vmm_trimmer_port=, default 52).
-if [ -c /dev/vsock ] && [ -x /bin/guest-trimmer ] &&
-    ls /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/virtio* >/dev/null 2>&1; then
-    GUEST_TRIMMER_LOG=warn /bin/guest-trimmer serve --vsock-port "${vmm_trimmer_port:-52}" </dev/null &
+# The trim daemon: DAMON monitoring from boot and the JSON-lines control protocol on a unix
+# socket and, when the VMM attached a vsock device, on vsock port vmm_trimmer_port= (default 52).
+# Log in /tmp/guest-trimmer.log. vmm_trimmer=off leaves it out; vmm_trimmer=lite serves only
+# `ping` on vsock (no DAMON monitoring, for guests that measure something else).
+vsock_args=""
+if [ -c /dev/vsock ] && ls /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/virtio* >/dev/null 2>&1; then
+    vsock_args="--vsock-port ${vmm_trimmer_port:-52}"
+fi
+if [ -x /bin/guest-trimmer ]; then
+    mkdir -p /run
+    case "${vmm_trimmer:-on}" in
+        off) ;;
+        lite)
+            [ -n "$vsock_args" ] && GUEST_TRIMMER_LOG=warn /bin/guest-trimmer serve $vsock_args </dev/null &
+            ;;
+        *)
+            /bin/guest-trimmer --log-level info daemon --unix /run/guest-trimmer.sock $vsock_args \
+                </dev/null >/dev/null 2>/tmp/guest-trimmer.log &
+            ;;
+    esac
 fi
 
 sysinfo=""

@@ -7,11 +7,23 @@
 //! - [`sysinfo`]: online CPUs, memory size, kernel release and uptime, printed at boot;
 //! - [`damon`]: the DAMON sysfs driver;
 //! - [`vsock`]: AF_VSOCK sockets and the JSON-lines control endpoint.
+//! - [`damon`]: the DAMON sysfs driver (monitoring, schemes, regions);
+//! - [`trim`]: the trim pipeline (hooks, pageout, drop caches, compaction, reporting wait);
+//! - [`control`]: the JSON-lines control protocol the daemon serves;
+//! - [`unix_server`]: that protocol on a unix socket;
+//! - [`workload`]: test loads (cold/hot file reads, live anonymous data, a runtime cache).
 
+pub mod control;
 pub mod damon;
 pub mod meminfo;
 pub mod sysinfo;
+pub mod trim;
+pub mod unix_server;
 pub mod vsock;
+pub mod workload;
+
+#[cfg(test)]
+pub(crate) mod test_utils;
 
 /// Formats an error and its chain of causes as `outer: cause: cause`, the way the binary
 /// prints errors.

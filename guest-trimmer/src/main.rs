@@ -2,6 +2,7 @@
 //! logs go to stderr, results to stdout.
 
 mod alloc;
+mod commands;
 mod disk_bench;
 mod vsock_tool;
 
@@ -67,6 +68,15 @@ enum Command {
     /// vsock test peers: sink, source, connect.
     #[command(subcommand)]
     Vsock(vsock_tool::VsockCommand),
+    /// Run the trim daemon: DAMON monitoring from now on, control requests on a unix socket.
+    Daemon(commands::DaemonArgs),
+    /// Trim now by a policy (through the daemon if it runs, else here) and print the report.
+    Trim(commands::TrimArgs),
+    /// Send one JSON request line to the daemon and print its reply.
+    Ctl(commands::CtlArgs),
+    /// Test loads for the trim scenarios.
+    #[command(subcommand, hide = true)]
+    Workload(commands::WorkloadCmd),
 }
 
 #[derive(Debug, Args)]
@@ -136,6 +146,12 @@ enum CliError {
     DiskBench(#[source] disk_bench::DiskBenchError),
     #[error("vsock")]
     Vsock(#[source] vsock_tool::VsockToolError),
+    #[error("trim")]
+    Trim(#[source] commands::CommandError),
+    #[error("ctl")]
+    Ctl(#[source] commands::CommandError),
+    #[error("workload")]
+    Workload(#[source] commands::CommandError),
 }
 
 fn main() -> ExitCode {
@@ -184,6 +200,12 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::DiskBench(args) => disk_bench::run(args).map_err(CliError::DiskBench),
         Command::Serve(args) => vsock_tool::run_serve(args).map_err(CliError::Vsock),
         Command::Vsock(cmd) => vsock_tool::run(cmd).map_err(CliError::Vsock),
+        Command::Daemon(args) => commands::daemon(args, &g.proc_root, &g.sys_root),
+        Command::Trim(args) => {
+            commands::trim(args, &g.proc_root, &g.sys_root).map_err(CliError::Trim)
+        }
+        Command::Ctl(args) => commands::ctl(args).map_err(CliError::Ctl),
+        Command::Workload(cmd) => commands::workload(cmd).map_err(CliError::Workload),
         Command::DamonMonitor(args) => {
             let damon = DamonSysfs::detect(g.damon_root())
                 .map_err(CliError::DamonMonitor)?

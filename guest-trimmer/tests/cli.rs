@@ -260,3 +260,106 @@ fn damon_monitor_start_and_stop_on_a_fake_tree() {
         "kdamond 0: off\n"
     );
 }
+
+/// The daemon serves the control protocol on a unix socket; `ctl` and `trim` talk to it.
+/// DAMON is absent in this fake tree: the daemon still answers and says why.
+#[test]
+fn daemon_ctl_and_trim_over_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let (proc_root, sys_root) = fake_roots(dir.path(), false);
+    put(&proc_root, "sys/vm/drop_caches", "0");
+    put(&proc_root, "sys/vm/compact_memory", "0");
+    put(
+        &proc_root,
+        "buddyinfo",
+        "Node 0, zone DMA32 1 1 1 1 1 1 1 1 1 1 1\n",
+    );
+    let sock = dir.path().join("ctl.sock");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_guest-trimmer"))
+        .arg("--proc-root")
+        .arg(&proc_root)
+        .arg("--sys-root")
+        .arg(&sys_root)
+        .args(["--log-level", "off", "daemon", "--unix"])
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sock_s = sock.display().to_string();
+    let mut status = None;
+    for _ in 0..300 {
+        let out = run(
+            &proc_root,
+            &sys_root,
+            &["ctl", "--unix", &sock_s, r#"{"op":"status"}"#],
+        );
+        if out.status.success() {
+            status = Some(String::from_utf8(out.stdout).unwrap());
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(status.as_deref().expect("daemon answered")).unwrap();
+    assert_eq!(status["monitoring"]["started"], false);
+    assert!(status["monitoring"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("DAMON sysfs interface not found"));
+
+    let bad = run(
+        &proc_root,
+        &sys_root,
+        &["ctl", "--unix", &sock_s, r#"{"op":"nope"}"#],
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("the daemon refused the request"));
+
+    let policy = dir.path().join("p.json");
+    std::fs::write(
+        &policy,
+        r#"{"name": "cli", "cold_age_ms": 0, "steps": [{"drop_caches": {"page_cache": "all", "slab": true}}, {"compact_memory": {}}]}"#,
+    )
+    .unwrap();
+    let out = run(
+        &proc_root,
+        &sys_root,
+        &[
+            "trim",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--unix",
+            &sock_s,
+            "--json",
+        ],
+    );
+    let reply: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(reply["ready"], true, "{reply}");
+    assert_eq!(reply["report"]["steps"][1]["kind"], "compact_memory");
+    assert_eq!(
+        std::fs::read_to_string(proc_root.join("sys/vm/drop_caches")).unwrap(),
+        "3"
+    );
+
+    // A policy with a typo fails before anything is sent, naming line and column.
+    std::fs::write(&policy, "{\n  \"name\": \"x\",\n  \"cold_age\": 1\n}").unwrap();
+    let out = run(
+        &proc_root,
+        &sys_root,
+        &[
+            "trim",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--unix",
+            &sock_s,
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("at line 3, column") && err.contains("unknown field `cold_age`"),
+        "{err}"
+    );
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+}

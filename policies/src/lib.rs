@@ -32,8 +32,11 @@ pub const DEFAULT_POLICY_JSON: &str = include_str!("../default.json");
 /// Text of the shipped `aggressive.json` policy: frees everything that is clean.
 pub const AGGRESSIVE_POLICY_JSON: &str = include_str!("../aggressive.json");
 
+/// Text of the shipped `runtime-hooks.json` policy: hooks for a JVM and a Python process.
+pub const RUNTIME_HOOKS_POLICY_JSON: &str = include_str!("../runtime-hooks.json");
+
 /// Names of the policies built into this crate, for [`Policy::builtin`].
-pub const BUILTIN_POLICY_NAMES: [&str; 2] = ["default", "aggressive"];
+pub const BUILTIN_POLICY_NAMES: [&str; 3] = ["default", "aggressive", "runtime-hooks"];
 
 /// A trim policy: what `guest-trimmer` does, in order, before a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +65,20 @@ pub struct Policy {
     /// when the run ends. `None` leaves the kernel's setting (pageblock order, 9 = 2 MiB).
     #[serde(default)]
     pub page_reporting_order: Option<u32>,
+    /// Wall-clock budget of the whole trim run. Steps that would start after it are skipped
+    /// (and reported as such); bounded steps (hooks, pageout, wait) get at most what is left.
+    /// `None`: only the per-step bounds apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_ms: Option<u64>,
+    /// DAMON-guided page cache passes (`damon_pageout`, `drop_caches` with `"cold"`) page out
+    /// at most the file page cache above this many MiB, coldest first, so at least this much
+    /// of the hottest page cache stays. `None`: no floor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_hot_mib: Option<u64>,
+    /// Hooks (declared in [`Policy::hooks`]) run, in this order, when the guest was restored
+    /// from a snapshot (`after_restore` request): reseed randomness, reconnect...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after_restore: Vec<String>,
 }
 
 /// One step of the pipeline. In JSON, an object with exactly one key naming the step, e.g.
@@ -132,6 +149,12 @@ pub struct DamonPageoutStep {
     /// Stop the step after this long even if cold memory remains.
     #[serde(default = "default_damon_pageout_max_duration_ms")]
     pub max_duration_ms: u64,
+    /// If set, the step pages out the virtual address spaces of these processes (DAMON
+    /// `vaddr` operations, one target per pid file: absolute paths of files holding a pid)
+    /// instead of physical memory. Their monitoring starts with the step, so only a small
+    /// `cold_age_ms` finds anything there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pid_files: Vec<PathBuf>,
 }
 
 /// Which page cache [`DropCachesStep`] drops. In JSON a string (`"none"`, `"cold"`, `"all"`);
@@ -575,6 +598,7 @@ impl Policy {
         let text = match name {
             "default" => DEFAULT_POLICY_JSON,
             "aggressive" => AGGRESSIVE_POLICY_JSON,
+            "runtime-hooks" => RUNTIME_HOOKS_POLICY_JSON,
             _ => {
                 return Err(PolicyError::UnknownBuiltin {
                     name: name.to_string(),

@@ -46,6 +46,7 @@ fn shipped_policies_parse_and_validate() {
     for (name, text) in [
         ("default", DEFAULT_POLICY_JSON),
         ("aggressive", AGGRESSIVE_POLICY_JSON),
+        ("runtime-hooks", RUNTIME_HOOKS_POLICY_JSON),
     ] {
         let p = Policy::from_json_str(text).unwrap_or_else(|e| panic!("{}", error_chain(&e)));
         assert_eq!(p.name, name);
@@ -62,7 +63,8 @@ fn shipped_policies_parse_and_validate() {
 #[test]
 fn default_policy_keeps_hot_data() {
     let p = Policy::builtin("default").unwrap();
-    assert_eq!(p.cold_age_ms, 30_000);
+    assert_eq!(p.cold_age_ms, 20_000);
+    assert_eq!(p.budget_ms, Some(15_000));
     assert!(!p.require_trim);
     let mut kinds = Vec::new();
     for step in &p.steps {
@@ -70,24 +72,18 @@ fn default_policy_keeps_hot_data() {
         match step {
             Step::DamonPageout(s) => {
                 assert!(s.spare_anon);
-                assert!(p.effective_cold_age_ms(s.cold_age_ms) >= 30_000);
+                assert!(p.effective_cold_age_ms(s.cold_age_ms) >= 20_000);
+                assert!(s.pid_files.is_empty(), "default monitors physical memory");
             }
-            Step::DropCaches(s) => {
-                assert_eq!(s.page_cache, PageCacheDrop::Cold);
-                assert!(!s.slab, "dropping slab evicts hot files' page cache");
+            Step::DropCaches(_) => {
+                panic!("default.json keeps what DAMON saw hot: no drop_caches (slab drops evict hot files)")
             }
             _ => {}
         }
     }
     assert_eq!(
         kinds,
-        [
-            "hooks",
-            "damon_pageout",
-            "drop_caches",
-            "compact_memory",
-            "wait_reported"
-        ]
+        ["hooks", "damon_pageout", "compact_memory", "wait_reported"]
     );
 }
 
@@ -398,8 +394,8 @@ fn hook_references() {
             "steps[0].hooks.names: must name at least one hook, or be left out to run them all",
             r#"steps[1].hooks.names[0]: "nope" is not declared in "hooks""#,
             r#"steps[1].hooks.names[2]: "runtime" is listed twice"#,
-            r#"hooks[1]: "usr1" is not run by any "hooks" step"#,
-            r#"hooks[2]: "sock" is not run by any "hooks" step"#,
+            r#"hooks[1]: "usr1" is not run by any "hooks" step nor by "after_restore""#,
+            r#"hooks[2]: "sock" is not run by any "hooks" step nor by "after_restore""#,
         ]
     );
     // A hooks step with nothing declared is a valid template.
@@ -523,4 +519,85 @@ fn readme_example_is_valid() {
     let p = Policy::from_json_str(&readme[start..end])
         .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
     assert_eq!(p.name, "web-worker");
+}
+
+#[test]
+fn runtime_hooks_policy_has_jvm_python_and_after_restore_hooks() {
+    let p = Policy::builtin("runtime-hooks").unwrap();
+    let names: Vec<&str> = p.hooks.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["jvm-gc", "python-gc", "python-reseed", "jvm-reconnect"]
+    );
+    assert!(
+        matches!(&p.hooks[0].action, HookAction::Command { argv } if argv.iter().any(|a| a.contains("GC.run")))
+    );
+    assert!(
+        matches!(&p.hooks[1].action, HookAction::UnixSocket { expect_reply: Some(r), .. } if r == "ok")
+    );
+    assert_eq!(p.after_restore, ["python-reseed", "jvm-reconnect"]);
+    // Before-snapshot hooks only in the hooks step; after-restore hooks only after restore.
+    assert_eq!(
+        p.steps[0],
+        Step::Hooks(HooksStep {
+            names: Some(vec!["jvm-gc".into(), "python-gc".into()])
+        })
+    );
+}
+
+#[test]
+fn budget_keep_hot_and_after_restore_rules() {
+    let mut p = full();
+    p.budget_ms = Some(0);
+    p.keep_hot_mib = Some(MAX_KEEP_HOT_MIB_FOR_TEST + 1);
+    p.after_restore = vec!["nope".into(), "sock".into(), "sock".into()];
+    assert_eq!(
+        errors(&p),
+        [
+            "budget_ms: must be between 1 and 900000, got 0",
+            "keep_hot_mib: must be between 0 and 1048576, got 1048577",
+            r#"after_restore[0]: "nope" is not declared in "hooks""#,
+            r#"after_restore[2]: "sock" is listed twice"#,
+        ]
+    );
+    // A hook run only after restore counts as run.
+    let mut p = full();
+    p.steps.remove(1);
+    assert!(errors(&p).iter().any(|e| e.starts_with("hooks[2]")));
+    p.after_restore = vec!["sock".into()];
+    assert_eq!(errors(&p), Vec::<String>::new());
+    // Units are in the names, and unknown fields are rejected with their position.
+    let err =
+        parse_error(&FULL.replacen("\"require_trim\"", "\"budget_s\": 3, \"require_trim\"", 1));
+    assert!(err.contains("unknown field `budget_s`"), "{err}");
+    assert!(
+        err.starts_with("parse policy text at line 18, column 12"),
+        "{err}"
+    );
+}
+
+const MAX_KEEP_HOT_MIB_FOR_TEST: u64 = validate::MAX_KEEP_HOT_MIB;
+
+#[test]
+fn vaddr_pid_files() {
+    let text = FULL.replacen(
+        "\"max_duration_ms\": 3000}",
+        "\"max_duration_ms\": 3000, \"pid_files\": [\"/run/a.pid\", \"rel.pid\"]}",
+        1,
+    );
+    let err = parse_error(&text);
+    assert!(
+        err.ends_with(
+            "steps[2].damon_pageout.pid_files[1]: must be an absolute path, got \"rel.pid\""
+        ),
+        "{err}"
+    );
+    let p = Policy::from_json_str(&text.replace("\"rel.pid\"", "\"/run/b.pid\"")).unwrap();
+    let Step::DamonPageout(s) = &p.steps[2] else {
+        panic!("step 2 is {:?}", p.steps[2]);
+    };
+    assert_eq!(
+        s.pid_files,
+        [PathBuf::from("/run/a.pid"), PathBuf::from("/run/b.pid")]
+    );
 }

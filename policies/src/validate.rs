@@ -36,6 +36,10 @@ pub const MAX_WAIT_REPORTED_TIMEOUT_MS: u64 = 600_000;
 pub const MAX_PAGE_REPORTING_ORDER: u32 = 10;
 /// Largest [`Policy::time_budget_ms`] (15 minutes): a snapshot must not wait longer.
 pub const MAX_TIME_BUDGET_MS: u64 = 900_000;
+/// Largest `keep_hot_mib` (1 TiB).
+pub const MAX_KEEP_HOT_MIB: u64 = 1 << 20;
+/// Most pid files of a `damon_pageout` step (DAMON vaddr targets).
+pub const MAX_PID_FILES: usize = 16;
 
 /// One broken rule: the JSON path of the field and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +175,13 @@ pub fn validate(policy: &Policy) -> Result<(), ValidationErrors> {
             0,
             u64::from(MAX_PAGE_REPORTING_ORDER),
         );
+    }
+
+    if let Some(budget) = policy.budget_ms {
+        c.range("budget_ms", budget, 1, MAX_TIME_BUDGET_MS);
+    }
+    if let Some(keep) = policy.keep_hot_mib {
+        c.range("keep_hot_mib", keep, 0, MAX_KEEP_HOT_MIB);
     }
 
     check_hooks(&mut c, policy);
@@ -347,6 +358,18 @@ fn check_steps(c: &mut Checker, policy: &Policy) {
                     1,
                     MAX_DAMON_PAGEOUT_DURATION_MS,
                 );
+                if s.pid_files.len() > MAX_PID_FILES {
+                    c.error(
+                        format!("{at}.pid_files"),
+                        format!(
+                            "must have at most {MAX_PID_FILES} entries, got {}",
+                            s.pid_files.len()
+                        ),
+                    );
+                }
+                for (j, f) in s.pid_files.iter().enumerate() {
+                    c.absolute_path(format!("{at}.pid_files[{j}]"), f);
+                }
             }
             Step::DropCaches(s) => {
                 if s.page_cache == PageCacheDrop::None && !s.slab {
@@ -390,11 +413,24 @@ fn check_steps(c: &mut Checker, policy: &Policy) {
             }
         }
     }
+    for (j, name) in policy.after_restore.iter().enumerate() {
+        let field = format!("after_restore[{j}]");
+        if !declared.contains(name.as_str()) {
+            c.error(field, format!("{name:?} is not declared in \"hooks\""));
+        } else if policy.after_restore[..j].contains(name) {
+            c.error(field, format!("{name:?} is listed twice"));
+        } else {
+            run_hooks.insert(name);
+        }
+    }
     for (i, hook) in policy.hooks.iter().enumerate() {
         if !run_hooks.contains(hook.name.as_str()) {
             c.error(
                 format!("hooks[{i}]"),
-                format!("{:?} is not run by any \"hooks\" step", hook.name),
+                format!(
+                    "{:?} is not run by any \"hooks\" step nor by \"after_restore\"",
+                    hook.name
+                ),
             );
         }
     }

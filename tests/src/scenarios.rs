@@ -8,6 +8,7 @@
 mod balloon;
 mod block;
 mod snapshot;
+mod trim;
 mod vsock;
 
 use crate::proc::{describe, Proc};
@@ -132,6 +133,10 @@ pub fn all() -> Vec<Scenario> {
             vsock::ping_concurrency_vanishing_client,
         ),
         sc("vsock_bulk_both_ways", 400, vsock::bulk_both_ways),
+        // Trimmer (src/scenarios/trim.rs). The data-disk scenarios join once virtio-blk lands:
+        // sc("trim_default_keeps_hot", 400, trim::default_keeps_hot),
+        // sc("trim_aggressive_drops_hot", 400, trim::aggressive_drops_hot),
+        sc("trim_pipeline", 400, trim::pipeline),
     ]
 }
 

@@ -65,4 +65,5 @@ scenario_tests!(
     block_disks,
     vsock_ping_concurrency_vanishing_client,
     vsock_bulk_both_ways,
+    trim_pipeline,
 );

@@ -128,6 +128,16 @@ pub enum DamonError {
         /// What is wrong.
         reason: String,
     },
+    /// The kernel's DAMON sysfs lacks a feature (detected by the file that is missing).
+    #[error("{op}: this kernel's DAMON lacks {feature} ({} is missing)", path.display())]
+    MissingFeature {
+        /// Operation.
+        op: &'static str,
+        /// The feature.
+        feature: &'static str,
+        /// The file whose absence shows it.
+        path: PathBuf,
+    },
     /// No System RAM range was found in the memory map.
     #[error(
         "{op}: no System RAM range in {} (reading real addresses needs root)",
@@ -336,9 +346,12 @@ pub struct ContextStatus {
 pub struct DamonSysfs {
     root: PathBuf,
     iomem_path: PathBuf,
+    /// kdamonds [`DamonSysfs::setup_paddr_monitor`] creates: kdamond 0 monitors physical
+    /// memory, the others stay off for vaddr passes (see [`DamonSysfs::with_spare_kdamonds`]).
+    nr_kdamonds: u64,
     /// Writes done, as (path relative to the root, value), for tests to check their order.
     #[cfg(test)]
-    journal: std::cell::RefCell<Vec<(String, String)>>,
+    journal: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 impl DamonSysfs {
@@ -348,6 +361,7 @@ impl DamonSysfs {
         DamonSysfs {
             root: root.into(),
             iomem_path: PathBuf::from(DEFAULT_IOMEM_PATH),
+            nr_kdamonds: 1,
             #[cfg(test)]
             journal: Default::default(),
         }
@@ -356,6 +370,14 @@ impl DamonSysfs {
     /// Uses `path` instead of `/proc/iomem` to find System RAM.
     pub fn with_iomem_path(mut self, path: impl Into<PathBuf>) -> Self {
         self.iomem_path = path.into();
+        self
+    }
+
+    /// Makes [`DamonSysfs::setup_paddr_monitor`] also create `spare` idle kdamonds (1, 2, ...)
+    /// besides kdamond 0, for virtual address space passes: the number of kdamonds cannot
+    /// change while kdamond 0 runs.
+    pub fn with_spare_kdamonds(mut self, spare: u64) -> Self {
+        self.nr_kdamonds = 1 + spare;
         self
     }
 
@@ -518,30 +540,14 @@ impl DamonSysfs {
         self.ensure_all_off(OP)?;
 
         let ctx = "kdamonds/0/contexts/0";
-        self.write_count(OP, "kdamonds/nr_kdamonds", 1, "kdamonds/0")?;
+        self.write_count(
+            OP,
+            "kdamonds/nr_kdamonds",
+            self.nr_kdamonds,
+            &format!("kdamonds/{}", self.nr_kdamonds - 1),
+        )?;
         self.write_count(OP, "kdamonds/0/contexts/nr_contexts", 1, ctx)?;
-        let avail_path = format!("{ctx}/avail_operations");
-        if self.root.join(&avail_path).exists() {
-            let available = self.read_words(OP, &avail_path)?;
-            if !available.iter().any(|o| o == "paddr") {
-                return Err(DamonError::Unsupported {
-                    op: OP,
-                    wanted: "paddr",
-                    available,
-                });
-            }
-        }
-        self.write(OP, &format!("{ctx}/operations"), "paddr")?;
-        let attrs_dir = format!("{ctx}/monitoring_attrs");
-        for (file, value) in [
-            ("intervals/sample_us", attrs.sample_us),
-            ("intervals/aggr_us", attrs.aggr_us),
-            ("intervals/update_us", attrs.update_us),
-            ("nr_regions/min", attrs.min_nr_regions),
-            ("nr_regions/max", attrs.max_nr_regions),
-        ] {
-            self.write(OP, &format!("{attrs_dir}/{file}"), &value.to_string())?;
-        }
+        self.write_operations_and_attrs(OP, ctx, "paddr", attrs)?;
         let target = format!("{ctx}/targets/0");
         self.write_count(OP, &format!("{ctx}/targets/nr_targets"), 1, &target)?;
         let regions_dir = format!("{target}/regions");
@@ -573,12 +579,22 @@ impl DamonSysfs {
 
     /// Starts kdamond 0 (`state` = `on`); the kernel validates the configuration now.
     pub fn start(&self) -> Result<(), DamonError> {
-        self.set_state("start kdamond 0", "on", KdamondState::On)
+        self.set_state("start kdamond 0", 0, "on", KdamondState::On)
     }
 
     /// Stops kdamond 0 (`state` = `off`).
     pub fn stop(&self) -> Result<(), DamonError> {
-        self.set_state("stop kdamond 0", "off", KdamondState::Off)
+        self.set_state("stop kdamond 0", 0, "off", KdamondState::Off)
+    }
+
+    /// Starts kdamond `index`.
+    pub fn start_kdamond(&self, index: u64) -> Result<(), DamonError> {
+        self.set_state("start kdamond", index, "on", KdamondState::On)
+    }
+
+    /// Stops kdamond `index`.
+    pub fn stop_kdamond(&self, index: u64) -> Result<(), DamonError> {
+        self.set_state("stop kdamond", index, "off", KdamondState::Off)
     }
 
     /// Makes a running kdamond 0 apply configuration written since it started
@@ -598,23 +614,28 @@ impl DamonSysfs {
 
     /// Writes (as relative path, value) done so far, oldest first.
     #[cfg(test)]
-    fn journal(&self) -> Vec<(String, String)> {
-        self.journal.borrow().clone()
+    pub(crate) fn journal(&self) -> Vec<(String, String)> {
+        self.journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn set_state(
         &self,
         op: &'static str,
+        index: u64,
         value: &str,
         expected: KdamondState,
     ) -> Result<(), DamonError> {
         self.ensure_present(op)?;
-        self.write(op, "kdamonds/0/state", value)?;
-        let state = self.read_state(op, 0)?;
+        let rel = format!("kdamonds/{index}/state");
+        self.write(op, &rel, value)?;
+        let state = self.read_state(op, index)?;
         if state != expected {
             return Err(DamonError::Parse {
                 op,
-                path: self.root.join("kdamonds/0/state"),
+                path: self.root.join(rel),
                 content: state.to_string(),
                 expected: if expected == KdamondState::On {
                     "\"on\" after starting"
@@ -623,11 +644,48 @@ impl DamonSysfs {
                 },
             });
         }
-        tracing::info!(state = value, "kdamond 0");
+        tracing::info!(state = value, index, "kdamond");
         Ok(())
     }
 
-    fn ensure_present(&self, op: &'static str) -> Result<(), DamonError> {
+    /// In context directory `ctx`: checks that the kernel offers `ops` (where it lists what it
+    /// offers), selects them, and writes the monitoring attributes.
+    pub(crate) fn write_operations_and_attrs(
+        &self,
+        op: &'static str,
+        ctx: &str,
+        ops: &'static str,
+        attrs: &MonitoringAttrs,
+    ) -> Result<(), DamonError> {
+        let avail_path = format!("{ctx}/avail_operations");
+        if self.root.join(&avail_path).exists() {
+            let available = self.read_words(op, &avail_path)?;
+            if !available.iter().any(|o| o == ops) {
+                return Err(DamonError::Unsupported {
+                    op,
+                    wanted: ops,
+                    available,
+                });
+            }
+        }
+        self.write(op, &format!("{ctx}/operations"), ops)?;
+        for (file, value) in [
+            ("intervals/sample_us", attrs.sample_us),
+            ("intervals/aggr_us", attrs.aggr_us),
+            ("intervals/update_us", attrs.update_us),
+            ("nr_regions/min", attrs.min_nr_regions),
+            ("nr_regions/max", attrs.max_nr_regions),
+        ] {
+            self.write(
+                op,
+                &format!("{ctx}/monitoring_attrs/{file}"),
+                &value.to_string(),
+            )?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn ensure_present(&self, op: &'static str) -> Result<(), DamonError> {
         let path = self.root.join("kdamonds/nr_kdamonds");
         if path.is_file() {
             Ok(())
@@ -636,7 +694,7 @@ impl DamonSysfs {
         }
     }
 
-    fn ensure_all_off(&self, op: &'static str) -> Result<(), DamonError> {
+    pub(crate) fn ensure_all_off(&self, op: &'static str) -> Result<(), DamonError> {
         let nr = self.read_u64(op, "kdamonds/nr_kdamonds")?;
         for index in 0..nr {
             if self.read_state(op, index)? == KdamondState::On {
@@ -646,7 +704,11 @@ impl DamonSysfs {
         Ok(())
     }
 
-    fn read_state(&self, op: &'static str, index: u64) -> Result<KdamondState, DamonError> {
+    pub(crate) fn read_state(
+        &self,
+        op: &'static str,
+        index: u64,
+    ) -> Result<KdamondState, DamonError> {
         let rel = format!("kdamonds/{index}/state");
         match self.read_trimmed(op, &rel)?.as_str() {
             "on" => Ok(KdamondState::On),
@@ -660,7 +722,7 @@ impl DamonSysfs {
         }
     }
 
-    fn read_trimmed(&self, op: &'static str, rel: &str) -> Result<String, DamonError> {
+    pub(crate) fn read_trimmed(&self, op: &'static str, rel: &str) -> Result<String, DamonError> {
         let path = self.root.join(rel);
         match std::fs::read_to_string(&path) {
             Ok(text) => Ok(text.trim().to_string()),
@@ -668,7 +730,11 @@ impl DamonSysfs {
         }
     }
 
-    fn read_words(&self, op: &'static str, rel: &str) -> Result<Vec<String>, DamonError> {
+    pub(crate) fn read_words(
+        &self,
+        op: &'static str,
+        rel: &str,
+    ) -> Result<Vec<String>, DamonError> {
         Ok(self
             .read_trimmed(op, rel)?
             .split_whitespace()
@@ -676,7 +742,7 @@ impl DamonSysfs {
             .collect())
     }
 
-    fn read_u64(&self, op: &'static str, rel: &str) -> Result<u64, DamonError> {
+    pub(crate) fn read_u64(&self, op: &'static str, rel: &str) -> Result<u64, DamonError> {
         let text = self.read_trimmed(op, rel)?;
         text.parse().map_err(|_| DamonError::Parse {
             op,
@@ -688,7 +754,7 @@ impl DamonSysfs {
 
     /// Writes `value` to an existing file (never creates one: a missing file is an error,
     /// which catches wrong names against a fake tree as it would against the kernel).
-    fn write(&self, op: &'static str, rel: &str, value: &str) -> Result<(), DamonError> {
+    pub(crate) fn write(&self, op: &'static str, rel: &str, value: &str) -> Result<(), DamonError> {
         let path = self.root.join(rel);
         let result = OpenOptions::new()
             .write(true)
@@ -706,13 +772,14 @@ impl DamonSysfs {
         tracing::debug!(path = %path.display(), value, "DAMON sysfs write");
         #[cfg(test)]
         self.journal
-            .borrow_mut()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .push((rel.to_string(), value.to_string()));
         Ok(())
     }
 
     /// Writes an `nr_*` file and checks that the kernel created `expect_dir`.
-    fn write_count(
+    pub(crate) fn write_count(
         &self,
         op: &'static str,
         rel: &str,

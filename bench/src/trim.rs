@@ -1,0 +1,285 @@
+//! `bench trim`: the guest-trimmer's cost while idle and a trim's time and bytes freed per step,
+//! under real KVM (the nested rig on PVM hosts). Runs `bench/rig/trim.sh` there (static `vmm`,
+//! the guest image), parses its `TRIM-BENCH {json}` lines and writes
+//! `bench-results/trim.{json,md}`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rig::{KvmBackend, Payload, RigOptions};
+use serde_json::{json, Value};
+
+use crate::host::{build_image, output_of, say, workspace_root};
+use crate::stats::Summary;
+
+/// The in-rig script.
+const SCRIPT: &str = include_str!("../rig/trim.sh");
+/// Marker of a result line.
+const MARKER: &str = "TRIM-BENCH ";
+
+/// Arguments of `bench trim`.
+#[derive(Debug, clap::Args)]
+pub struct TrimArgs {
+    /// Guest boots (one trim each).
+    #[arg(long, default_value_t = 3)]
+    pub runs: u32,
+    /// Seconds of idle daemon between the two cost samples.
+    #[arg(long, default_value_t = 20)]
+    pub idle_s: u32,
+    /// Results file (the .md goes beside it).
+    #[arg(long, default_value = "bench-results/trim.json")]
+    pub out: PathBuf,
+    /// Rig wall-clock limit, s.
+    #[arg(long, default_value_t = 1500)]
+    pub rig_timeout: u64,
+}
+
+/// Runs the benchmark; returns the exit code (1 when a run failed).
+pub fn run(args: TrimArgs) -> anyhow::Result<i32> {
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let root = workspace_root();
+    say("building the static vmm and guest-trimmer (scripts/build-static.sh)");
+    let text = output_of(&root.join("scripts/build-static.sh"), &[], &root)?;
+    let bin_dir = PathBuf::from(
+        text.lines()
+            .last()
+            .context("build-static.sh printed no bin dir")?,
+    );
+    let vmm = bin_dir.join("vmm");
+    let image = build_image(&vmm, &root)?;
+    let mut payload = Payload::new()?;
+    payload
+        .add_file(&vmm, "vmm", 0o755)?
+        .add_file(&image.kernel, "vmlinuz", 0o644)?
+        .add_file(&image.initrd, "initramfs.cpio", 0o644)?
+        .add_bytes("trim.sh", SCRIPT.as_bytes(), 0o755)?;
+    let runs = args.runs.to_string();
+    let env = format!("TRIM_BENCH_IDLE_S={}", args.idle_s);
+    let cmd = ["env", env.as_str(), "sh", "trim.sh", runs.as_str()];
+    let echo = |l: &str| eprintln!("  {l}");
+    let (where_, outcome) = match rig::detect() {
+        KvmBackend::NestedRig { script } => {
+            let opts = RigOptions {
+                timeout_s: args.rig_timeout,
+                ..RigOptions::default()
+            };
+            let o = rig::run_in_rig(&script, payload.path(), &cmd, opts, echo)
+                .context("running trim.sh in the rig")?;
+            (
+                "nested KVM rig (QEMU TCG + SVM): emulated time, 10-50x native",
+                o,
+            )
+        }
+        KvmBackend::HostKvm => {
+            let o = rig::run_local(
+                Path::new("/usr/bin/env"),
+                &cmd[1..],
+                payload.path(),
+                Duration::from_secs(args.rig_timeout),
+                echo,
+            )
+            .context("running trim.sh on the host")?;
+            ("this host's /dev/kvm", o)
+        }
+        KvmBackend::Unavailable { reason } => bail!("no KVM that can boot a stock guest: {reason}"),
+    };
+    let samples: Vec<Value> = outcome
+        .lines
+        .iter()
+        .filter_map(|l| l.find(MARKER).map(|i| &l[i + MARKER.len()..]))
+        .filter_map(|t| serde_json::from_str(t.trim()).ok())
+        .collect();
+    if samples.is_empty() {
+        bail!(
+            "trim.sh printed no {MARKER}line (exit {}, timed out {})",
+            outcome.exit_code,
+            outcome.timed_out
+        );
+    }
+    let result = summarize(&samples, args.idle_s, where_);
+    let out = if args.out.is_absolute() {
+        args.out.clone()
+    } else {
+        root.join(&args.out)
+    };
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&result)? + "\n")?;
+    let md = markdown(&result);
+    std::fs::write(out.with_extension("md"), &md)?;
+    println!("{md}");
+    let failed = samples.iter().filter(|s| s["ok"] != true).count();
+    Ok(i32::from(failed > 0))
+}
+
+fn num(v: &Value) -> Option<f64> {
+    v.as_f64()
+}
+
+fn med(values: impl IntoIterator<Item = Option<f64>>) -> Value {
+    Summary::of_some(values).map_or(Value::Null, |s| json!(s))
+}
+
+/// Medians over runs: per step (duration, MiB freed), whole trim, host RSS, idle cost.
+pub fn summarize(samples: &[Value], idle_s: u32, where_: &str) -> Value {
+    let report = |s: &Value| s["reply"]["report"].clone();
+    let kinds: Vec<String> = report(&samples[0])["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["kind"].as_str().map(String::from))
+        .collect();
+    let steps: Vec<Value> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let at = |f: &'static str| samples.iter().map(move |s| num(&report(s)["steps"][i][f]));
+            json!({
+                "index": i, "kind": k,
+                "duration_ms": med(at("duration_ms")),
+                "freed_mib": med(at("freed_kib").map(|v| v.map(|k| k / 1024.0))),
+                "file_cache_dropped_mib": med(at("file_cache_dropped_kib").map(|v| v.map(|k| k / 1024.0))),
+            })
+        })
+        .collect();
+    let top = |f: &str| med(samples.iter().map(|s| num(&report(s)[f])));
+    let mib = |f: &str| med(samples.iter().map(|s| num(&s[f]).map(|k| k / 1024.0)));
+    // Idle cost: CPU time used between the two samples, as a share of the elapsed time.
+    let share = |who: &str| {
+        med(samples.iter().map(|s| {
+            let cpu0 = num(&s["stats0"][who]["cpu_ms"])?;
+            let cpu1 = num(&s["stats1"][who]["cpu_ms"])?;
+            let dt_ms = (num(&s["uptime1_s"])? - num(&s["uptime0_s"])?) * 1000.0;
+            (dt_ms > 0.0).then(|| 100.0 * (cpu1 - cpu0) / dt_ms)
+        }))
+    };
+    json!({
+        "benchmark": "guest-trimmer: idle cost, trim time and memory freed per step",
+        "date": crate::clock::utc_now(),
+        "command": "cargo run --release -p bench -- trim (bench/rig/trim.sh in the rig)",
+        "where": where_,
+        "guest": {"mem_mib": 512, "vcpus": 2, "cmdline": "quiet", "balloon": "free_page_reporting",
+                  "workload": "runtime with a 64 MiB heap cache (released by its hook), 64 MiB live anonymous data; no data disk yet, so no file page cache"},
+        "damon": {"sample_us": 5000, "aggr_us": 100000, "update_us": 1000000, "min_nr_regions": 100, "max_nr_regions": 400},
+        "median": {
+            "total_ms": top("total_ms"),
+            "trim_ms": top("trim_ms"),
+            "freed_mib": med(samples.iter().map(|s| num(&report(s)["freed_kib"]).map(|k| k / 1024.0))),
+            "guest_used_before_mib": med(samples.iter().map(|s| num(&report(s)["before"]["used_kib"]).map(|k| k / 1024.0))),
+            "guest_used_after_mib": med(samples.iter().map(|s| num(&report(s)["after"]["used_kib"]).map(|k| k / 1024.0))),
+            "host_rss_before_mib": mib("host_rss_before_kib"),
+            "host_rss_after_mib": mib("host_rss_after_kib"),
+            "host_rss_after_3s_mib": mib("host_rss_after_3s_kib"),
+            "idle_kdamond_cpu_percent": share("kdamond"),
+            "idle_daemon_cpu_percent": share("daemon"),
+            "idle_daemon_rss_kib": med(samples.iter().map(|s| num(&s["stats1"]["daemon"]["rss_kib"]))),
+        },
+        "idle_s": idle_s,
+        "steps": steps,
+        "runs": samples,
+    })
+}
+
+fn cell(v: &Value) -> String {
+    match v.get("median").and_then(Value::as_f64) {
+        Some(m) => {
+            let (lo, hi) = (
+                v["min"].as_f64().unwrap_or(m),
+                v["max"].as_f64().unwrap_or(m),
+            );
+            format!("{m:.1} ({lo:.1}-{hi:.1})")
+        }
+        None => "–".into(),
+    }
+}
+
+/// The results as a Markdown note.
+pub fn markdown(r: &Value) -> String {
+    let m = &r["median"];
+    let mut s = format!(
+        "# Trim benchmark\n\n{} ({}), {}. Guest: 512 MiB, 2 vCPUs; {}.\n\n\
+         Medians (min-max) over {} runs.\n\n| figure | value |\n|---|---|\n",
+        r["date"].as_str().unwrap_or(""),
+        r["where"].as_str().unwrap_or(""),
+        r["command"].as_str().unwrap_or(""),
+        r["guest"]["workload"].as_str().unwrap_or(""),
+        r["runs"].as_array().map_or(0, Vec::len),
+    );
+    for (name, key) in [
+        ("whole trim, ms", "total_ms"),
+        ("trim without the reporting wait, ms", "trim_ms"),
+        ("memory freed in the guest, MiB", "freed_mib"),
+        (
+            "guest used (MemTotal - MemFree) before, MiB",
+            "guest_used_before_mib",
+        ),
+        ("guest used after, MiB", "guest_used_after_mib"),
+        ("host RSS of guest RAM before, MiB", "host_rss_before_mib"),
+        ("host RSS after the trim, MiB", "host_rss_after_mib"),
+        ("host RSS 3 s later, MiB", "host_rss_after_3s_mib"),
+        (
+            "idle: kdamond CPU, % of one vCPU",
+            "idle_kdamond_cpu_percent",
+        ),
+        ("idle: daemon CPU, % of one vCPU", "idle_daemon_cpu_percent"),
+        ("idle: daemon RSS, KiB", "idle_daemon_rss_kib"),
+    ] {
+        let label = if name.is_empty() {
+            "guest used after, MiB"
+        } else {
+            name
+        };
+        s.push_str(&format!("| {label} | {} |\n", cell(&m[key])));
+    }
+    s.push_str(
+        "\n| step | kind | ms | freed MiB | file cache dropped MiB |\n|---|---|---|---|---|\n",
+    );
+    for st in r["steps"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            st["index"],
+            st["kind"].as_str().unwrap_or("?"),
+            cell(&st["duration_ms"]),
+            cell(&st["freed_mib"]),
+            cell(&st["file_cache_dropped_mib"])
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_of_two_runs() {
+        let run = |ms: u64, k0: u64, k1: u64| {
+            json!({"ok": true, "idle_s": 20, "uptime0_s": 10.0, "uptime1_s": 30.0,
+                "stats0": {"kdamond": {"cpu_ms": k0}, "daemon": {"cpu_ms": 5, "rss_kib": 3000}},
+                "stats1": {"kdamond": {"cpu_ms": k1}, "daemon": {"cpu_ms": 7, "rss_kib": 3100}},
+                "host_rss_before_kib": 400 * 1024, "host_rss_after_kib": 300 * 1024, "host_rss_after_3s_kib": 250 * 1024,
+                "reply": {"report": {"total_ms": ms, "trim_ms": ms / 2, "freed_kib": 65536,
+                    "before": {"used_kib": 200 * 1024}, "after": {"used_kib": 136 * 1024},
+                    "steps": [{"kind": "hooks", "duration_ms": 40, "freed_kib": 65536, "file_cache_dropped_kib": 0}]}}})
+        };
+        let r = summarize(&[run(1000, 100, 300), run(3000, 100, 500)], 20, "test");
+        assert_eq!(r["median"]["total_ms"]["median"], 2000.0);
+        // (200 + 400) / 2 ms of CPU over 20 s: 1.5 %.
+        assert_eq!(r["median"]["idle_kdamond_cpu_percent"]["median"], 1.5);
+        assert_eq!(r["median"]["idle_daemon_cpu_percent"]["median"], 0.01);
+        assert_eq!(r["steps"][0]["freed_mib"]["median"], 64.0);
+        let md = markdown(&r);
+        assert!(
+            md.contains("| 0 | hooks | 40.0 (40.0-40.0) | 64.0 (64.0-64.0) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| idle: kdamond CPU, % of one vCPU | 1.5 (1.0-2.0) |"),
+            "{md}"
+        );
+    }
+}

@@ -1,0 +1,463 @@
+//! The trim pipeline: runs a policy's steps in order, each timed and measured, within the
+//! policy's time budget, and returns a [`TrimReport`].
+//!
+//! Steps (see the `policies` crate): hooks; DAMON-guided pageout of cold memory; drop clean
+//! page cache and slab; compact memory; wait for free page reporting. `after_restore` runs the
+//! policy's after-restore hooks.
+//!
+//! Waiting for reporting, honestly: the guest cannot see what the host received. The
+//! `wait_reported` step waits the kernel's reporting delay (2 s after memory is freed, see
+//! `mm/page_reporting.c`), then until the free memory in blocks of at least the reporting
+//! order (`/proc/buddyinfo`) has been stable for `quiet_ms`, bounded by its timeout. It reports
+//! how long it waited and how much free memory was reportable; the host confirms with
+//! `vmm balloon` statistics.
+
+pub mod hooks;
+pub mod kernel;
+pub mod pageout;
+pub mod report;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use policies::{
+    DropCachesStep, Hook, PageCacheDrop, Policy, Step, WaitReportedStep,
+    DEFAULT_DAMON_PAGEOUT_MAX_DURATION_MS,
+};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::damon::{DamonSysfs, MonitoringAttrs, Scheme};
+use crate::meminfo::{MemInfo, ProcFs};
+use hooks::{run_hook, HookReport, HookStatus};
+use kernel::{KernelKnobs, DEFAULT_PAGE_REPORTING_ORDER};
+use pageout::{pageout_pass, PageoutParams};
+pub use report::{MemFigures, StepReport, StepStatus, TrimReport};
+
+/// Linux's free page reporting delay after memory is freed (`PAGE_REPORTING_DELAY`, 2 s).
+pub const REPORTING_DELAY: Duration = Duration::from_secs(2);
+/// How often `wait_reported` reads `/proc/buddyinfo`.
+const REPORTING_POLL: Duration = Duration::from_millis(100);
+/// Reportable free memory counts as stable while it moves by at most this much.
+const REPORTING_STABLE_KIB: u64 = 1024;
+
+/// Where the pipeline acts: procfs, sysfs knobs and DAMON, all below injectable roots.
+#[derive(Debug)]
+pub struct TrimEnv {
+    /// `/proc/meminfo` and friends.
+    pub procfs: ProcFs,
+    /// `drop_caches`, `compact_memory`, reporting order, buddyinfo.
+    pub knobs: KernelKnobs,
+    /// The DAMON sysfs admin directory.
+    pub damon: DamonSysfs,
+    /// The monitoring attributes kdamond 0 runs with (ages are counted in its aggregation
+    /// intervals).
+    pub attrs: MonitoringAttrs,
+    /// The schemes kdamond 0 runs outside trims (restored after each pageout pass).
+    pub base_schemes: Vec<Scheme>,
+    /// The kernel's reporting delay `wait_reported` waits at least (tests use zero).
+    pub reporting_delay: Duration,
+}
+
+impl TrimEnv {
+    /// The real guest's environment below `proc_root` and `sys_root`.
+    pub fn new(proc_root: &Path, sys_root: &Path, attrs: MonitoringAttrs) -> Self {
+        TrimEnv {
+            procfs: ProcFs::new(proc_root),
+            knobs: KernelKnobs::new(proc_root, sys_root),
+            damon: DamonSysfs::new(sys_root.join("kernel/mm/damon/admin"))
+                .with_iomem_path(proc_root.join("iomem"))
+                .with_spare_kdamonds(1),
+            attrs,
+            base_schemes: vec![Scheme::stat_all()],
+            reporting_delay: REPORTING_DELAY,
+        }
+    }
+
+    fn mem(&self) -> Option<MemInfo> {
+        match self.procfs.meminfo() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!("{}", crate::error_chain(&e));
+                None
+            }
+        }
+    }
+}
+
+/// The after-restore run's report.
+#[derive(Debug, Clone, Serialize)]
+pub struct AfterRestoreReport {
+    /// The policy's name.
+    pub policy: String,
+    /// Every hook succeeded.
+    pub ok: bool,
+    /// Wall-clock time.
+    pub total_ms: u64,
+    /// Each hook, in order.
+    pub hooks: Vec<HookReport>,
+}
+
+/// Runs the policy's after-restore hooks, in order.
+pub fn after_restore(policy: &Policy) -> AfterRestoreReport {
+    let t0 = Instant::now();
+    let hooks: Vec<HookReport> = policy
+        .after_restore
+        .iter()
+        .filter_map(|n| policy.hooks.iter().find(|h| &h.name == n))
+        .map(|h| run_hook(h, Duration::from_millis(h.timeout_ms)))
+        .collect();
+    AfterRestoreReport {
+        policy: policy.name.clone(),
+        ok: hooks.iter().all(|h| h.status == HookStatus::Ok),
+        total_ms: ms(t0.elapsed()),
+        hooks,
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+/// What a step returns: its detail, or an error with the detail gathered so far.
+type StepResult = Result<serde_json::Value, (String, serde_json::Value)>;
+
+/// Runs `policy` and reports. Never panics on kernel errors: a failing step is reported and,
+/// unless the policy sets `require_trim`, the remaining steps still run.
+pub fn run(env: &TrimEnv, policy: &Policy) -> TrimReport {
+    let t0 = Instant::now();
+    let deadline = policy.budget_ms.map(|b| t0 + Duration::from_millis(b));
+    let before = env.mem();
+    let mut warnings = Vec::new();
+
+    let restore_order = match policy.page_reporting_order {
+        Some(order) => {
+            match env.knobs.page_reporting_order() {
+                Ok(Some(old)) => match env.knobs.set_page_reporting_order(order) {
+                    Ok(()) => Some(old),
+                    Err(e) => {
+                        warnings.push(format!(
+                            "lower page_reporting_order: {}",
+                            crate::error_chain(&e)
+                        ));
+                        None
+                    }
+                },
+                Ok(None) => {
+                    warnings.push("page_reporting_order: the kernel has no page_reporting parameter; left as is".into());
+                    None
+                }
+                Err(e) => {
+                    warnings.push(format!(
+                        "read page_reporting_order: {}",
+                        crate::error_chain(&e)
+                    ));
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+
+    let mut steps = Vec::with_capacity(policy.steps.len());
+    let mut failed_required = false;
+    let mut trim_time = Duration::ZERO;
+    for (index, step) in policy.steps.iter().enumerate() {
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let skip = if failed_required {
+            Some("an earlier step failed and the policy sets require_trim")
+        } else if remaining.is_some_and(|r| r.is_zero()) {
+            Some("the trim budget (budget_ms) was used up")
+        } else {
+            None
+        };
+        if let Some(why) = skip {
+            tracing::warn!(index, kind = step.kind(), "step skipped: {why}");
+            steps.push(StepReport {
+                index,
+                kind: step.kind(),
+                status: StepStatus::Skipped,
+                duration_ms: 0,
+                freed_kib: 0,
+                file_cache_dropped_kib: 0,
+                slab_dropped_kib: 0,
+                detail: serde_json::Value::Null,
+                error: Some(why.to_string()),
+            });
+            continue;
+        }
+        let remaining = remaining.unwrap_or(Duration::MAX);
+        let m0 = env.mem();
+        let s0 = Instant::now();
+        let result = run_step(env, policy, step, remaining, m0.as_ref());
+        let elapsed = s0.elapsed();
+        if !matches!(step, Step::WaitReported(_)) {
+            trim_time += elapsed;
+        }
+        let m1 = env.mem();
+        let (freed, files, slab) = match (&m0, &m1) {
+            (Some(a), Some(b)) => (
+                report::delta(b.mem_free_kib, a.mem_free_kib),
+                report::delta(a.file_cache_kib(), b.file_cache_kib()),
+                report::delta(a.slab_reclaimable_kib, b.slab_reclaimable_kib),
+            ),
+            _ => (0, 0, 0),
+        };
+        let (status, detail, error) = match result {
+            Ok(detail) => (StepStatus::Ok, detail, None),
+            Err((e, detail)) => {
+                failed_required = policy.require_trim;
+                (StepStatus::Failed, detail, Some(e))
+            }
+        };
+        tracing::info!(
+            index,
+            kind = step.kind(),
+            ?status,
+            duration_ms = ms(elapsed),
+            freed_kib = freed,
+            "step done"
+        );
+        steps.push(StepReport {
+            index,
+            kind: step.kind(),
+            status,
+            duration_ms: ms(elapsed),
+            freed_kib: freed,
+            file_cache_dropped_kib: files,
+            slab_dropped_kib: slab,
+            detail,
+            error,
+        });
+    }
+
+    if let Some(old) = restore_order {
+        if let Err(e) = env.knobs.set_page_reporting_order(old) {
+            warnings.push(format!(
+                "restore page_reporting_order {old}: {}",
+                crate::error_chain(&e)
+            ));
+        }
+    }
+    let after = env.mem();
+    let ok = steps.iter().all(|s| s.status == StepStatus::Ok);
+    TrimReport {
+        policy: policy.name.clone(),
+        ok,
+        ready: !failed_required,
+        total_ms: ms(t0.elapsed()),
+        trim_ms: ms(trim_time),
+        freed_kib: match (&before, &after) {
+            (Some(a), Some(b)) => report::delta(b.mem_free_kib, a.mem_free_kib),
+            _ => 0,
+        },
+        budget_ms: policy.budget_ms,
+        before: before.as_ref().map(MemFigures::from).unwrap_or_default(),
+        after: after.as_ref().map(MemFigures::from).unwrap_or_default(),
+        steps,
+        warnings,
+    }
+}
+
+fn run_step(
+    env: &TrimEnv,
+    policy: &Policy,
+    step: &Step,
+    remaining: Duration,
+    mem: Option<&MemInfo>,
+) -> StepResult {
+    match step {
+        Step::Hooks(s) => {
+            let hooks: Vec<&Hook> = match &s.names {
+                Some(names) => names
+                    .iter()
+                    .filter_map(|n| policy.hooks.iter().find(|h| &h.name == n))
+                    .collect(),
+                None => policy.hooks.iter().collect(),
+            };
+            let t0 = Instant::now();
+            let reports: Vec<HookReport> = hooks
+                .into_iter()
+                .map(|h| run_hook(h, remaining.saturating_sub(t0.elapsed())))
+                .collect();
+            let failed: Vec<String> = reports
+                .iter()
+                .filter(|r| r.status != HookStatus::Ok)
+                .map(|r| {
+                    format!(
+                        "hook {}: {}",
+                        r.name,
+                        r.error.as_deref().unwrap_or("failed")
+                    )
+                })
+                .collect();
+            let detail = json!({ "hooks": reports });
+            if failed.is_empty() {
+                Ok(detail)
+            } else {
+                Err((failed.join("; "), detail))
+            }
+        }
+        Step::DamonPageout(s) => {
+            let mut pids = Vec::new();
+            for f in &s.pid_files {
+                pids.push(read_pid(f).map_err(|e| (e, serde_json::Value::Null))?);
+            }
+            let max = Duration::from_millis(s.max_duration_ms).min(remaining);
+            let quota = s
+                .quota_mib_per_s
+                .map(|q| u64::from(q) << 20)
+                .map(|per_s| (per_s, 1000));
+            damon_pass(
+                env,
+                policy,
+                mem,
+                policy.effective_cold_age_ms(s.cold_age_ms),
+                quota,
+                s.spare_anon,
+                s.unmapped_page_cache_only,
+                max,
+                pids,
+            )
+        }
+        Step::DropCaches(s) => drop_caches(env, policy, mem, s, remaining),
+        Step::CompactMemory(_) => env
+            .knobs
+            .compact_memory()
+            .map(|()| serde_json::Value::Null)
+            .map_err(|e| (crate::error_chain(&e), serde_json::Value::Null)),
+        Step::WaitReported(s) => wait_reported(env, s, remaining),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn damon_pass(
+    env: &TrimEnv,
+    policy: &Policy,
+    mem: Option<&MemInfo>,
+    cold_age_ms: u64,
+    quota: Option<(u64, u64)>,
+    spare_anon: bool,
+    only_unmapped: bool,
+    max: Duration,
+    pids: Vec<u32>,
+) -> StepResult {
+    let (mut quota_bytes, mut reset_interval_ms) = match quota {
+        Some((bytes, interval)) => (Some(bytes), interval),
+        None => (None, 0),
+    };
+    // keep_hot_mib: page out at most the page cache above it over the whole pass.
+    if let (Some(keep), Some(m)) = (policy.keep_hot_mib, mem) {
+        let excess_bytes = m.file_cache_kib().saturating_sub(keep << 10) << 10;
+        if excess_bytes == 0 {
+            return Ok(json!({ "kept": "file page cache is at or below keep_hot_mib" }));
+        }
+        let window_ms = ms(max).max(1);
+        let over_pass = quota_bytes.map_or(u64::MAX, |b| {
+            b.saturating_mul(window_ms)
+                .div_ceil(reset_interval_ms.max(1))
+        });
+        quota_bytes = Some(excess_bytes.min(over_pass));
+        reset_interval_ms = window_ms;
+    }
+    let params = PageoutParams {
+        cold_age_ms,
+        quota_bytes,
+        reset_interval_ms,
+        spare_anon,
+        only_unmapped,
+        max_duration: max,
+        pids,
+    };
+    pageout_pass(&env.damon, &env.attrs, &env.base_schemes, &params)
+        .map(|o| serde_json::to_value(o).unwrap_or_default())
+        .map_err(|e| (crate::error_chain(&e), serde_json::Value::Null))
+}
+
+fn drop_caches(
+    env: &TrimEnv,
+    policy: &Policy,
+    mem: Option<&MemInfo>,
+    s: &DropCachesStep,
+    remaining: Duration,
+) -> StepResult {
+    let mut detail = serde_json::Map::new();
+    if s.page_cache == PageCacheDrop::Cold {
+        let max = Duration::from_millis(DEFAULT_DAMON_PAGEOUT_MAX_DURATION_MS).min(remaining);
+        let cold = damon_pass(
+            env,
+            policy,
+            mem,
+            policy.effective_cold_age_ms(s.cold_age_ms),
+            None,
+            true,
+            false,
+            max,
+            Vec::new(),
+        )?;
+        detail.insert("cold_pageout".into(), cold);
+    }
+    // drop_caches: 1 page cache, 2 slab, 3 both.
+    let value = u8::from(s.page_cache == PageCacheDrop::All) | (u8::from(s.slab) << 1);
+    let value = (value != 0).then_some(value);
+    if let Some(v) = value {
+        env.knobs.drop_caches(v).map_err(|e| {
+            (
+                crate::error_chain(&e),
+                serde_json::Value::Object(detail.clone()),
+            )
+        })?;
+        detail.insert("drop_caches".into(), json!(v));
+    }
+    Ok(serde_json::Value::Object(detail))
+}
+
+fn wait_reported(env: &TrimEnv, s: &WaitReportedStep, remaining: Duration) -> StepResult {
+    let t0 = Instant::now();
+    let bound = Duration::from_millis(s.timeout_ms).min(remaining);
+    let quiet = Duration::from_millis(s.quiet_ms);
+    let order = env
+        .knobs
+        .page_reporting_order()
+        .ok()
+        .flatten()
+        .unwrap_or(DEFAULT_PAGE_REPORTING_ORDER);
+    let read = || env.knobs.free_kib_at_order(order);
+    let err = |e: kernel::KernelError| (crate::error_chain(&e), serde_json::Value::Null);
+    let first = read().map_err(err)?;
+    let (mut last, mut stable_since) = (first, Instant::now());
+    loop {
+        let waited = t0.elapsed();
+        let stable = stable_since.elapsed() >= quiet && waited >= env.reporting_delay.min(bound);
+        if stable || waited >= bound {
+            return Ok(json!({
+                "order": order,
+                "reportable_free_kib": last,
+                "reportable_free_kib_at_start": first,
+                "waited_ms": ms(waited),
+                "stable": stable,
+            }));
+        }
+        std::thread::sleep(REPORTING_POLL.min(bound.saturating_sub(waited)));
+        let now = read().map_err(err)?;
+        if now.abs_diff(last) > REPORTING_STABLE_KIB {
+            stable_since = Instant::now();
+        }
+        last = now;
+    }
+}
+
+fn read_pid(path: &Path) -> Result<u32, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("read pid file {}: {e}", path.display()))?;
+    text.trim().parse().map_err(|_| {
+        format!(
+            "pid file {} holds {:?}, not a pid",
+            path.display(),
+            text.trim()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,178 @@
+//! DAMON-guided pageout passes: install a DAMOS `pageout` scheme for regions cold for at least
+//! the cold age, let the running kdamond apply it until nothing more is paged out (or the time
+//! bound), then remove it again so monitoring goes on unchanged.
+//!
+//! Physical memory passes use kdamond 0, which the daemon started at boot (so region ages are
+//! known); the scheme is added with `commit`, which keeps the regions and their ages.
+//! Virtual address space passes (processes named by pid files) configure and start the spare
+//! kdamond 1 for the duration of the pass: their ages start at zero.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::damon::{
+    AccessPattern, DamonError, DamonSysfs, Filter, KdamondState, MonitoringAttrs, Quota, Scheme,
+    SchemeStats,
+};
+
+/// The kdamond monitoring physical memory from boot.
+pub const PADDR_KDAMOND: u64 = 0;
+/// The spare kdamond for virtual address space passes.
+pub const VADDR_KDAMOND: u64 = 1;
+/// Polls with unchanged counters after which a pass counts as finished. Regions an action was
+/// applied to restart at age zero, so once every cold region was tried the counters stop.
+const STABLE_POLLS: u32 = 1;
+
+/// What a pass does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageoutParams {
+    /// Regions idle at least this long.
+    pub cold_age_ms: u64,
+    /// Bytes per `reset_interval_ms`, coldest first; `None` = no limit.
+    pub quota_bytes: Option<u64>,
+    /// The quota's interval.
+    pub reset_interval_ms: u64,
+    /// Exclude anonymous pages.
+    pub spare_anon: bool,
+    /// Only page cache no process maps.
+    pub only_unmapped: bool,
+    /// Bound on the pass.
+    pub max_duration: Duration,
+    /// Processes whose virtual address spaces to page out; empty = physical memory.
+    pub pids: Vec<u32>,
+}
+
+/// What a pass did, from the scheme's counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct PageoutOutcome {
+    /// `paddr` or `vaddr`.
+    pub operations: &'static str,
+    /// The scheme's minimum age, in aggregation intervals.
+    pub age_min_aggr: u64,
+    /// The scheme's counters at the end.
+    pub stats: SchemeStats,
+    /// Whether the counters stopped moving before the bound.
+    pub converged: bool,
+    /// Polls of the counters.
+    pub polls: u32,
+}
+
+impl PageoutParams {
+    fn scheme(&self, attrs: &MonitoringAttrs) -> Scheme {
+        let mut filters = Vec::new();
+        if self.spare_anon {
+            filters.push(Filter::spare_anon());
+        }
+        if self.only_unmapped {
+            filters.push(Filter::only_unmapped());
+        }
+        Scheme {
+            action: crate::damon::DamosAction::Pageout,
+            pattern: AccessPattern::cold(self.cold_age_ms, attrs.aggr_us),
+            quota: Quota {
+                time_ms: 0,
+                bytes: self.quota_bytes.unwrap_or(0),
+                reset_interval_ms: if self.quota_bytes.is_some() {
+                    self.reset_interval_ms.max(1)
+                } else {
+                    0
+                },
+            },
+            filters,
+        }
+    }
+}
+
+/// Runs one pass. For physical memory kdamond 0 must be running with `base` (the schemes it
+/// runs outside trims) as its schemes; they are restored afterwards, also on failure.
+pub fn pageout_pass(
+    damon: &DamonSysfs,
+    attrs: &MonitoringAttrs,
+    base: &[Scheme],
+    p: &PageoutParams,
+) -> Result<PageoutOutcome, DamonError> {
+    let scheme = p.scheme(attrs);
+    if p.pids.is_empty() {
+        if damon.state()? != KdamondState::On {
+            return Err(DamonError::Parse {
+                op: "DAMON pageout",
+                path: damon.root().join("kdamonds/0/state"),
+                content: "off".into(),
+                expected: "\"on\": DAMON monitoring of physical memory (started by the daemon)",
+            });
+        }
+        let mut schemes = base.to_vec();
+        schemes.push(scheme.clone());
+        let index = base.len() as u64;
+        damon.set_schemes(PADDR_KDAMOND, &schemes)?;
+        damon.commit_kdamond(PADDR_KDAMOND)?;
+        let result = watch(damon, PADDR_KDAMOND, index, attrs, p.max_duration, 0);
+        let restored = damon
+            .set_schemes(PADDR_KDAMOND, base)
+            .and_then(|_| damon.commit_kdamond(PADDR_KDAMOND));
+        let (stats, converged, polls) = result?;
+        restored?;
+        Ok(PageoutOutcome {
+            operations: "paddr",
+            age_min_aggr: scheme.pattern.age_min_aggr,
+            stats,
+            converged,
+            polls,
+        })
+    } else {
+        damon.setup_vaddr_monitor(VADDR_KDAMOND, attrs, &p.pids)?;
+        damon.set_schemes(VADDR_KDAMOND, std::slice::from_ref(&scheme))?;
+        damon.start_kdamond(VADDR_KDAMOND)?;
+        // Ages start at zero: nothing is cold before the cold age has passed; wait twice that
+        // (the kdamond's aggregations lag wall time on a loaded guest).
+        let min_wait_ms = p.cold_age_ms.saturating_mul(2);
+        let result = watch(damon, VADDR_KDAMOND, 0, attrs, p.max_duration, min_wait_ms);
+        let stopped = damon.stop_kdamond(VADDR_KDAMOND);
+        let (stats, converged, polls) = result?;
+        stopped?;
+        Ok(PageoutOutcome {
+            operations: "vaddr",
+            age_min_aggr: scheme.pattern.age_min_aggr,
+            stats,
+            converged,
+            polls,
+        })
+    }
+}
+
+/// Polls scheme `index`'s counters until they stop moving (after `min_wait_ms` and at least two
+/// aggregation intervals), or `max`. The kernel refreshes the counters at the kdamond's next
+/// aggregation, so each poll takes about one aggregation interval by itself; the sleep between
+/// polls is short.
+fn watch(
+    damon: &DamonSysfs,
+    kdamond: u64,
+    index: u64,
+    attrs: &MonitoringAttrs,
+    max: Duration,
+    min_wait_ms: u64,
+) -> Result<(SchemeStats, bool, u32), DamonError> {
+    let t0 = Instant::now();
+    let poll = Duration::from_micros(attrs.aggr_us).max(Duration::from_millis(10));
+    let min_wait = (poll * 2).max(Duration::from_millis(min_wait_ms));
+    let mut last = damon.scheme_stats(kdamond, index)?;
+    let (mut stable, mut polls) = (0u32, 0u32);
+    loop {
+        let left = max.saturating_sub(t0.elapsed());
+        if left.is_zero() {
+            return Ok((last, false, polls));
+        }
+        std::thread::sleep((poll / 4).min(left));
+        let now = damon.scheme_stats(kdamond, index)?;
+        polls += 1;
+        let moved = now.sz_tried_bytes != last.sz_tried_bytes
+            || now.sz_applied_bytes != last.sz_applied_bytes
+            || now.nr_tried != last.nr_tried;
+        stable = if moved { 0 } else { stable + 1 };
+        last = now;
+        if stable >= STABLE_POLLS && t0.elapsed() >= min_wait {
+            return Ok((last, true, polls));
+        }
+    }
+}
