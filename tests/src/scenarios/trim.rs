@@ -122,7 +122,8 @@ pub(super) fn pipeline(ctx: &Ctx) -> Outcome {
          echo {MARK_STATUS}$($G ctl --unix $C $(j {{@op@:@status@}})); \
          echo {MARK_DEFAULT}$($G trim --builtin default --unix $C --json); \
          j '{E2E_POLICY}' > /tmp/p.json; echo {MARK_E2E}$($G trim --policy /tmp/p.json --unix $C --json); \
-         touch /run/chk; sleep 2; echo {MARK_STATS}$($G ctl --unix $C $(j {{@op@:@stats@}})); \
+         touch /run/chk; sleep 2; for i in 1 2 3 4 5 6; do s=$($G ctl --unix $C $(j {{@op@:@stats@}})); \
+         case $s in *regions?:0[,}}]*) sleep 2 ;; *) break ;; esac; done; echo {MARK_STATS}$s; \
          kill -0 $(cat /run/rt.pid); r=$?; kill -0 $(cat /run/anon.pid); echo {MARK_ALIVE}$r $?"
     );
     let (mut p, sock) = boot(ctx, &script)?;
