@@ -370,11 +370,12 @@ fn run_suite() -> Result<Suite, HarnessError> {
     .to_vec();
     // The data disk (~330 MiB) rides in the rig's RAM: only when a block scenario runs.
     let only_env = std::env::var("VMM_E2E_ONLY").unwrap_or_default();
-    if let Some(disk) = img
-        .data_disk
-        .as_ref()
-        .filter(|_| only_env.is_empty() || only_env.contains("block_"))
-    {
+    if let Some(disk) = img.data_disk.as_ref().filter(|_| {
+        only_env.is_empty()
+            || only_env.contains("block_")
+            || only_env.contains("trim_")
+            || only_env.contains("pipeline_")
+    }) {
         payload
             .add_file(disk, "data.ext4", 0o644)
             .map_err(HarnessError::Payload)?;

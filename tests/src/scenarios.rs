@@ -7,6 +7,7 @@
 
 mod balloon;
 mod block;
+mod pipeline;
 mod snapshot;
 mod trim;
 mod vsock;
@@ -133,10 +134,16 @@ pub fn all() -> Vec<Scenario> {
             vsock::ping_concurrency_vanishing_client,
         ),
         sc("vsock_bulk_both_ways", 400, vsock::bulk_both_ways),
-        // Trimmer (src/scenarios/trim.rs). The data-disk scenarios join once virtio-blk lands:
-        // sc("trim_default_keeps_hot", 400, trim::default_keeps_hot),
-        // sc("trim_aggressive_drops_hot", 400, trim::aggressive_drops_hot),
+        // Trimmer (src/scenarios/trim.rs).
+        sc("trim_default_keeps_hot", 400, trim::default_keeps_hot),
+        sc("trim_aggressive_drops_hot", 400, trim::aggressive_drops_hot),
         sc("trim_pipeline", 400, trim::pipeline),
+        // Trim-then-snapshot pipeline (src/scenarios/pipeline.rs).
+        sc(
+            "pipeline_trim_then_snapshot",
+            600,
+            pipeline::trim_then_snapshot,
+        ),
     ]
 }
 

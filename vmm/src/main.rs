@@ -46,6 +46,9 @@ enum Command {
     Restore(cli::restore::RestoreArgs),
     /// Describe and verify a snapshot directory.
     Inspect(cli::inspect::InspectArgs),
+    /// Talk to a running guest's guest-trimmer over vsock: trim by a policy, status, stats.
+    #[command(subcommand)]
+    Trimmer(cli::trimmer::TrimmerCommand),
 }
 
 fn main() {
@@ -65,6 +68,7 @@ fn main() {
         Command::Snapshot(args) => cli::snapshot::run(args),
         Command::Restore(args) => cli::restore::run(args),
         Command::Inspect(args) => cli::inspect::run(args),
+        Command::Trimmer(cmd) => cli::trimmer::run(cmd),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -362,6 +362,11 @@ fn open_serial_sink(output: &SerialOutput) -> Result<Box<dyn std::io::Write + Se
 }
 
 impl Vm {
+    /// The host side of the VM's vsock device, if it has one.
+    pub fn vsock_uds_path(&self) -> Option<std::path::PathBuf> {
+        self.config.vsock.as_ref().map(|v| v.uds_path.clone())
+    }
+
     /// Builds the VM described by `config` and starts its vCPUs.
     pub fn boot(config: VmConfig, timeline: Arc<BootTimeline>) -> Result<Self, BootError> {
         config.validate()?;

@@ -74,7 +74,7 @@ impl ApiHandler for FakeVmm {
                 Ok(ApiReply::Empty)
             }
             ApiRequest::Balloon(_) => Err(ApiError::Conflict("the fake VMM has no balloon".into())),
-            ApiRequest::CreateSnapshot(_) => {
+            ApiRequest::CreateSnapshot(_) | ApiRequest::SnapshotPipeline(..) => {
                 Err(ApiError::Conflict("the fake VMM has no snapshots".into()))
             }
             ApiRequest::Drive(request) => vmm::api::drives::handle(&[], request),

@@ -48,7 +48,7 @@ fn start_sets_up_and_starts_paddr_monitoring() {
         f.read(&format!(
             "{admin}/kdamonds/0/contexts/0/monitoring_attrs/intervals/sample_us"
         )),
-        "5000"
+        DAEMON_ATTRS.sample_us.to_string()
     );
 }
 

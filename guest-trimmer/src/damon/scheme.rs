@@ -126,6 +126,19 @@ impl Filter {
         }
     }
 
+    /// Excludes pages accessed since DAMON last checked them (the kernel's `young` filter,
+    /// Linux 6.10), so a pageout of a mostly idle region spares the hot pages inside it.
+    /// DAMON's regions are coarse (about 1% of memory or more): without this, a region with a
+    /// few hot pages among many cold ones shows no access in some aggregations and its hot
+    /// pages go with the cold. The filter marks what it checks old, so a page untouched since
+    /// the previous check is paged out at the scheme's next application.
+    pub fn spare_young() -> Self {
+        Filter {
+            kind: "young".into(),
+            matching: true,
+        }
+    }
+
     /// Excludes pages that some process maps (keeps only unmapped page cache eligible); needs
     /// a kernel with the `unmapped` filter type.
     pub fn only_unmapped() -> Self {

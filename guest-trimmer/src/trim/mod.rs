@@ -57,6 +57,9 @@ pub struct TrimEnv {
     pub base_schemes: Vec<Scheme>,
     /// The kernel's reporting delay `wait_reported` waits at least (tests use zero).
     pub reporting_delay: Duration,
+    /// When the daemon started kdamond 0's monitoring (`None`: not started by this process),
+    /// for converting cold ages with the aggregation rate it really achieved.
+    pub monitoring_started: Option<std::time::Instant>,
 }
 
 impl TrimEnv {
@@ -71,6 +74,7 @@ impl TrimEnv {
             attrs,
             base_schemes: vec![Scheme::stat_all()],
             reporting_delay: REPORTING_DELAY,
+            monitoring_started: None,
         }
     }
 
@@ -360,7 +364,13 @@ fn damon_pass(
         quota_bytes = Some(excess_bytes.min(over_pass));
         reset_interval_ms = window_ms;
     }
+    let achieved_aggr_us = if pids.is_empty() {
+        achieved_paddr_aggr_us(env)
+    } else {
+        None
+    };
     let params = PageoutParams {
+        achieved_aggr_us,
         cold_age_ms,
         quota_bytes,
         reset_interval_ms,
@@ -372,6 +382,26 @@ fn damon_pass(
     pageout_pass(&env.damon, &env.attrs, &env.base_schemes, &params)
         .map(|o| serde_json::to_value(o).unwrap_or_default())
         .map_err(|e| (crate::error_chain(&e), serde_json::Value::Null))
+}
+
+/// kdamond 0's achieved aggregation interval (see [`pageout::achieved_aggr_us`]), from the
+/// base `stat` scheme's regions; `None` (configured interval) when unknown.
+fn achieved_paddr_aggr_us(env: &TrimEnv) -> Option<u64> {
+    let started = env.monitoring_started?;
+    match env.damon.tried_regions(pageout::PADDR_KDAMOND, 0) {
+        Ok(regions) => pageout::achieved_aggr_us(
+            regions.iter().map(|r| r.age_aggr),
+            ms(started.elapsed()),
+            env.attrs.aggr_us,
+        ),
+        Err(e) => {
+            tracing::warn!(
+                "cannot read DAMON's region ages, converting cold ages with the configured interval: {}",
+                crate::error_chain(&e)
+            );
+            None
+        }
+    }
 }
 
 fn drop_caches(

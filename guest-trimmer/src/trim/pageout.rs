@@ -41,6 +41,27 @@ pub struct PageoutParams {
     pub max_duration: Duration,
     /// Processes whose virtual address spaces to page out; empty = physical memory.
     pub pids: Vec<u32>,
+    /// The aggregation interval the kdamond actually achieves (see [`achieved_aggr_us`]); ages
+    /// are converted from `cold_age_ms` with it. `None`: the configured interval.
+    pub achieved_aggr_us: Option<u64>,
+}
+
+/// The aggregation interval kdamond 0 really achieved since monitoring started `monitoring_ms`
+/// ago, from the oldest region's age (memory untouched since then ages once per
+/// aggregation). A loaded or emulated guest runs fewer aggregations than configured; converting
+/// a cold age with the configured interval would then ask for more aggregations than have
+/// passed and nothing would ever be cold. Never shorter than `configured_us`; `None` while
+/// monitoring is too young (under 2 s) or no region has aged.
+pub fn achieved_aggr_us(
+    ages_aggr: impl IntoIterator<Item = u64>,
+    monitoring_ms: u64,
+    configured_us: u64,
+) -> Option<u64> {
+    let oldest = ages_aggr.into_iter().max().filter(|&a| a > 0)?;
+    if monitoring_ms < 2_000 {
+        return None;
+    }
+    Some((monitoring_ms.saturating_mul(1000) / oldest).max(configured_us))
 }
 
 /// What a pass did, from the scheme's counters.
@@ -48,8 +69,12 @@ pub struct PageoutParams {
 pub struct PageoutOutcome {
     /// `paddr` or `vaddr`.
     pub operations: &'static str,
+    /// Whether pages accessed since DAMON's last check were spared (the `young` filter).
+    pub spare_young: bool,
     /// The scheme's minimum age, in aggregation intervals.
     pub age_min_aggr: u64,
+    /// The aggregation interval ages were converted with (the achieved one, when known).
+    pub aggr_us: u64,
     /// The scheme's counters at the end.
     pub stats: SchemeStats,
     /// Whether the counters stopped moving before the bound.
@@ -59,6 +84,12 @@ pub struct PageoutOutcome {
 }
 
 impl PageoutParams {
+    fn aggr_us(&self, attrs: &MonitoringAttrs) -> u64 {
+        self.achieved_aggr_us
+            .unwrap_or(attrs.aggr_us)
+            .max(attrs.aggr_us)
+    }
+
     fn scheme(&self, attrs: &MonitoringAttrs) -> Scheme {
         let mut filters = Vec::new();
         if self.spare_anon {
@@ -69,7 +100,7 @@ impl PageoutParams {
         }
         Scheme {
             action: crate::damon::DamosAction::Pageout,
-            pattern: AccessPattern::cold(self.cold_age_ms, attrs.aggr_us),
+            pattern: AccessPattern::cold(self.cold_age_ms, self.aggr_us(attrs)),
             quota: Quota {
                 time_ms: 0,
                 bytes: self.quota_bytes.unwrap_or(0),
@@ -102,20 +133,44 @@ pub fn pageout_pass(
                 expected: "\"on\": DAMON monitoring of physical memory (started by the daemon)",
             });
         }
-        let mut schemes = base.to_vec();
-        schemes.push(scheme.clone());
         let index = base.len() as u64;
-        damon.set_schemes(PADDR_KDAMOND, &schemes)?;
-        damon.commit_kdamond(PADDR_KDAMOND)?;
-        let result = watch(damon, PADDR_KDAMOND, index, attrs, p.max_duration, 0);
+        // Spare pages accessed since the last check; a kernel without the `young` filter type
+        // (before 6.10) refuses it: page out by region then.
+        let mut spared = scheme.clone();
+        spared.filters.push(Filter::spare_young());
+        let mut spare_young = true;
+        let with_young = [base, std::slice::from_ref(&spared)].concat();
+        if let Err(e) = damon
+            .set_schemes(PADDR_KDAMOND, &with_young)
+            .and_then(|_| damon.commit_kdamond(PADDR_KDAMOND))
+        {
+            tracing::warn!(
+                "DAMON refused the `young` filter, paging out whole idle regions: {}",
+                crate::error_chain(&e)
+            );
+            spare_young = false;
+            let schemes = [base, std::slice::from_ref(&scheme)].concat();
+            damon.set_schemes(PADDR_KDAMOND, &schemes)?;
+            damon.commit_kdamond(PADDR_KDAMOND)?;
+        }
+        let result = watch(
+            damon,
+            PADDR_KDAMOND,
+            index,
+            p.aggr_us(attrs),
+            p.max_duration,
+            0,
+        );
         let restored = damon
             .set_schemes(PADDR_KDAMOND, base)
             .and_then(|_| damon.commit_kdamond(PADDR_KDAMOND));
         let (stats, converged, polls) = result?;
         restored?;
         Ok(PageoutOutcome {
+            spare_young,
             operations: "paddr",
             age_min_aggr: scheme.pattern.age_min_aggr,
+            aggr_us: p.aggr_us(attrs),
             stats,
             converged,
             polls,
@@ -127,13 +182,22 @@ pub fn pageout_pass(
         // Ages start at zero: nothing is cold before the cold age has passed; wait twice that
         // (the kdamond's aggregations lag wall time on a loaded guest).
         let min_wait_ms = p.cold_age_ms.saturating_mul(2);
-        let result = watch(damon, VADDR_KDAMOND, 0, attrs, p.max_duration, min_wait_ms);
+        let result = watch(
+            damon,
+            VADDR_KDAMOND,
+            0,
+            p.aggr_us(attrs),
+            p.max_duration,
+            min_wait_ms,
+        );
         let stopped = damon.stop_kdamond(VADDR_KDAMOND);
         let (stats, converged, polls) = result?;
         stopped?;
         Ok(PageoutOutcome {
+            spare_young: false,
             operations: "vaddr",
             age_min_aggr: scheme.pattern.age_min_aggr,
+            aggr_us: p.aggr_us(attrs),
             stats,
             converged,
             polls,
@@ -144,17 +208,17 @@ pub fn pageout_pass(
 /// Polls scheme `index`'s counters until they stop moving (after `min_wait_ms` and at least two
 /// aggregation intervals), or `max`. The kernel refreshes the counters at the kdamond's next
 /// aggregation, so each poll takes about one aggregation interval by itself; the sleep between
-/// polls is short.
+/// polls is short. `aggr_us` is the kdamond's achieved aggregation interval.
 fn watch(
     damon: &DamonSysfs,
     kdamond: u64,
     index: u64,
-    attrs: &MonitoringAttrs,
+    aggr_us: u64,
     max: Duration,
     min_wait_ms: u64,
 ) -> Result<(SchemeStats, bool, u32), DamonError> {
     let t0 = Instant::now();
-    let poll = Duration::from_micros(attrs.aggr_us).max(Duration::from_millis(10));
+    let poll = Duration::from_micros(aggr_us).max(Duration::from_millis(10));
     let min_wait = (poll * 2).max(Duration::from_millis(min_wait_ms));
     let mut last = damon.scheme_stats(kdamond, index)?;
     let (mut stable, mut polls) = (0u32, 0u32);

@@ -373,3 +373,19 @@ fn after_restore_runs_its_hooks_in_order() {
     assert_eq!(r.hooks.len(), 2);
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "y\nx\n");
 }
+
+#[test]
+fn achieved_aggregation_interval_follows_the_oldest_region() {
+    use super::pageout::achieved_aggr_us;
+    // 60 s of monitoring, the oldest region aged 150 aggregations: 400 ms each, not 100 ms.
+    assert_eq!(
+        achieved_aggr_us([3, 150, 0], 60_000, 100_000),
+        Some(400_000)
+    );
+    // A kdamond keeping pace is never credited with a shorter interval than configured.
+    assert_eq!(achieved_aggr_us([900], 60_000, 100_000), Some(100_000));
+    // Too young, or nothing aged yet: unknown.
+    assert_eq!(achieved_aggr_us([10], 1_000, 100_000), None);
+    assert_eq!(achieved_aggr_us([0, 0], 60_000, 100_000), None);
+    assert_eq!(achieved_aggr_us([], 60_000, 100_000), None);
+}

@@ -161,7 +161,7 @@ fn inspect(ctx: &Ctx, dir: &Path) -> Result<(i32, Option<serde_json::Value>, Str
 }
 
 /// Starts `vmm restore --snapshot DIR`.
-fn restore(ctx: &Ctx, suffix: &str, dir: &Path) -> Result<Proc, String> {
+pub(super) fn restore(ctx: &Ctx, suffix: &str, dir: &Path) -> Result<Proc, String> {
     let args = vec![
         "restore".to_string(),
         "--snapshot".to_string(),
@@ -305,7 +305,7 @@ pub fn round_trip_2vcpu_two_clones(ctx: &Ctx) -> Outcome {
 }
 
 /// Stops a restored VMM with SIGTERM and checks it exits 0 without a panic.
-fn stop_clone(p: &mut Proc) -> Result<(), String> {
+pub(super) fn stop_clone(p: &mut Proc) -> Result<(), String> {
     p.signal(libc::SIGTERM);
     let st = p.wait_exit(Duration::from_secs(20))?;
     no_panic(p)?;

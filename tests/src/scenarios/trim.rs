@@ -23,7 +23,7 @@ use std::time::Duration;
 
 /// The guest scripts' preamble: no globbing (JSON has `[`), `j` prints its argument with `@`
 /// turned into `"`, `G` is the trimmer and `C` its control socket (waited for up to 20 s).
-const PREAMBLE: &str = "set -f; j(){ printf '%s\\n' $1 | tr @ '\\042'; }; G=guest-trimmer; \
+pub(super) const PREAMBLE: &str = "set -f; j(){ printf '%s\\n' $1 | tr @ '\\042'; }; G=guest-trimmer; \
      C=/run/guest-trimmer.sock; i=0; while [ ! -S $C ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done;";
 
 /// Printed by the scripts before a JSON reply.
@@ -70,7 +70,7 @@ fn json_after(p: &mut Proc, marker: &str) -> Result<Value, String> {
 }
 
 /// The words after `marker` on its first console line.
-fn words_after(p: &mut Proc, marker: &str) -> Result<Vec<String>, String> {
+pub(super) fn words_after(p: &mut Proc, marker: &str) -> Result<Vec<String>, String> {
     let i = p.wait_stdout(marker, GUEST_TIMEOUT)?;
     let line = &p.stdout[i].1;
     Ok(line[line.find(marker).expect("found") + marker.len()..]
@@ -246,11 +246,11 @@ pub(super) fn pipeline(ctx: &Ctx) -> Outcome {
     ))
 }
 
-/// The data disk's layout in the guest (virtio-blk, ext4, mounted read-only on /mnt by
+/// The data disk's layout in the guest (virtio-blk, ext4, mounted read-only on /mnt/data by
 /// /init): the S512 cold set (256 MiB of files read once) and hot set (32 MiB re-read).
 pub const DATA_DISK: DataDisk = DataDisk {
-    cold_dir: "/mnt/cold",
-    hot_dir: "/mnt/hot",
+    cold_dir: "/mnt/data/cold",
+    hot_dir: "/mnt/data/hot",
 };
 
 /// Where the data disk's file sets are in the guest.
@@ -261,10 +261,13 @@ pub struct DataDisk {
     pub hot_dir: &'static str,
 }
 
-/// `vmm run` arguments attaching the S512 data disk. Until virtio-blk lands this fails with
-/// the reason, so a registered disk scenario fails rather than skips.
-fn data_disk_args(_ctx: &Ctx) -> Result<Vec<String>, String> {
-    Err("the data disk (virtio-blk, branch blk) has not landed: attach it here".into())
+/// `vmm run` arguments attaching the S512 data disk read-only (the guest's /dev/vda).
+pub(super) fn data_disk_args(ctx: &Ctx) -> Result<Vec<String>, String> {
+    let data = ctx
+        .data_disk
+        .as_ref()
+        .ok_or("no data disk: the runner needs --data-disk (vmm image build's data.ext4)")?;
+    Ok(vec!["--disk".into(), format!("{},ro", data.display())])
 }
 
 /// Runs the S512 workload on the data disk, waits past the default cold age, trims with the
@@ -273,17 +276,14 @@ fn disk_trim(ctx: &Ctx, policy: &str) -> Result<(Value, Vec<String>, Vec<String>
     let (cold, hot) = (DATA_DISK.cold_dir, DATA_DISK.hot_dir);
     let script = format!(
         "$G workload live-anon --mib 64 --check-file /run/chk & $G workload cold-read {cold}; \
-         $G workload hot-loop {hot} --until-file /run/stophot & sleep 25; touch /run/stophot; sleep 1; \
-         echo {MARK_E2E}$($G trim --builtin {policy} --unix $C --json); \
+         $G workload hot-loop {hot} --until-file /run/stophot & sleep 25; \
+         echo {MARK_E2E}$($G trim --builtin {policy} --unix $C --json); touch /run/stophot; sleep 1; \
          $G workload mincore {cold} --label cold; $G workload mincore {hot} --label hot; \
          touch /run/chk; sleep 2"
     );
-    let sock = ctx.work.join("api.sock");
-    let _ = std::fs::remove_file(&sock);
     let script = format!("{PREAMBLE} {script}");
     let mut args = ctx.boot_args(512, 2, &format!("quiet vmm_run=\"{script}\""));
     args.extend(data_disk_args(ctx)?);
-    args.extend(["--api-sock".to_string(), sock.display().to_string()]);
     let mut p = ctx.vmm("", &args, &[])?;
     p.wait_stdout(READY_MARKER, READY_TIMEOUT)?;
     let reply = json_after(&mut p, MARK_E2E)?;
@@ -294,7 +294,15 @@ fn disk_trim(ctx: &Ctx, policy: &str) -> Result<(Value, Vec<String>, Vec<String>
         format!("live anonymous data changed: {check:?}")
     })?;
     p.wait_stdout(MARK_DONE, GUEST_TIMEOUT)?;
-    stop_via_api(ctx, &mut p, &sock)?;
+    // The guest powers off when its script ends: the VMM must then exit cleanly by itself.
+    let st = p.wait_exit(Duration::from_secs(30))?;
+    ensure(st.code() == Some(0), || {
+        format!(
+            "after the guest powered off: {}; {}",
+            crate::proc::describe(&st),
+            p.context()
+        )
+    })?;
     Ok((reply, cold_res, hot_res, p))
 }
 
@@ -309,7 +317,6 @@ fn resident(words: &[String]) -> Result<f64, String> {
 
 /// default.json keeps the hot files cached, drops the cold ones, and leaves used memory within
 /// 20 MiB + 10% of live anonymous data + hot set.
-#[allow(dead_code)]
 pub(super) fn default_keeps_hot(ctx: &Ctx) -> Outcome {
     let (reply, cold, hot, p) = disk_trim(ctx, "default")?;
     no_panic(&p)?;
@@ -340,7 +347,6 @@ pub(super) fn default_keeps_hot(ctx: &Ctx) -> Outcome {
 }
 
 /// aggressive.json drops the hot files too.
-#[allow(dead_code)]
 pub(super) fn aggressive_drops_hot(ctx: &Ctx) -> Outcome {
     let (reply, cold, hot, p) = disk_trim(ctx, "aggressive")?;
     no_panic(&p)?;

@@ -33,6 +33,12 @@ pub enum ApiRequest {
     Balloon(BalloonRequest),
     /// `PUT /snapshot/create`: pause, write a snapshot, then resume, stay paused or stop.
     CreateSnapshot(crate::snapshot::SnapshotRequest),
+    /// `PUT /snapshot/create` with `"pipeline"`: trim the guest by a policy, run a hinting
+    /// pass, then snapshot (see [`crate::pipeline`]).
+    SnapshotPipeline(
+        crate::pipeline::PipelineRequest,
+        crate::snapshot::SnapshotRequest,
+    ),
     /// `/drives...`: the virtio-blk drives.
     Drive(DriveRequest),
     /// `/vsock`: the virtio-vsock resource.

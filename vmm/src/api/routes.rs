@@ -347,6 +347,9 @@ struct SnapshotCreateBody {
     /// `true`: store every page (a raw full dump, for comparison); default compact.
     #[serde(default)]
     raw_memory: bool,
+    /// Trim the guest and run a hinting pass first (see [`crate::pipeline`]).
+    #[serde(default)]
+    pipeline: Option<crate::pipeline::PipelineRequest>,
 }
 
 /// `PUT /snapshot/create {"snapshot_path": DIR[, "snapshot_type": "Full"][, "after": "resume"|"pause"|"stop"]}`
@@ -361,13 +364,15 @@ fn put_snapshot_create(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiE
     if body.snapshot_path.as_os_str().is_empty() {
         return Err(ApiError::BadRequest("snapshot_path is empty".into()));
     }
-    Ok(ApiRequest::CreateSnapshot(
-        crate::snapshot::SnapshotRequest {
-            path: body.snapshot_path,
-            after: body.after,
-            raw_memory: body.raw_memory,
-        },
-    ))
+    let snapshot = crate::snapshot::SnapshotRequest {
+        path: body.snapshot_path,
+        after: body.after,
+        raw_memory: body.raw_memory,
+    };
+    Ok(match body.pipeline {
+        Some(pipeline) => ApiRequest::SnapshotPipeline(pipeline, snapshot),
+        None => ApiRequest::CreateSnapshot(snapshot),
+    })
 }
 
 /// `PUT /snapshot/load`: a snapshot is restored by a new VMM process, never into a running VM.

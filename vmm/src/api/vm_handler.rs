@@ -28,6 +28,20 @@ impl ApiHandler for VmHandle {
                     Err(message) => Err(ApiError::Internal(message)),
                 }
             }
+            ApiRequest::SnapshotPipeline(pipeline, snapshot) => {
+                return match crate::pipeline::run(self, &pipeline, snapshot) {
+                    Ok(summary) => Ok(ApiReply::Json(
+                        serde_json::to_value(summary).unwrap_or_default(),
+                    )),
+                    Err(err @ crate::pipeline::PipelineError::Policy(_)) => {
+                        Err(ApiError::BadRequest(err.to_string()))
+                    }
+                    Err(err @ crate::pipeline::PipelineError::TrimRequired { .. }) => {
+                        Err(ApiError::Conflict(err.to_string()))
+                    }
+                    Err(err) => Err(ApiError::Internal(err.to_string())),
+                }
+            }
             ApiRequest::Drive(request) => return super::drives::handle(self.drives(), request),
             ApiRequest::Vsock(request) => return self.handle_vsock(request),
         };

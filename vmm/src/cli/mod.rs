@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod restore;
 pub mod run;
 pub mod snapshot;
+pub mod trimmer;
 pub mod vsock;
 
 /// Result of a subcommand: the process exit code, or an error printed with its causes.

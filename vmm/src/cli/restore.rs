@@ -31,6 +31,13 @@ pub struct RestoreArgs {
     /// Write timings and the exit reason as JSON to this file when the VM ends.
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
+    /// Do not tell the guest-trimmer (over vsock) that the guest was restored; by default it
+    /// is told, so the policy's after-restore hooks run in the clone.
+    #[arg(long)]
+    pub no_after_restore: bool,
+    /// The guest-trimmer's vsock port.
+    #[arg(long, default_value_t = crate::pipeline::DEFAULT_TRIMMER_PORT)]
+    pub trimmer_port: u32,
 }
 
 /// Restores the VM and serves it; returns the exit code.
@@ -48,5 +55,8 @@ pub fn run(args: RestoreArgs) -> CliResult {
     };
     let vm = Vm::restore(&args.snapshot, &options, timeline)
         .with_context(|| format!("cannot restore {}", args.snapshot.display()))?;
+    if let Some(uds) = vm.vsock_uds_path().filter(|_| !args.no_after_restore) {
+        crate::pipeline::after_restore::notify_in_background(uds, args.trimmer_port);
+    }
     super::run::serve(vm, api_server, signals, args.metrics_file.as_deref())
 }

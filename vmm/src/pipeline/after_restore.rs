@@ -1,0 +1,53 @@
+//! After a restore, tell the guest-trimmer (`after_restore`) so the policy's after-restore hooks
+//! run in the clone (reseed user-space randomness, reconnect...). Runs on its own thread: the
+//! guest's vsock driver first handles the transport reset, so the trimmer is retried until it
+//! answers or a bound passes; the outcome is logged.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::TrimmerClient;
+
+/// How long to keep trying to reach the trimmer after a restore.
+pub const AFTER_RESTORE_WAIT: Duration = Duration::from_secs(30);
+/// Bound on one `after_restore` exchange (the hooks run inside it).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause between attempts while the trimmer is unreachable.
+const RETRY: Duration = Duration::from_millis(100);
+
+/// Starts the notification on a background thread.
+pub fn notify_in_background(uds_path: PathBuf, port: u32) {
+    let spawned = std::thread::Builder::new()
+        .name("after-restore".into())
+        .spawn(move || notify(&TrimmerClient::new(&uds_path, port)));
+    if let Err(err) = spawned {
+        tracing::warn!(error = %err, "cannot start the after-restore notification thread");
+    }
+}
+
+/// Sends `after_restore`, retrying while the trimmer is unreachable; logs the outcome.
+fn notify(client: &TrimmerClient) {
+    let started = Instant::now();
+    loop {
+        match client.after_restore(REPLY_TIMEOUT) {
+            Ok(reply) => {
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    report = %reply.get("report").cloned().unwrap_or_default(),
+                    "guest-trimmer ran its after-restore hooks"
+                );
+                return;
+            }
+            Err(err) if err.is_unreachable() && started.elapsed() < AFTER_RESTORE_WAIT => {
+                std::thread::sleep(RETRY);
+            }
+            Err(err) => {
+                tracing::warn!(
+                    "after restore: {} (after-restore hooks did not run)",
+                    crate::devices::virtio::error_chain(&err)
+                );
+                return;
+            }
+        }
+    }
+}
