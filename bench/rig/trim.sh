@@ -3,28 +3,31 @@
 # daemon CPU time, daemon RSS), and a trim's time and bytes freed per step, measured in the
 # guest (/proc/meminfo) and on the host (RSS of guest RAM before and after).
 # Prints one `TRIM-BENCH {json}` line per run. Runs inside the kvm rig (busybox userland):
-#   payload = static vmm + vmlinuz + initramfs.cpio (from `vmm image build`) + this script
+#   payload = static vmm + vmlinuz + initramfs.cpio + data.ext4 (from `vmm image build`) + this script
 #   cargo run --release -p bench -- trim [--runs N]   (or by hand:)
 #   flock /tmp/kvm-rig.lock ../shared/kvm-rig/run.sh --timeout 1200 PAYLOAD -- sh trim.sh [RUNS]
-# Guest: 512 MiB, 2 vCPUs, `quiet`, balloon with free page reporting. Workload (no data disk
-# yet, so no file page cache): a runtime with a 64 MiB heap cache released by its hook, 64 MiB
-# of live anonymous data. Policy: default.json plus the runtime hook.
+# Guest: 512 MiB, 2 vCPUs, `quiet`, balloon with free page reporting, the S512 data disk
+# read-only. Workload (the standard scenario S512): a runtime with a 64 MiB heap cache released
+# by its hook, 64 MiB of live anonymous data, 256 MiB of files read once from the data disk
+# (cold), 32 MiB re-read in a loop until the trim (hot). Policy: the built-in `s512`
+# (default.json plus the runtime hook). After the trim: page cache residency of both sets.
 set -u
 RUNS=${1:-3}
-IDLE_S=${TRIM_BENCH_IDLE_S:-20}
+IDLE_S=${TRIM_BENCH_IDLE_S:-40}
 SOCK=/tmp/tb.sock
 CON=/tmp/tb-console.log
 MEM_MIB=512
 BALLOON=amount_mib=0,free_page_reporting=true
 # Guest script (kernel command line: no double quotes; `@` becomes `"` through `j`).
-P='{@name@:@s512@,@cold_age_ms@:20000,@budget_ms@:15000,@hooks@:[{@name@:@rt@,@unix_socket@:@/run/rt.sock@,@message@:@trim\n@,@expect_reply@:@ok@,@timeout_ms@:10000}],@steps@:[{@hooks@:{}},{@damon_pageout@:{@quota_mib_per_s@:1024,@max_duration_ms@:3000}},{@drop_caches@:{@page_cache@:@cold@,@slab@:false}},{@compact_memory@:{}},{@wait_reported@:{@timeout_ms@:5000,@quiet_ms@:500}}]}'
 GUEST="set -f; j(){ printf '%s\\n' \$1 | tr @ '\\042'; }; G=guest-trimmer; C=/run/guest-trimmer.sock; \
 i=0; while [ ! -S \$C ] && [ \$i -lt 300 ]; do sleep 0.1; i=\$((i+1)); done; \
 \$G workload runtime --mib 64 --pid-file /run/rt.pid --socket /run/rt.sock & \
 \$G workload live-anon --mib 64 --check-file /run/chk & sleep 5; \
+\$G workload cold-read /mnt/data/cold; \$G workload hot-loop /mnt/data/hot --until-file /run/stophot & \
 echo TB-IDLE0 \$(cat /proc/uptime) \$(\$G ctl --unix \$C \$(j {@op@:@stats@})); sleep $IDLE_S; \
 echo TB-IDLE1 \$(cat /proc/uptime) \$(\$G ctl --unix \$C \$(j {@op@:@stats@})); \
-echo TB-GO; sleep 2; j '$P' > /tmp/p.json; echo TB-TRIM \$(\$G trim --policy /tmp/p.json --json); \
+echo TB-GO; sleep 2; echo TB-TRIM \$(\$G trim --builtin s512 --unix \$C --json); touch /run/stophot; \
+\$G workload mincore /mnt/data/cold --label cold; \$G workload mincore /mnt/data/hot --label hot; \
 touch /run/chk; sleep 1; echo TB-DONE; sleep 3600"
 
 now_ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
@@ -44,6 +47,7 @@ run=1
 while [ "$run" -le "$RUNS" ]; do
     rm -f "$SOCK" "$CON"
     ./vmm run --kernel vmlinuz --initrd initramfs.cpio --mem-mib $MEM_MIB --vcpus 2 --balloon "$BALLOON" \
+        --disk data.ext4,ro \
         --api-sock "$SOCK" --serial "$CON" --cmdline "quiet vmm_run=\"$GUEST\"" </dev/null >/tmp/tb-vmm.log 2>&1 &
     VMM=$!
     ok=true; err=""
@@ -55,6 +59,7 @@ while [ "$run" -le "$RUNS" ]; do
     sleep 3
     rss_after3=$(guest_rss_kib $VMM)
     check=$(line_of WORKLOAD-LIVE-ANON-CHECK)
+    cold=$(line_of "WORKLOAD-MINCORE cold"); hot=$(line_of "WORKLOAD-MINCORE hot")
     idle0=$(line_of TB-IDLE0); idle1=$(line_of TB-IDLE1); trim=$(line_of TB-TRIM)
     ./vmm stop --api-sock "$SOCK" >/dev/null 2>&1
     wait $VMM
@@ -64,7 +69,7 @@ while [ "$run" -le "$RUNS" ]; do
     j0=${idle0#* }; j0=${j0#* }; j1=${idle1#* }; j1=${j1#* }
     [ -n "$j0" ] || j0=null
     [ -n "$j1" ] || j1=null
-    printf 'TRIM-BENCH {"run":%d,"ok":%s,"error":"%s","idle_s":%s,"uptime0_s":%s,"uptime1_s":%s,"stats0":%s,"stats1":%s,"host_rss_before_kib":%d,"host_rss_after_kib":%d,"host_rss_after_3s_kib":%d,"live_anon_check":"%s","reply":%s}\n' \
-        "$run" "$ok" "$err" "$IDLE_S" "${up0:-0}" "${up1:-0}" "$j0" "$j1" "$rss_before" "$rss_after" "$rss_after3" "$check" "$trim"
+    printf 'TRIM-BENCH {"run":%d,"ok":%s,"error":"%s","idle_s":%s,"uptime0_s":%s,"uptime1_s":%s,"stats0":%s,"stats1":%s,"host_rss_before_kib":%d,"host_rss_after_kib":%d,"host_rss_after_3s_kib":%d,"live_anon_check":"%s","cold_resident":"%s","hot_resident":"%s","reply":%s}\n' \
+        "$run" "$ok" "$err" "$IDLE_S" "${up0:-0}" "${up1:-0}" "$j0" "$j1" "$rss_before" "$rss_after" "$rss_after3" "$check" "$cold" "$hot" "$trim"
     run=$((run + 1))
 done

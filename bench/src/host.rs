@@ -142,6 +142,8 @@ pub(crate) fn output_of(program: &Path, args: &[&str], cwd: &Path) -> anyhow::Re
 pub(crate) struct Image {
     pub(crate) kernel: PathBuf,
     pub(crate) initrd: PathBuf,
+    /// The S512 data disk, when the image build made one.
+    pub(crate) data_disk: Option<PathBuf>,
     kernel_version: Option<String>,
     kernel_package: Option<String>,
     kernel_bytes: u64,
@@ -176,6 +178,7 @@ pub(crate) fn build_image(vmm: &Path, root: &Path) -> anyhow::Result<Image> {
             .get("kernel_package")
             .and_then(|s| s.as_str())
             .map(String::from),
+        data_disk: path("data_disk").ok(),
         kernel,
         initrd,
     })

@@ -24,8 +24,9 @@ pub struct TrimArgs {
     /// Guest boots (one trim each).
     #[arg(long, default_value_t = 3)]
     pub runs: u32,
-    /// Seconds of idle daemon between the two cost samples.
-    #[arg(long, default_value_t = 20)]
+    /// Seconds of idle daemon between the two cost samples (also how long the cold set
+    /// stays untouched before the trim: past the policy's 20 s cold age).
+    #[arg(long, default_value_t = 40)]
     pub idle_s: u32,
     /// Results file (the .md goes beside it).
     #[arg(long, default_value = "bench-results/trim.json")]
@@ -50,11 +51,16 @@ pub fn run(args: TrimArgs) -> anyhow::Result<i32> {
     );
     let vmm = bin_dir.join("vmm");
     let image = build_image(&vmm, &root)?;
+    let data_disk = image
+        .data_disk
+        .as_ref()
+        .context("`vmm image build` made no data disk (the S512 cold and hot file sets)")?;
     let mut payload = Payload::new()?;
     payload
         .add_file(&vmm, "vmm", 0o755)?
         .add_file(&image.kernel, "vmlinuz", 0o644)?
         .add_file(&image.initrd, "initramfs.cpio", 0o644)?
+        .add_file(data_disk, "data.ext4", 0o444)?
         .add_bytes("trim.sh", SCRIPT.as_bytes(), 0o755)?;
     let runs = args.runs.to_string();
     let env = format!("TRIM_BENCH_IDLE_S={}", args.idle_s);
@@ -157,14 +163,26 @@ pub fn summarize(samples: &[Value], idle_s: u32, where_: &str) -> Value {
             (dt_ms > 0.0).then(|| 100.0 * (cpu1 - cpu0) / dt_ms)
         }))
     };
+    // `resident_kib total_kib` from mincore after the trim, as a percentage.
+    let resident = |f: &str| {
+        med(samples.iter().map(|s| {
+            let text = s[f].as_str()?;
+            let mut n = text
+                .split_whitespace()
+                .filter_map(|w| w.parse::<f64>().ok());
+            let (r, t) = (n.next()?, n.next()?);
+            (t > 0.0).then(|| 100.0 * r / t)
+        }))
+    };
+    let attrs = guest_trimmer::control::DAEMON_ATTRS;
     json!({
         "benchmark": "guest-trimmer: idle cost, trim time and memory freed per step",
         "date": crate::clock::utc_now(),
         "command": "cargo run --release -p bench -- trim (bench/rig/trim.sh in the rig)",
         "where": where_,
         "guest": {"mem_mib": 512, "vcpus": 2, "cmdline": "quiet", "balloon": "free_page_reporting",
-                  "workload": "runtime with a 64 MiB heap cache (released by its hook), 64 MiB live anonymous data; no data disk yet, so no file page cache"},
-        "damon": {"sample_us": 5000, "aggr_us": 100000, "update_us": 1000000, "min_nr_regions": 100, "max_nr_regions": 400},
+                  "workload": "S512: runtime with a 64 MiB heap cache (released by its hook), 64 MiB live anonymous data, 256 MiB of files read once (cold) and 32 MiB re-read in a loop (hot) from the data disk; policy s512 (default.json + the runtime hook)"},
+        "damon": {"sample_us": attrs.sample_us, "aggr_us": attrs.aggr_us, "update_us": attrs.update_us, "min_nr_regions": attrs.min_nr_regions, "max_nr_regions": attrs.max_nr_regions},
         "median": {
             "total_ms": top("total_ms"),
             "trim_ms": top("trim_ms"),
@@ -177,6 +195,8 @@ pub fn summarize(samples: &[Value], idle_s: u32, where_: &str) -> Value {
             "idle_kdamond_cpu_percent": share("kdamond"),
             "idle_daemon_cpu_percent": share("daemon"),
             "idle_daemon_rss_kib": med(samples.iter().map(|s| num(&s["stats1"]["daemon"]["rss_kib"]))),
+            "cold_cached_percent": resident("cold_resident"),
+            "hot_cached_percent": resident("hot_resident"),
         },
         "idle_s": idle_s,
         "steps": steps,
@@ -227,6 +247,14 @@ pub fn markdown(r: &Value) -> String {
         ),
         ("idle: daemon CPU, % of one vCPU", "idle_daemon_cpu_percent"),
         ("idle: daemon RSS, KiB", "idle_daemon_rss_kib"),
+        (
+            "cold files still cached after the trim, %",
+            "cold_cached_percent",
+        ),
+        (
+            "hot files still cached after the trim, %",
+            "hot_cached_percent",
+        ),
     ] {
         let label = if name.is_empty() {
             "guest used after, MiB"
@@ -262,6 +290,7 @@ mod tests {
                 "stats0": {"kdamond": {"cpu_ms": k0}, "daemon": {"cpu_ms": 5, "rss_kib": 3000}},
                 "stats1": {"kdamond": {"cpu_ms": k1}, "daemon": {"cpu_ms": 7, "rss_kib": 3100}},
                 "host_rss_before_kib": 400 * 1024, "host_rss_after_kib": 300 * 1024, "host_rss_after_3s_kib": 250 * 1024,
+                "cold_resident": "0 262144", "hot_resident": "32768 32768",
                 "reply": {"report": {"total_ms": ms, "trim_ms": ms / 2, "freed_kib": 65536,
                     "before": {"used_kib": 200 * 1024}, "after": {"used_kib": 136 * 1024},
                     "steps": [{"kind": "hooks", "duration_ms": 40, "freed_kib": 65536, "file_cache_dropped_kib": 0}]}}})
@@ -272,6 +301,8 @@ mod tests {
         assert_eq!(r["median"]["idle_kdamond_cpu_percent"]["median"], 1.5);
         assert_eq!(r["median"]["idle_daemon_cpu_percent"]["median"], 0.01);
         assert_eq!(r["steps"][0]["freed_mib"]["median"], 64.0);
+        assert_eq!(r["median"]["hot_cached_percent"]["median"], 100.0);
+        assert_eq!(r["median"]["cold_cached_percent"]["median"], 0.0);
         let md = markdown(&r);
         assert!(
             md.contains("| 0 | hooks | 40.0 (40.0-40.0) | 64.0 (64.0-64.0) |"),

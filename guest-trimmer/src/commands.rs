@@ -74,7 +74,7 @@ pub struct TrimArgs {
     /// Policy file.
     #[arg(long, conflicts_with = "builtin", required_unless_present = "builtin")]
     pub policy: Option<PathBuf>,
-    /// A built-in policy: default, aggressive, runtime-hooks.
+    /// A built-in policy: default, aggressive, runtime-hooks, s512.
     #[arg(long)]
     pub builtin: Option<String>,
     /// The daemon's control socket (used if it exists, unless --local).

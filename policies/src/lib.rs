@@ -34,9 +34,11 @@ pub const AGGRESSIVE_POLICY_JSON: &str = include_str!("../aggressive.json");
 
 /// Text of the shipped `runtime-hooks.json` policy: hooks for a JVM and a Python process.
 pub const RUNTIME_HOOKS_POLICY_JSON: &str = include_str!("../runtime-hooks.json");
+/// `s512.json`: the standard benchmark scenario's policy (`vmm demo`, the benchmarks).
+pub const S512_POLICY_JSON: &str = include_str!("../s512.json");
 
 /// Names of the policies built into this crate, for [`Policy::builtin`].
-pub const BUILTIN_POLICY_NAMES: [&str; 3] = ["default", "aggressive", "runtime-hooks"];
+pub const BUILTIN_POLICY_NAMES: [&str; 4] = ["default", "aggressive", "runtime-hooks", "s512"];
 
 /// A trim policy: what `guest-trimmer` does, in order, before a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -599,6 +601,7 @@ impl Policy {
             "default" => DEFAULT_POLICY_JSON,
             "aggressive" => AGGRESSIVE_POLICY_JSON,
             "runtime-hooks" => RUNTIME_HOOKS_POLICY_JSON,
+            "s512" => S512_POLICY_JSON,
             _ => {
                 return Err(PolicyError::UnknownBuiltin {
                     name: name.to_string(),

@@ -16,7 +16,7 @@
 //! Guest scripts travel on the kernel command line: no double quotes, so JSON is written with
 //! `@` for `"` and turned into JSON by `tr` in the guest (`j` below).
 
-use super::{ensure, no_panic, stop_via_api, Ctx, Outcome, READY_MARKER, READY_TIMEOUT};
+use super::{ensure, no_panic, Ctx, Outcome, READY_MARKER, READY_TIMEOUT};
 use crate::proc::Proc;
 use serde_json::Value;
 use std::time::Duration;
@@ -124,7 +124,7 @@ pub(super) fn pipeline(ctx: &Ctx) -> Outcome {
          j '{E2E_POLICY}' > /tmp/p.json; echo {MARK_E2E}$($G trim --policy /tmp/p.json --unix $C --json); \
          touch /run/chk; sleep 2; for i in 1 2 3 4 5 6; do s=$($G ctl --unix $C $(j {{@op@:@stats@}})); \
          case $s in *regions?:0[,}}]*) sleep 2 ;; *) break ;; esac; done; echo {MARK_STATS}$s; \
-         kill -0 $(cat /run/rt.pid); r=$?; kill -0 $(cat /run/anon.pid); echo {MARK_ALIVE}$r $?"
+         kill -0 $(cat /run/rt.pid); r=$?; kill -0 $(cat /run/anon.pid); echo {MARK_ALIVE}$r $?; sleep 5"
     );
     let (mut p, sock) = boot(ctx, &script)?;
     let status = json_after(&mut p, MARK_STATUS)?;
@@ -213,7 +213,7 @@ pub(super) fn pipeline(ctx: &Ctx) -> Outcome {
     ensure(alive == ["0", "0"], || {
         format!("the trimmer must never kill a workload: kill -0 statuses {alive:?}")
     })?;
-    p.wait_stdout(MARK_DONE, GUEST_TIMEOUT)?;
+    // The guest sleeps 5 s after the ALIVE line before its script ends and it powers off.
     let reported = super::raw_http(&sock, "GET /balloon HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .ok()
         .and_then(|r| r.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))
@@ -222,8 +222,7 @@ pub(super) fn pipeline(ctx: &Ctx) -> Outcome {
             v.pointer("/status/page_states/reported_pages")
                 .and_then(Value::as_u64)
         });
-    stop_via_api(ctx, &mut p, &sock)?;
-    no_panic(&p)?;
+    wait_poweroff(&mut p)?;
     let r = &e2e["report"];
     Ok(format!(
         "default.json: {} ms ({} ms trimming), pageout tried {:.1} MiB applied {:.1} MiB; \
@@ -271,13 +270,24 @@ pub(super) fn data_disk_args(ctx: &Ctx) -> Result<Vec<String>, String> {
 }
 
 /// Runs the S512 workload on the data disk, waits past the default cold age, trims with the
-/// built-in `policy` and prints residency of both file sets and the memory figures.
-fn disk_trim(ctx: &Ctx, policy: &str) -> Result<(Value, Vec<String>, Vec<String>, Proc), String> {
+/// built-in `policy` and prints residency of both file sets and the memory figures. The hot loop
+/// runs through the trim (as it would until a snapshot) unless `stop_hot_first`: a policy that
+/// drops all page cache is checked with the loop stopped, or it would read the set back in.
+fn disk_trim(
+    ctx: &Ctx,
+    policy: &str,
+    stop_hot_first: bool,
+) -> Result<(Value, Vec<String>, Vec<String>, Proc), String> {
     let (cold, hot) = (DATA_DISK.cold_dir, DATA_DISK.hot_dir);
+    let (before, after) = if stop_hot_first {
+        ("touch /run/stophot; sleep 1;", "")
+    } else {
+        ("", "touch /run/stophot; sleep 1;")
+    };
     let script = format!(
         "$G workload live-anon --mib 64 --check-file /run/chk & $G workload cold-read {cold}; \
-         $G workload hot-loop {hot} --until-file /run/stophot & sleep 25; \
-         echo {MARK_E2E}$($G trim --builtin {policy} --unix $C --json); touch /run/stophot; sleep 1; \
+         $G workload hot-loop {hot} --until-file /run/stophot & sleep 40; {before} \
+         echo {MARK_E2E}$($G trim --builtin {policy} --unix $C --json); {after} \
          $G workload mincore {cold} --label cold; $G workload mincore {hot} --label hot; \
          touch /run/chk; sleep 2"
     );
@@ -293,17 +303,23 @@ fn disk_trim(ctx: &Ctx, policy: &str) -> Result<(Value, Vec<String>, Vec<String>
     ensure(check.first().map(String::as_str) == Some("ok"), || {
         format!("live anonymous data changed: {check:?}")
     })?;
+    wait_poweroff(&mut p)?;
+    Ok((reply, cold_res, hot_res, p))
+}
+
+/// Waits for the end of the guest's script: /init powers the guest off, and the VMM must then
+/// exit 0 by itself.
+fn wait_poweroff(p: &mut Proc) -> Result<(), String> {
     p.wait_stdout(MARK_DONE, GUEST_TIMEOUT)?;
-    // The guest powers off when its script ends: the VMM must then exit cleanly by itself.
     let st = p.wait_exit(Duration::from_secs(30))?;
+    no_panic(p)?;
     ensure(st.code() == Some(0), || {
         format!(
             "after the guest powered off: {}; {}",
             crate::proc::describe(&st),
             p.context()
         )
-    })?;
-    Ok((reply, cold_res, hot_res, p))
+    })
 }
 
 /// Resident fraction of `words` = [resident_kib, total_kib].
@@ -318,7 +334,7 @@ fn resident(words: &[String]) -> Result<f64, String> {
 /// default.json keeps the hot files cached, drops the cold ones, and leaves used memory within
 /// 20 MiB + 10% of live anonymous data + hot set.
 pub(super) fn default_keeps_hot(ctx: &Ctx) -> Outcome {
-    let (reply, cold, hot, p) = disk_trim(ctx, "default")?;
+    let (reply, cold, hot, p) = disk_trim(ctx, "default", false)?;
     no_panic(&p)?;
     let (cold, hot) = (resident(&cold)?, resident(&hot)?);
     ensure(hot >= 0.9, || {
@@ -348,7 +364,7 @@ pub(super) fn default_keeps_hot(ctx: &Ctx) -> Outcome {
 
 /// aggressive.json drops the hot files too.
 pub(super) fn aggressive_drops_hot(ctx: &Ctx) -> Outcome {
-    let (reply, cold, hot, p) = disk_trim(ctx, "aggressive")?;
+    let (reply, cold, hot, p) = disk_trim(ctx, "aggressive", true)?;
     no_panic(&p)?;
     let (cold, hot) = (resident(&cold)?, resident(&hot)?);
     ensure(cold <= 0.1 && hot <= 0.1, || {

@@ -1,43 +1,49 @@
-//! `vmm demo`: the main job end to end. Builds the guest image if needed, boots it (512 MiB,
-//! 2 vCPUs) with a `vmm_run` command that prints system information and powers off, then
-//! prints the boot timings and how the VM ended.
+//! `vmm demo`: the main job end to end on the standard scenario (S512): builds the guest image
+//! if needed, boots it with the data disk, runs the workload, takes a raw full dump, a compact
+//! untrimmed and a trimmed snapshot, restores the trimmed one, checks the workload's live data
+//! and prints a table of sizes and times (see [`s512`]).
 //!
 //! Where the host's /dev/kvm cannot boot a stock guest (PVM), it says so in one line and runs
 //! itself inside the nested KVM rig (see the `rig` crate), streaming the rig's output; that needs
 //! this executable to be statically linked.
 
+mod child;
+mod s512;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use rig::{KvmBackend, Payload, RigOptions};
 
 use super::CliResult;
 
-/// The command the guest runs after boot (its output is the demo's "sysinfo").
-const DEMO_RUN: &str = "vmm_run=\"uname -sr; nproc; free -m; cat /proc/cmdline\"";
-
 /// Arguments of `vmm demo`.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 512)]
-    pub mem_mib: u32,
-    /// Guest vCPUs.
-    #[arg(long, default_value_t = 2)]
-    pub vcpus: u32,
-    /// Boot this kernel instead of the one `vmm image build` makes (needs --initrd).
-    #[arg(long, requires = "initrd")]
+    /// Boot this kernel instead of the one `vmm image build` makes (needs --initrd and
+    /// --data-disk).
+    #[arg(long, requires_all = ["initrd", "data_disk"])]
     pub kernel: Option<PathBuf>,
-    /// Boot this initramfs instead of the one `vmm image build` makes (needs --kernel).
+    /// Boot this initramfs instead of the one `vmm image build` makes.
     #[arg(long, requires = "kernel")]
     pub initrd: Option<PathBuf>,
+    /// Use this S512 data disk instead of the one `vmm image build` makes.
+    #[arg(long, requires = "kernel")]
+    pub data_disk: Option<PathBuf>,
+    /// Where snapshots, sockets and logs go [default: a new directory under the system's
+    /// temporary directory].
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    pub results: Option<PathBuf>,
     /// Static guest-trimmer for `vmm image build` [default: its own default].
     #[arg(long, value_name = "PATH")]
     pub trimmer: Option<PathBuf>,
-    /// Seconds the guest may take from start to power-off.
-    #[arg(long, default_value_t = 300)]
+    /// Seconds the whole demo may take in the rig.
+    #[arg(long, default_value_t = 900)]
     pub timeout: u64,
 }
 
@@ -55,10 +61,10 @@ fn self_exe() -> anyhow::Result<PathBuf> {
     std::env::current_exe().context("finding this executable's path")
 }
 
-/// Kernel and initrd: from the arguments, or built by `vmm image build --json`.
-fn image(args: &DemoArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
-    if let (Some(k), Some(i)) = (&args.kernel, &args.initrd) {
-        return Ok((k.clone(), i.clone()));
+/// Kernel, initrd and data disk: from the arguments, or built by `vmm image build --json`.
+fn image(args: &DemoArgs) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    if let (Some(k), Some(i), Some(d)) = (&args.kernel, &args.initrd, &args.data_disk) {
+        return Ok((k.clone(), i.clone(), d.clone()));
     }
     let exe = self_exe()?;
     let mut cmd = Command::new(&exe);
@@ -86,7 +92,7 @@ fn image(args: &DemoArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
             .map(PathBuf::from)
             .with_context(|| format!("`vmm image build --json` printed no {key:?}: {v}"))
     };
-    Ok((get("kernel")?, get("initrd")?))
+    Ok((get("kernel")?, get("initrd")?, get("data_disk")?))
 }
 
 /// Re-runs `vmm demo` inside the nested KVM rig with this executable and the image as payload.
@@ -114,12 +120,13 @@ fn run_in_rig(args: &DemoArgs, script: &Path) -> CliResult {
             rig::STATIC_TARGET
         );
     }
-    let (kernel, initrd) = image(args)?;
+    let (kernel, initrd, data_disk) = image(args)?;
     let mut payload = Payload::new().context("creating the rig payload")?;
     payload
         .add_file(&exe, "vmm", 0o755)
         .and_then(|p| p.add_file(&kernel, "vmlinuz", 0o644))
         .and_then(|p| p.add_file(&initrd, "initrd", 0o644))
+        .and_then(|p| p.add_file(&data_disk, "data.ext4", 0o444))
         .context("assembling the rig payload")?;
     let command: Vec<String> = [
         "./vmm",
@@ -128,105 +135,66 @@ fn run_in_rig(args: &DemoArgs, script: &Path) -> CliResult {
         "./vmlinuz",
         "--initrd",
         "./initrd",
-        "--mem-mib",
-        &args.mem_mib.to_string(),
-        "--vcpus",
-        &args.vcpus.to_string(),
-        "--timeout",
-        &args.timeout.to_string(),
+        "--data-disk",
+        "./data.ext4",
+        "--work-dir",
+        "/tmp/vmm-demo",
     ]
     .map(String::from)
     .to_vec();
     let opts = RigOptions {
-        mem_mib: (args.mem_mib + 1024).max(2048),
+        mem_mib: 3072,
         smp: 1,
-        timeout_s: args.timeout + 120,
+        timeout_s: args.timeout,
     };
+    // The figures come back on the rig's console as one JSON line.
+    let mut results_line = None;
     let outcome = rig::run_in_rig(script, payload.path(), &command, opts, |line| {
-        println!("{line}")
+        match line.strip_prefix(RESULTS_MARKER) {
+            Some(json) => results_line = Some(json.to_string()),
+            None => println!("{line}"),
+        }
     })
     .context("running the demo in the rig")?;
     if outcome.timed_out {
         bail!("the rig timed out after {} s", opts.timeout_s);
     }
+    if let (Some(path), Some(json)) = (&args.results, &results_line) {
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        println!("vmm demo: figures written to {}", path.display());
+    }
     Ok(outcome.exit_code)
 }
 
-/// Boots the image with this host's KVM and reports the timings.
+/// Prefix of the line carrying the figures as JSON (read back from the rig's console).
+const RESULTS_MARKER: &str = "VMM-DEMO-RESULTS ";
+
+/// Runs the scenario with this host's KVM and prints the table.
 fn run_here(args: &DemoArgs) -> CliResult {
-    let (kernel, initrd) = image(args)?;
-    let exe = self_exe()?;
-    let metrics =
-        std::env::temp_dir().join(format!("vmm-demo-{}.metrics.json", std::process::id()));
-    let _ = std::fs::remove_file(&metrics);
-    println!(
-        "vmm demo: booting {} + {} ({} MiB, {} vCPUs)",
-        kernel.display(),
-        initrd.display(),
-        args.mem_mib,
-        args.vcpus
-    );
-    let mut child = Command::new(&exe)
-        .arg("run")
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(&initrd)
-        .args(["--mem-mib", &args.mem_mib.to_string()])
-        .args(["--vcpus", &args.vcpus.to_string()])
-        .args(["--cmdline", DEMO_RUN])
-        .arg("--metrics-file")
-        .arg(&metrics)
-        .stdin(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {} run", exe.display()))?;
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs(args.timeout);
-    let status = loop {
-        if let Some(st) = child.try_wait().context("waiting for `vmm run`")? {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "the guest did not power off within {} s; killed it",
-                args.timeout
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let (kernel, initrd, data_disk) = image(args)?;
+    let work = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("vmm-demo-{}", std::process::id())));
+    let inputs = s512::Inputs {
+        exe: self_exe()?,
+        kernel,
+        initrd,
+        data_disk,
+        work,
     };
-    let wall = start.elapsed();
-    let code = status.code().unwrap_or(1);
-    match std::fs::read_to_string(&metrics) {
-        Ok(text) => {
-            let _ = std::fs::remove_file(&metrics);
-            let m: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("parsing the metrics file {text:?}"))?;
-            let ms = |k: &str| match m.get(k).and_then(|v| v.as_f64()) {
-                Some(v) => format!("{v:.1} ms"),
-                None => "n/a".to_string(),
-            };
-            println!(
-                "vmm demo: boot timings: setup {}, first console {}, ready {}",
-                ms("setup_ms"),
-                ms("first_console_ms"),
-                ms("ready_ms")
-            );
-            let reason = m
-                .get("exit_reason")
-                .map(|r| r.to_string())
-                .unwrap_or_default();
-            println!(
-                "vmm demo: exit: {reason}, vmm exit code {code} after {:.2} s",
-                wall.as_secs_f64()
-            );
-        }
-        Err(e) => println!(
-            "vmm demo: no boot timings ({}: {e}); vmm exit code {code} after {:.2} s",
-            metrics.display(),
-            wall.as_secs_f64()
-        ),
+    let started = Instant::now();
+    let results = s512::run(&inputs)?;
+    s512::print_table(&results);
+    let json = serde_json::to_string(&results)?;
+    println!("{RESULTS_MARKER}{json}");
+    if let Some(path) = &args.results {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(code)
+    println!(
+        "vmm demo: done in {:.0} s; snapshots and logs in {}",
+        started.elapsed().as_secs_f64(),
+        inputs.work.display()
+    );
+    Ok(0)
 }
