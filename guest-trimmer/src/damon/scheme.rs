@@ -128,10 +128,11 @@ impl Filter {
 
     /// Excludes pages accessed since DAMON last checked them (the kernel's `young` filter,
     /// Linux 6.10), so a pageout of a mostly idle region spares the hot pages inside it.
-    /// DAMON's regions are coarse (about 1% of memory or more): without this, a region with a
-    /// few hot pages among many cold ones shows no access in some aggregations and its hot
-    /// pages go with the cold. The filter marks what it checks old, so a page untouched since
-    /// the previous check is paged out at the scheme's next application.
+    /// DAMON's regions are coarse (about 1% of memory or more), so a region with a few hot
+    /// pages among many cold ones can qualify as idle. The filter marks what it checks old, so a
+    /// page untouched since the previous check goes at the scheme's next application. Linux
+    /// 6.11+ installs it for `pageout` by itself; set explicitly it also works on 6.10 and says
+    /// what the trimmer relies on.
     pub fn spare_young() -> Self {
         Filter {
             kind: "young".into(),

@@ -21,12 +21,7 @@ pub fn hint_step(
     warnings: &mut Vec<String>,
 ) -> StepSummary {
     let t = Instant::now();
-    let skipped = |why: &str| StepSummary {
-        step: "hint",
-        status: "skipped",
-        duration_ms: 0.0,
-        detail: json!({ "reason": why }),
-    };
+    let skipped = |why: &str| StepSummary::skipped("hint", why);
     if !pipeline.hint {
         return skipped("not asked");
     }

@@ -136,6 +136,18 @@ pub struct PipelineSummary {
     pub snapshot: SnapshotSummary,
 }
 
+impl StepSummary {
+    /// A step that did not run, and why.
+    fn skipped(step: &'static str, why: &str) -> Self {
+        StepSummary {
+            step,
+            status: "skipped",
+            duration_ms: 0.0,
+            detail: json!({ "reason": why }),
+        }
+    }
+}
+
 fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
 }
@@ -181,14 +193,8 @@ fn trim_step(
     warnings: &mut Vec<String>,
 ) -> Result<StepSummary, PipelineError> {
     let t = Instant::now();
-    let skipped = |why: &str| StepSummary {
-        step: "trim",
-        status: "skipped",
-        duration_ms: 0.0,
-        detail: json!({ "reason": why }),
-    };
     let Some(policy_value) = &pipeline.policy else {
-        return Ok(skipped("no policy (--no-trim)"));
+        return Ok(StepSummary::skipped("trim", "no policy (--no-trim)"));
     };
     let policy = parse_policy(policy_value)?;
     let failed = |reason: String, warnings: &mut Vec<String>| {

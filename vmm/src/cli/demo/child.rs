@@ -36,9 +36,22 @@ impl VmmChild {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stdout = child.stdout.take().context("the child has no stdout")?;
         let sink = lines.clone();
+        let tag = what.trim_start_matches("the ").to_string();
+        // Read until the pipe closes whatever the guest prints (a console may carry bytes that
+        // are not UTF-8): a reader that stopped would leave the VMM blocked on a full pipe.
         std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            let mut reader = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                        println!("  {tag}| {line}");
+                        sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                    }
+                }
             }
         });
         Ok(VmmChild {
