@@ -184,7 +184,23 @@ fn run_here(args: &DemoArgs) -> CliResult {
         work,
     };
     let started = Instant::now();
-    let results = s512::run(&inputs)?;
+    let results = match s512::run(&inputs) {
+        Ok(r) => r,
+        Err(err) => {
+            // The VMMs' own logs say what went wrong inside; show their ends.
+            for log in ["vm.log", "restore.log"] {
+                let path = inputs.work.join(log);
+                if let Ok(text) = std::fs::read_to_string(&path) {
+                    let lines: Vec<&str> = text.lines().collect();
+                    println!("vmm demo: last lines of {}:", path.display());
+                    for l in &lines[lines.len().saturating_sub(15)..] {
+                        println!("  {l}");
+                    }
+                }
+            }
+            return Err(err);
+        }
+    };
     s512::print_table(&results);
     let json = serde_json::to_string(&results)?;
     println!("{RESULTS_MARKER}{json}");

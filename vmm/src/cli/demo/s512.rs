@@ -205,6 +205,15 @@ pub fn run(inputs: &Inputs) -> anyhow::Result<DemoResults> {
         &["--policy", "s512", "--after", "stop"],
     )?;
     let trim = trim_step(&trimmed_json);
+    for step in trim["detail"]["report"]["steps"].as_array().into_iter().flatten() {
+        println!(
+            "vmm demo:   trim step {:<15} {:<8} {:>7} ms, freed {:>7.1} MiB",
+            step["kind"].as_str().unwrap_or("?"),
+            step["status"].as_str().unwrap_or("?"),
+            step["duration_ms"],
+            step["freed_kib"].as_f64().unwrap_or(0.0) / 1024.0
+        );
+    }
     if let Some(w) = trimmed_json["warnings"]
         .as_array()
         .filter(|w| !w.is_empty())
