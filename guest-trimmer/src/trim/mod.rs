@@ -388,20 +388,29 @@ fn damon_pass(
 /// base `stat` scheme's regions; `None` (configured interval) when unknown.
 fn achieved_paddr_aggr_us(env: &TrimEnv) -> Option<u64> {
     let started = env.monitoring_started?;
-    match env.damon.tried_regions(pageout::PADDR_KDAMOND, 0) {
-        Ok(regions) => pageout::achieved_aggr_us(
-            regions.iter().map(|r| r.age_aggr),
-            ms(started.elapsed()),
-            env.attrs.aggr_us,
-        ),
-        Err(e) => {
-            tracing::warn!(
-                "cannot read DAMON's region ages, converting cold ages with the configured interval: {}",
-                crate::error_chain(&e)
-            );
-            None
+    // The kernel refills the region list at the kdamond's next aggregation; right after another
+    // request it can come back empty: ask again a few times.
+    for _ in 0..3 {
+        match env.damon.tried_regions(pageout::PADDR_KDAMOND, 0) {
+            Ok(regions) if !regions.is_empty() => {
+                return pageout::achieved_aggr_us(
+                    regions.iter().map(|r| r.age_aggr),
+                    ms(started.elapsed()),
+                    env.attrs.aggr_us,
+                );
+            }
+            Ok(_) => std::thread::sleep(Duration::from_micros(env.attrs.aggr_us)),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read DAMON's region ages, converting cold ages with the configured interval: {}",
+                    crate::error_chain(&e)
+                );
+                return None;
+            }
         }
     }
+    tracing::warn!("DAMON listed no regions; converting cold ages with the configured interval");
+    None
 }
 
 fn drop_caches(
