@@ -205,7 +205,11 @@ pub fn run(inputs: &Inputs) -> anyhow::Result<DemoResults> {
         &["--policy", "s512", "--after", "stop"],
     )?;
     let trim = trim_step(&trimmed_json);
-    for step in trim["detail"]["report"]["steps"].as_array().into_iter().flatten() {
+    for step in trim["detail"]["report"]["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         println!(
             "vmm demo:   trim step {:<15} {:<8} {:>7} ms, freed {:>7.1} MiB",
             step["kind"].as_str().unwrap_or("?"),
