@@ -128,6 +128,9 @@ pub enum SnapshotError {
     /// The VM's state cannot be read or set.
     #[error(transparent)]
     Vm(#[from] crate::kvm::vm::VmError),
+    /// A device worker could not be paused for the snapshot.
+    #[error("cannot pause the device workers")]
+    PauseWorker(#[source] virtio_device::WorkerError),
     /// Lazy restore (userfaultfd) could not be set up.
     #[error(transparent)]
     Lazy(#[from] Box<lazy::LazyError>),
