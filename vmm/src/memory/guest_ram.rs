@@ -122,6 +122,11 @@ impl GuestRam {
         }
     }
 
+    /// Whether pages are filled on first touch (a page not resident may hold data).
+    pub fn is_lazily_filled(&self) -> bool {
+        self.backing.is_some()
+    }
+
     /// The on-demand backing's status, if memory is filled lazily.
     pub fn backing_status(&self) -> Option<serde_json::Value> {
         self.backing.as_ref().map(|b| b.status())

@@ -103,16 +103,22 @@ fn is_zero(page: &[u8]) -> bool {
     head.iter().all(|b| *b == 0) && tail.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0)
 }
 
-/// Decides the fate of every page of one region.
+/// Decides the fate of every page of one region. Without `residency_known` (lazily filled
+/// memory: a page not yet served is not resident but holds data) every page counts as touched.
 fn classify(
     view: &RegionView,
     page_states: Option<&PageStateMap>,
     keep_all: bool,
+    residency_known: bool,
 ) -> std::io::Result<Vec<PageFate>> {
     if keep_all {
         return Ok(vec![PageFate::Keep; view.bytes.len() / PAGE_BYTES as usize]);
     }
-    let resident = resident_pages(view.bytes)?;
+    let resident = if residency_known {
+        resident_pages(view.bytes)?
+    } else {
+        vec![1; view.bytes.len() / PAGE_BYTES as usize]
+    };
     let first_pfn = view.gpa / PAGE_BYTES;
     let mut fates = Vec::with_capacity(resident.len());
     for (i, page) in view.bytes.chunks(PAGE_BYTES as usize).enumerate() {
@@ -134,12 +140,14 @@ fn classify(
 
 /// Writes the memory file at `path` (header, then the kept pages) and returns its index.
 /// `file` must be empty. Nothing may write guest memory meanwhile (vCPUs paused).
+/// `residency_known` is false for lazily filled memory (see [`classify`]).
 pub fn write_memory_file(
     file: &mut File,
     path: &Path,
     mem: &GuestMemoryMmap,
     page_states: Option<&PageStateMap>,
     keep_all: bool,
+    residency_known: bool,
     snapshot_id: [u8; 16],
 ) -> Result<MemoryIndex, SnapshotError> {
     // SAFETY: the caller has paused the vCPUs and the VM has no device writing guest memory.
@@ -157,7 +165,7 @@ pub fn write_memory_file(
     let mut offset = MEMORY_HEADER_BYTES;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut *file);
     for view in &views {
-        let fates = classify(view, page_states, keep_all)
+        let fates = classify(view, page_states, keep_all, residency_known)
             .map_err(SnapshotError::io("read page residency (mincore) for", path))?;
         let mut page = 0usize;
         while page < fates.len() {
@@ -450,7 +458,7 @@ mod tests {
         let path = dir.path().join("memory");
         let mut file = File::create(&path).unwrap();
         let index =
-            write_memory_file(&mut file, &path, &mem, Some(&states), false, [3; 16]).unwrap();
+            write_memory_file(&mut file, &path, &mem, Some(&states), false, true, [3; 16]).unwrap();
         drop(file);
         assert_eq!(index.pages.kept, 3);
         assert_eq!(index.pages.skipped_reported, 1);
@@ -513,7 +521,7 @@ mod tests {
     fn write(mem: &GuestMemoryMmap, dir: &Path) -> (std::path::PathBuf, MemoryIndex) {
         let path = dir.join("memory");
         let mut file = File::create(&path).unwrap();
-        let index = write_memory_file(&mut file, &path, mem, None, false, [5; 16]).unwrap();
+        let index = write_memory_file(&mut file, &path, mem, None, false, true, [5; 16]).unwrap();
         (path, index)
     }
 

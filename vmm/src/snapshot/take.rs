@@ -137,6 +137,7 @@ pub fn take(
             mem: vm.ram.memory(),
             page_states: map_guard.as_deref(),
             keep_all: request.raw_memory,
+            residency_known: !vm.ram.is_lazily_filled(),
             started,
         },
     )?;

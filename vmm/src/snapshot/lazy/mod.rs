@@ -307,7 +307,7 @@ mod tests {
             .unwrap();
         let path = dir.join("memory");
         let mut file = File::create(&path).unwrap();
-        let index = write_memory_file(&mut file, &path, &mem, None, false, [1; 16]).unwrap();
+        let index = write_memory_file(&mut file, &path, &mem, None, false, true, [1; 16]).unwrap();
         (path, index)
     }
 
@@ -326,6 +326,7 @@ mod tests {
             LazyMemory::start(&mem, &index, &file, &path, &dir.path().join("state"), true).unwrap(),
         );
         let ram = GuestRam::lazily_filled(mem.clone(), lazy.clone());
+        assert!(ram.is_lazily_filled());
         // Touches from another thread, as a device worker would.
         let reader = mem.clone();
         let byte = std::thread::spawn(move || reader.read_obj::<u8>(GuestAddress(4096)).unwrap())
@@ -411,6 +412,27 @@ mod tests {
         let error = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
         assert!(error.contains("chunk 1"), "{error}");
         assert!(error.contains(&path.display().to_string()), "{error}");
+        drop(lazy);
+    }
+
+    #[test]
+    fn a_snapshot_of_lazily_filled_memory_keeps_the_pages_not_served_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, index) = snapshot(dir.path());
+        let mem = GuestMemoryMmap::from_ranges(&ranges()).unwrap();
+        let file = File::open(&path).unwrap();
+        let lazy =
+            LazyMemory::start(&mem, &index, &file, &path, &dir.path().join("state"), true).unwrap();
+        assert_eq!(stat(&lazy, "faults"), 0);
+        // A snapshot of the lazily filled memory, before anything was served, keeps every page
+        // the original kept (the pages are read through the handler).
+        let again = dir.path().join("again");
+        let mut again_file = File::create(&again).unwrap();
+        let again_index =
+            write_memory_file(&mut again_file, &again, &mem, None, false, false, [2; 16]).unwrap();
+        assert_eq!(again_index.pages.kept, index.pages.kept);
+        assert_eq!(again_index.chunks.len(), index.chunks.len());
+        assert!(stat(&lazy, "pages_from_file") >= index.pages.kept);
         drop(lazy);
     }
 }
