@@ -11,7 +11,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::lazy::{LazyMemory, LazyMode};
-use super::memory_file::{map_into_guest, verify_file};
+use super::memory_file::{map_into_guest, verify_mapped};
 use super::reader::load;
 use super::SnapshotError;
 use crate::config::{SerialOutput, VmConfig};
@@ -133,10 +133,7 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
             mmaps = map_into_guest(&mem, &loaded.memory, &loaded.memory_path, chunks)?;
             phases.mark("map_memory_ms");
             if !options.skip_memory_verify {
-                // Reading the file (not the mapping) leaves guest page tables empty; two
-                // threads where the host has the cores.
-                let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-                verify_file(&loaded.memory, chunks, &loaded.memory_path, threads)?;
+                verify_mapped(&mem, chunks, &loaded.memory_path)?;
             }
             phases.mark("verify_memory_ms");
             None
