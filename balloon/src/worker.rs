@@ -5,12 +5,10 @@
 //! [`ActiveQueues`] behind a mutex so `save_state` sees them between two passes.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use virtio_device::Interrupt;
+use virtio_device::{Interrupt, WorkerGate};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -154,24 +152,7 @@ fn notify(
     }
 }
 
-/// A running worker thread.
-pub(crate) struct WorkerHandle {
-    thread: JoinHandle<()>,
-    stop: Arc<AtomicBool>,
-}
-
-impl WorkerHandle {
-    /// Stops the thread and waits for it.
-    pub(crate) fn stop(self, control_evt: &EventFd) {
-        self.stop.store(true, Ordering::Release);
-        if let Err(err) = control_evt.write(1) {
-            tracing::error!(%err, "balloon: cannot wake the worker to stop it");
-        }
-        if self.thread.join().is_err() {
-            tracing::error!("balloon: the worker thread panicked");
-        }
-    }
-}
+pub(crate) use virtio_device::WorkerHandle;
 
 /// The worker thread's state.
 struct Worker {
@@ -179,7 +160,6 @@ struct Worker {
     active: Arc<Mutex<ActiveQueues>>,
     queue_events: Vec<EventFd>,
     interrupt: Arc<dyn Interrupt>,
-    stop: Arc<AtomicBool>,
     epoll: Epoll,
     timer: Option<TimerFd>,
     timer_interval_s: u16,
@@ -216,30 +196,26 @@ pub(crate) fn spawn(
     } else {
         None
     };
-    let stop = Arc::new(AtomicBool::new(false));
+    let control_evt = shared.control_evt.try_clone()?;
     let mut worker = Worker {
         shared,
         active,
         queue_events,
         interrupt,
-        stop: stop.clone(),
         epoll,
         timer,
         timer_interval_s: 0,
         limiter: LogLimiter::new(),
     };
     worker.update_timer();
-    let thread = std::thread::Builder::new()
-        .name("balloon".into())
-        .spawn(move || worker.run())?;
-    Ok(WorkerHandle { thread, stop })
+    WorkerHandle::spawn("balloon", &control_evt, move |gate| worker.run(&gate))
 }
 
 impl Worker {
-    fn run(mut self) {
+    fn run(mut self, gate: &WorkerGate) {
         lock(&self.active).process_all(&self.shared, &*self.interrupt, &mut self.limiter);
         let mut events = vec![EpollEvent::default(); self.queue_events.len() + 2];
-        while !self.stop.load(Ordering::Acquire) {
+        while gate.proceed() {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -253,7 +229,7 @@ impl Worker {
                     CONTROL_TOKEN => {
                         // Non-blocking: a concurrent read may have emptied it.
                         let _ = self.shared.control_evt.read();
-                        if self.stop.load(Ordering::Acquire) {
+                        if gate.stopping() {
                             return;
                         }
                         self.update_timer();

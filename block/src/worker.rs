@@ -6,10 +6,9 @@
 //! paused) sees no request in flight.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
+pub(crate) use virtio_device::WorkerHandle;
 use virtio_device::{GuestWriteLog, Interrupt};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -111,25 +110,6 @@ impl ActiveQueue {
     }
 }
 
-/// A running worker thread.
-pub(crate) struct WorkerHandle {
-    thread: JoinHandle<()>,
-    stop: Arc<AtomicBool>,
-}
-
-impl WorkerHandle {
-    /// Stops the thread and waits for it.
-    pub(crate) fn stop(self, control_evt: &EventFd) {
-        self.stop.store(true, Ordering::Release);
-        if let Err(err) = control_evt.write(1) {
-            tracing::error!(%err, "virtio-blk: cannot wake the worker to stop it");
-        }
-        if self.thread.join().is_err() {
-            tracing::error!("virtio-blk: the worker thread panicked");
-        }
-    }
-}
-
 /// Starts the worker serving `active`, woken by `queue_event`.
 pub(crate) fn spawn(
     shared: Arc<Shared>,
@@ -148,14 +128,13 @@ pub(crate) fn spawn(
             EpollEvent::new(EventSet::IN, token),
         )?;
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_flag = stop.clone();
     let name = format!("blk-{}", shared.config.drive_id);
-    let thread = std::thread::Builder::new().name(name).spawn(move || {
+    let control_evt = shared.control_evt.try_clone()?;
+    WorkerHandle::spawn(&name, &control_evt, move |gate| {
         // The guest may have notified before the worker ran.
         lock(&active).process_and_notify(&shared, &*interrupt);
         let mut events = [EpollEvent::default(); 2];
-        while !stop_flag.load(Ordering::Acquire) {
+        while gate.proceed() {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -174,6 +153,5 @@ pub(crate) fn spawn(
                 }
             }
         }
-    })?;
-    Ok(WorkerHandle { thread, stop })
+    })
 }

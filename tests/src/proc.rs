@@ -231,6 +231,11 @@ impl Proc {
         }
     }
 
+    /// Its process ID.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
     /// Whether it is still running (as far as the events taken in so far tell).
     pub fn running(&mut self) -> bool {
         self.pump_for(Duration::ZERO);

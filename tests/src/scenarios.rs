@@ -124,6 +124,7 @@ pub fn all() -> Vec<Scenario> {
             snapshot::reported_memory_is_left_out,
         ),
         sc("snapshot_with_vsock", 400, snapshot::with_vsock),
+        sc("snapshot_lazy_uffd", 400, snapshot::lazy_uffd),
         // Block (src/scenarios/block.rs): virtio-blk drives.
         sc("block_bad_disk_path", 60, block::bad_disk_path),
         sc("block_disks", 420, block::disks),

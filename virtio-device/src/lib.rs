@@ -12,9 +12,12 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use virtio_queue::QueueState;
 
+pub mod worker;
+
 pub use virtio_queue::{Queue, QueueT};
 pub use vm_memory::GuestMemoryMmap;
 pub use vmm_sys_util::eventfd::EventFd;
+pub use worker::{WorkerError, WorkerGate, WorkerHandle};
 
 /// `VIRTIO_F_VERSION_1`: every device offers it; the transport requires the guest to accept it.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

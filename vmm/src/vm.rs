@@ -219,6 +219,8 @@ pub enum VmEvent {
         crate::snapshot::SnapshotRequest,
         Sender<crate::snapshot::SnapshotReply>,
     ),
+    /// Guest memory cannot be served any more (lazy restore's handler failed).
+    MemoryFailed(String),
 }
 
 /// A cloneable way to send control requests to a running VM.
@@ -519,6 +521,7 @@ impl Vm {
             log_dirty,
             msr_indices,
             mut phases,
+            lazy,
         } = restored;
         let state_path = dir.join(crate::snapshot::format::STATE_FILE);
         let restored_devices = crate::snapshot::devices::restore_devices(
@@ -578,6 +581,12 @@ impl Vm {
             "new VM generation ID, guest notified"
         );
         let (events_tx, events_rx) = mpsc::channel();
+        if let Some(lazy) = &lazy {
+            let events = events_tx.clone();
+            lazy.on_failure(move |error| {
+                let _ = events.send(VmEvent::MemoryFailed(error));
+            });
+        }
         let control = Arc::new(VcpuControl::default());
         let vcpu_threads = spawn_vcpus(vcpus, &control, &timeline, &events_tx)?;
         phases.mark("threads_ms");
@@ -761,6 +770,7 @@ impl Vm {
             "memory": {
                 "released_bytes": self.ram.released_bytes(),
                 "dirty_log": self.dirty.as_ref().map(|t| t.stats()),
+                "lazy": self.ram.backing_status(),
             },
         })
     }
@@ -830,6 +840,9 @@ impl Vm {
                     break ExitReason::VcpuFailed(format!("vCPU {id}: {error}"))
                 }
                 VmEvent::Signal(signal) => break ExitReason::Signal(signal),
+                VmEvent::MemoryFailed(error) => {
+                    break ExitReason::VcpuFailed(format!("guest memory: {error}"))
+                }
                 VmEvent::Snapshot(request, reply) => {
                     let (answer, stop) = self.snapshot(&request);
                     let _ = reply.send(answer);

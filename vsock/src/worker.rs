@@ -5,11 +5,10 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
-use virtio_device::{GuestWriteLog, Interrupt};
+use virtio_device::{GuestWriteLog, Interrupt, WorkerGate};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -173,24 +172,7 @@ impl Active {
     }
 }
 
-/// A running worker thread.
-pub(crate) struct WorkerHandle {
-    thread: JoinHandle<()>,
-    stop: Arc<AtomicBool>,
-}
-
-impl WorkerHandle {
-    /// Stops the thread and waits for it.
-    pub(crate) fn stop(self, control_evt: &EventFd) {
-        self.stop.store(true, Ordering::Release);
-        if let Err(err) = control_evt.write(1) {
-            tracing::error!(%err, "vsock: cannot wake the worker to stop it");
-        }
-        if self.thread.join().is_err() {
-            tracing::error!("vsock: the worker thread panicked");
-        }
-    }
-}
+pub(crate) use virtio_device::WorkerHandle;
 
 /// Builds the active device and starts its worker.
 #[allow(clippy::too_many_arguments)]
@@ -233,18 +215,15 @@ pub(crate) fn spawn(
         reset_event_pending: restored,
         counters: shared.counters.clone(),
     }));
-    let stop = Arc::new(AtomicBool::new(false));
+    let wake = control_evt.try_clone()?;
     let worker = Worker {
         active: active.clone(),
         epoll,
         queue_events,
         control_evt,
-        stop: stop.clone(),
     };
-    let thread = std::thread::Builder::new()
-        .name("vsock".into())
-        .spawn(move || worker.run())?;
-    Ok((active, WorkerHandle { thread, stop }))
+    let handle = WorkerHandle::spawn("vsock", &wake, move |gate| worker.run(&gate))?;
+    Ok((active, handle))
 }
 
 /// The worker thread's state.
@@ -253,14 +232,13 @@ struct Worker {
     epoll: Arc<Epoll>,
     queue_events: Vec<EventFd>,
     control_evt: EventFd,
-    stop: Arc<AtomicBool>,
 }
 
 impl Worker {
-    fn run(self) {
+    fn run(self, gate: &WorkerGate) {
         lock(&self.active).pump(true);
         let mut events = vec![EpollEvent::default(); EVENTS_PER_WAIT];
-        while !self.stop.load(Ordering::Acquire) {
+        while gate.proceed() {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -276,7 +254,7 @@ impl Worker {
                     CONTROL_TOKEN => {
                         // Non-blocking: a concurrent read may have emptied it.
                         let _ = self.control_evt.read();
-                        if self.stop.load(Ordering::Acquire) {
+                        if gate.stopping() {
                             return;
                         }
                     }

@@ -5,6 +5,9 @@
 //! over). Bad input: damaged, truncated, foreign and other-version snapshots are refused with an
 //! error naming the file (and chunk); an interrupted snapshot leaves the previous one whole.
 
+mod lazy;
+pub use lazy::lazy_uffd;
+
 use super::{ensure, no_panic, Ctx, Outcome, READY_MARKER, READY_TIMEOUT};
 use crate::proc::{describe, Proc};
 use std::path::{Path, PathBuf};

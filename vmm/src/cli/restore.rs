@@ -10,6 +10,7 @@ use super::CliResult;
 use crate::api::ApiServer;
 use crate::config::SerialOutput;
 use crate::metrics::{mark_process_start, BootTimeline};
+use crate::snapshot::lazy::LazyMode;
 use crate::snapshot::restore::RestoreOptions;
 use crate::vm::Vm;
 
@@ -28,6 +29,10 @@ pub struct RestoreArgs {
     /// Do not check the memory chunks' checksums (the state file is always checked).
     #[arg(long)]
     pub skip_memory_verify: bool,
+    /// How guest memory is restored: `off` maps the memory file (private, copy-on-write);
+    /// `uffd` fills each page on first touch with a userfaultfd handler.
+    #[arg(long, value_enum, default_value_t = LazyMode::Off)]
+    pub lazy: LazyMode,
     /// Write timings and the exit reason as JSON to this file when the VM ends.
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
@@ -52,6 +57,7 @@ pub fn run(args: RestoreArgs) -> CliResult {
     let options = RestoreOptions {
         serial: Some(SerialOutput::parse(&args.serial)),
         skip_memory_verify: args.skip_memory_verify,
+        lazy: args.lazy,
     };
     let vm = Vm::restore(&args.snapshot, &options, timeline)
         .with_context(|| format!("cannot restore {}", args.snapshot.display()))?;

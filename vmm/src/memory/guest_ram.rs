@@ -83,9 +83,18 @@ impl From<ReleaseError> for std::io::Error {
     }
 }
 
+/// Something that fills guest memory on demand and must live exactly as long as the mappings
+/// (lazy restore's page fault handler); [`GuestRam`] drops it before unmapping.
+pub trait MemoryBacking: Send + Sync + std::fmt::Debug {
+    /// What it has done so far, as JSON (for `GET /`).
+    fn status(&self) -> serde_json::Value;
+}
+
 /// Guest RAM: the mappings plus release accounting. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct GuestRam {
+    /// Declared before `mem`: stopped before the memory it serves is unmapped.
+    backing: Option<std::sync::Arc<dyn MemoryBacking>>,
     mem: GuestMemoryMmap,
     released_bytes: AtomicU64,
     /// Parts of guest memory are private mappings of a snapshot's memory file: releasing
@@ -97,10 +106,30 @@ impl GuestRam {
     /// Wraps the guest's memory.
     pub fn new(mem: GuestMemoryMmap) -> Self {
         Self {
+            backing: None,
             mem,
             released_bytes: AtomicU64::new(0),
             file_backed: false,
         }
+    }
+
+    /// Wraps anonymous guest memory that `backing` fills on first touch (lazy restore).
+    /// Releasing stays `MADV_DONTNEED`: the backing sees it and serves zeros afterwards.
+    pub fn lazily_filled(mem: GuestMemoryMmap, backing: std::sync::Arc<dyn MemoryBacking>) -> Self {
+        Self {
+            backing: Some(backing),
+            ..Self::new(mem)
+        }
+    }
+
+    /// Whether pages are filled on first touch (a page not resident may hold data).
+    pub fn is_lazily_filled(&self) -> bool {
+        self.backing.is_some()
+    }
+
+    /// The on-demand backing's status, if memory is filled lazily.
+    pub fn backing_status(&self) -> Option<serde_json::Value> {
+        self.backing.as_ref().map(|b| b.status())
     }
 
     /// Wraps guest memory restored from a snapshot, where ranges are private file mappings.

@@ -5,4 +5,4 @@ pub mod dirty;
 pub mod guest_ram;
 
 pub use dirty::{DirtyLogError, DirtyTracker, DirtyTrackerStats, MemorySlot};
-pub use guest_ram::{GuestRam, ReleaseError};
+pub use guest_ram::{GuestRam, MemoryBacking, ReleaseError};

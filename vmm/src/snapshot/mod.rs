@@ -6,6 +6,7 @@
 //! - [`memory_file`]: choosing the pages to keep, writing them, mapping them back;
 //! - [`take`]: collecting the state of a paused VM;
 //! - [`restore`]: recreating a VM from a snapshot (memory mapped, not copied);
+//! - [`lazy`]: restoring memory on first touch instead (`--lazy uffd`, a userfaultfd handler);
 //! - [`writer`]: the snapshot directory, written under a temporary name, fsynced and renamed;
 //! - [`reader`]: loading and validating a snapshot for restore and `inspect`;
 //! - [`crc32c`]: the checksum.
@@ -13,6 +14,7 @@
 pub mod crc32c;
 pub mod devices;
 pub mod format;
+pub mod lazy;
 pub mod memory_file;
 pub mod reader;
 pub mod restore;
@@ -126,6 +128,12 @@ pub enum SnapshotError {
     /// The VM's state cannot be read or set.
     #[error(transparent)]
     Vm(#[from] crate::kvm::vm::VmError),
+    /// A device worker could not be paused for the snapshot.
+    #[error("cannot pause the device workers")]
+    PauseWorker(#[source] virtio_device::WorkerError),
+    /// Lazy restore (userfaultfd) could not be set up.
+    #[error(transparent)]
+    Lazy(#[from] Box<lazy::LazyError>),
     /// Mapping the memory file into guest memory failed.
     #[error("cannot map {len_bytes} bytes of {path} at guest address {gpa:#x}")]
     Map {

@@ -10,6 +10,7 @@ use std::time::Instant;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use super::lazy::{LazyMemory, LazyMode};
 use super::memory_file::{map_into_guest, verify_mapped};
 use super::reader::load;
 use super::SnapshotError;
@@ -29,6 +30,8 @@ pub struct RestoreOptions {
     pub serial: Option<SerialOutput>,
     /// Skip checking memory chunk checksums (faster; the state file is always checked).
     pub skip_memory_verify: bool,
+    /// Map the memory file (`Off`) or fill pages on first touch (`Uffd`).
+    pub lazy: LazyMode,
 }
 
 /// Time since the restore began at each phase's end, for the log and the benchmark.
@@ -99,6 +102,8 @@ pub struct Prepared {
     pub msr_indices: Arc<[u32]>,
     /// Phase timings so far.
     pub phases: Phases,
+    /// The page fault handler when memory is filled lazily.
+    pub lazy: Option<Arc<LazyMemory>>,
 }
 
 /// Loads the snapshot in `dir` and prepares memory and the KVM VM.
@@ -122,12 +127,32 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         source,
     })?;
     let chunks = &state.memory.chunks;
-    let mmaps = map_into_guest(&mem, &loaded.memory, &loaded.memory_path, chunks)?;
-    phases.mark("map_memory_ms");
-    if !options.skip_memory_verify {
-        verify_mapped(&mem, chunks, &loaded.memory_path)?;
-    }
-    phases.mark("verify_memory_ms");
+    let mut mmaps = 0;
+    let lazy = match options.lazy {
+        LazyMode::Off => {
+            mmaps = map_into_guest(&mem, &loaded.memory, &loaded.memory_path, chunks)?;
+            phases.mark("map_memory_ms");
+            if !options.skip_memory_verify {
+                verify_mapped(&mem, chunks, &loaded.memory_path)?;
+            }
+            phases.mark("verify_memory_ms");
+            None
+        }
+        LazyMode::Uffd => {
+            let lazy = LazyMemory::start(
+                &mem,
+                &state.memory,
+                &loaded.memory,
+                &loaded.memory_path,
+                &dir.join(super::format::STATE_FILE),
+                !options.skip_memory_verify,
+            )
+            .map_err(|e| SnapshotError::from(Box::new(e)))?;
+            // Chunks are verified by the handler when first touched.
+            phases.mark("uffd_register_ms");
+            Some(Arc::new(lazy))
+        }
+    };
     let log_dirty = dirty_logging_wanted(state.config.balloon.as_ref());
     let vm_fd = Arc::new(create_vm(&kvm, &mem, log_dirty)?);
     state.vm.restore(&vm_fd).map_err(SnapshotError::from)?;
@@ -140,17 +165,21 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         .as_slice()
         .into();
     phases.mark("kvm_vm_ms");
-    tracing::debug!(mmaps, chunks = chunks.len(), "snapshot memory mapped");
+    tracing::debug!(mmaps, chunks = chunks.len(), lazy = ?options.lazy, "snapshot memory ready");
     Ok(Prepared {
         config: state.config,
         kvm,
         vm_fd,
-        ram: Arc::new(GuestRam::file_backed(mem)),
+        ram: Arc::new(match &lazy {
+            Some(lazy) => GuestRam::lazily_filled(mem, lazy.clone()),
+            None => GuestRam::file_backed(mem),
+        }),
         vcpu_states: state.vcpus,
         serial_state: state.serial,
         devices: state.devices,
         log_dirty,
         msr_indices,
         phases,
+        lazy,
     })
 }

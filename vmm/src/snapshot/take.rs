@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
-use super::devices::save_device;
+use super::devices::{save_device, SnapshotHandle};
 use super::state::SnapshotState;
 use super::writer::{new_snapshot_id, write_snapshot, SnapshotParts, SnapshotSummary};
 use super::SnapshotError;
@@ -82,6 +82,9 @@ pub fn take(
     started: Instant,
 ) -> Result<SnapshotSummary, SnapshotError> {
     let path = request.path.as_path();
+    // Device workers are parked from before their state is saved until the memory file is
+    // written (or the snapshot fails): they neither write guest memory nor move queues.
+    let _paused = PausedWorkers::pause(vm.virtio_devices)?;
     // Devices first: a VM with a device whose state cannot be saved gets no snapshot at all.
     let devices = vm
         .virtio_devices
@@ -134,6 +137,7 @@ pub fn take(
             mem: vm.ram.memory(),
             page_states: map_guard.as_deref(),
             keep_all: request.raw_memory,
+            residency_known: !vm.ram.is_lazily_filled(),
             started,
         },
     )?;
@@ -147,4 +151,48 @@ pub fn take(
         "snapshot written"
     );
     Ok(summary)
+}
+
+/// How long a device worker gets to finish its current pass and park.
+const WORKER_PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The device workers parked for a snapshot; resumed when dropped.
+struct PausedWorkers<'a> {
+    handles: Vec<&'a SnapshotHandle>,
+}
+
+impl<'a> PausedWorkers<'a> {
+    /// Parks every device worker; on failure resumes those already parked.
+    fn pause(devices: &'a [AttachedDevice]) -> Result<Self, SnapshotError> {
+        let mut paused = Self {
+            handles: Vec::new(),
+        };
+        for handle in devices.iter().filter_map(|d| d.snapshot.as_ref()) {
+            let result = match handle {
+                SnapshotHandle::Balloon(d) => lock(d).pause_worker(WORKER_PAUSE_TIMEOUT),
+                SnapshotHandle::Block(d) => lock(d).pause_worker(WORKER_PAUSE_TIMEOUT),
+                SnapshotHandle::Vsock(d) => lock(d).pause_worker(WORKER_PAUSE_TIMEOUT),
+            };
+            // Pushed first: a worker whose pause timed out is resumed too.
+            paused.handles.push(handle);
+            result.map_err(SnapshotError::PauseWorker)?;
+        }
+        Ok(paused)
+    }
+}
+
+impl Drop for PausedWorkers<'_> {
+    fn drop(&mut self) {
+        for handle in &self.handles {
+            match handle {
+                SnapshotHandle::Balloon(d) => lock(d).resume_worker(),
+                SnapshotHandle::Block(d) => lock(d).resume_worker(),
+                SnapshotHandle::Vsock(d) => lock(d).resume_worker(),
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

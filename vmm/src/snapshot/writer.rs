@@ -107,6 +107,9 @@ pub struct SnapshotParts<'a> {
     pub page_states: Option<&'a PageStateMap>,
     /// Keep every page (raw full dump) instead of only the live, non-zero, resident ones.
     pub keep_all: bool,
+    /// Whether a page not resident on the host was never touched (false for lazily filled
+    /// memory, where it may still be waiting in the parent snapshot's memory file).
+    pub residency_known: bool,
     /// When saving the state started (for the summary).
     pub started: Instant,
 }
@@ -176,6 +179,7 @@ fn write_into(
         parts.mem,
         parts.page_states,
         parts.keep_all,
+        parts.residency_known,
         state.snapshot_id,
     )?;
     memory
