@@ -231,7 +231,10 @@ pub(crate) fn spawn(
     worker.update_timer();
     let thread = std::thread::Builder::new()
         .name("balloon".into())
-        .spawn(move || worker.run())?;
+        .spawn(move || {
+            virtio_device::worker_thread_started();
+            worker.run()
+        })?;
     Ok(WorkerHandle { thread, stop })
 }
 

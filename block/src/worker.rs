@@ -152,6 +152,7 @@ pub(crate) fn spawn(
     let stop_flag = stop.clone();
     let name = format!("blk-{}", shared.config.drive_id);
     let thread = std::thread::Builder::new().name(name).spawn(move || {
+        virtio_device::worker_thread_started();
         // The guest may have notified before the worker ran.
         lock(&active).process_and_notify(&shared, &*interrupt);
         let mut events = [EpollEvent::default(); 2];

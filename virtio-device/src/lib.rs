@@ -12,6 +12,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use virtio_queue::QueueState;
 
+mod thread_hook;
+pub use thread_hook::{set_worker_thread_hook, worker_thread_started};
+
 pub use virtio_queue::{Queue, QueueT};
 pub use vm_memory::GuestMemoryMmap;
 pub use vmm_sys_util::eventfd::EventFd;

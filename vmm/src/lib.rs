@@ -14,5 +14,6 @@ pub mod devices;
 pub mod kvm;
 pub mod memory;
 pub mod metrics;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vm;

@@ -243,7 +243,10 @@ pub(crate) fn spawn(
     };
     let thread = std::thread::Builder::new()
         .name("vsock".into())
-        .spawn(move || worker.run())?;
+        .spawn(move || {
+            virtio_device::worker_thread_started();
+            worker.run()
+        })?;
     Ok((active, WorkerHandle { thread, stop }))
 }
 

@@ -31,6 +31,9 @@ pub struct RestoreArgs {
     /// Write timings and the exit reason as JSON to this file when the VM ends.
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
+    /// Do not install the per-thread seccomp filters (debugging only; logs a warning).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// Restores the VM and serves it; returns the exit code.
@@ -42,6 +45,7 @@ pub fn run(args: RestoreArgs) -> CliResult {
         .context("cannot block termination signals")?;
     let api_server = args.api_sock.as_deref().map(ApiServer::bind).transpose()?;
     let timeline = Arc::new(BootTimeline::new(start));
+    crate::seccomp::set_enabled(!args.no_seccomp)?;
     let options = RestoreOptions {
         serial: Some(SerialOutput::parse(&args.serial)),
         skip_memory_verify: args.skip_memory_verify,
