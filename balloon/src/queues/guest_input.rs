@@ -37,7 +37,7 @@ impl Source for Rng {
     }
 }
 
-/// The fuzzer's bytes, 8 at a time; zeros once they run out (see [`Bytes::exhausted`]).
+/// The fuzzer's bytes, 8 at a time; zeros once they run out (see [`FuzzBytes::exhausted`]).
 pub struct FuzzBytes<'a> {
     data: &'a [u8],
     /// Reads past the end.
@@ -69,11 +69,16 @@ impl Source for FuzzBytes<'_> {
     }
 
     fn fill(&mut self, buf: &mut [u8]) {
-        // Fuzzer bytes go into buffers verbatim (the fuzzer controls PFN arrays and statistics).
-        let take = self.data.len().min(buf.len());
+        // The first bytes of the buffer come verbatim from the fuzzer (at most 256, so input is
+        // left for the rounds' choices); the rest from a PRNG the fuzzer seeds.
+        let take = self.data.len().min(buf.len()).min(256);
         buf[..take].copy_from_slice(&self.data[..take]);
-        buf[take..].fill(0);
         self.data = &self.data[take..];
+        let mut rng = Rng(self.next());
+        for chunk in buf[take..].chunks_mut(8) {
+            let v = rng.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
     }
 }
 
