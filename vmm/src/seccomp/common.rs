@@ -83,7 +83,7 @@ pub(super) fn allow_ioctl_type(set: &mut RuleSet, ioc_type: u8) {
 
 /// `KVM_GET_DIRTY_LOG` (`_IOW(KVMIO, 0x42, struct kvm_dirty_log)`): the balloon's write tracker
 /// syncs the dirty log from the worker (free page reporting) and the API thread (hinting).
-pub(super) const KVM_GET_DIRTY_LOG: u64 = 0x4010_AE42;
+pub(crate) const KVM_GET_DIRTY_LOG: u64 = 0x4010_AE42;
 
 /// Allows `ioctl(fd, KVM_GET_DIRTY_LOG)` only, of all KVM ioctls.
 pub(super) fn allow_dirty_log_sync(set: &mut RuleSet) {

@@ -125,3 +125,29 @@ fn unfiltered_children_run_the_same_calls() {
     };
     assert!(exited(0)(status));
 }
+
+#[test]
+fn dirty_log_ioctl_number_matches_kvm() {
+    let size = std::mem::size_of::<kvm_bindings::kvm_dirty_log>() as u64;
+    assert_eq!(common::KVM_GET_DIRTY_LOG, (1 << 30) | (size << 16) | 0xAE42);
+}
+
+fn get_dirty_log_on_stdin() {
+    // SAFETY: on a non-KVM descriptor the kernel refuses the ioctl before reading the argument.
+    unsafe { libc::ioctl(0, common::KVM_GET_DIRTY_LOG, std::ptr::null_mut::<u8>()) };
+}
+
+fn kvm_run_on_stdin() {
+    // SAFETY: KVM_RUN takes no argument; on a non-KVM descriptor it fails.
+    unsafe { libc::ioctl(0, 0xAE80, 0) };
+}
+
+#[test]
+fn workers_and_api_threads_may_sync_the_dirty_log_but_not_run_vcpus() {
+    for kind in [ThreadKind::Worker, ThreadKind::Api] {
+        let status = run_filtered(kind, get_dirty_log_on_stdin);
+        assert!(exited(0)(status), "{kind:?}: {status:?}");
+        let status = run_filtered(kind, kvm_run_on_stdin);
+        assert!(exited(DENIED_EXIT_CODE)(status), "{kind:?}: {status:?}");
+    }
+}
