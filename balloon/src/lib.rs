@@ -21,7 +21,8 @@ mod ratelimit;
 pub mod release;
 mod worker;
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
+#[cfg_attr(not(test), allow(dead_code))]
 mod test_utils;
 
 pub use config::{BalloonConfig, BalloonConfigError};

@@ -254,7 +254,8 @@ impl<'a> DriverQueue<'a> {
     }
 }
 
-/// A small deterministic PRNG (splitmix64) for property tests.
+/// A small deterministic PRNG (splitmix64) for property tests (`below`/`fill` come from
+/// [`crate::queues::guest_input::Source`]).
 pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
@@ -264,17 +265,6 @@ impl Rng {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
-    }
-
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    pub(crate) fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
     }
 }
 

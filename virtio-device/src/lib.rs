@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::QueueState;
 
 pub mod worker;
+mod thread_hook;
+pub use thread_hook::{set_worker_thread_hook, worker_thread_started};
 
 pub use virtio_queue::{Queue, QueueT};
 pub use vm_memory::GuestMemoryMmap;

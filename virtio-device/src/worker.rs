@@ -130,6 +130,8 @@ impl WorkerHandle {
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                // The VMM's per-thread set-up (its seccomp filter) before any device work.
+                crate::worker_thread_started();
                 let control = gate.control.clone();
                 body(gate);
                 control.lock().ended = true;

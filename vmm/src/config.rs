@@ -130,6 +130,13 @@ pub struct VmConfig {
     /// A virtio-vsock device, if any (Firecracker's vsock resource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    /// Per-thread seccomp filters (default on); `false` is for debugging only.
+    #[serde(default = "seccomp_default", skip_serializing_if = "Clone::clone")]
+    pub seccomp: bool,
+}
+
+fn seccomp_default() -> bool {
+    true
 }
 
 /// Errors reading or validating a configuration.

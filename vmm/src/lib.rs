@@ -15,5 +15,6 @@ pub mod kvm;
 pub mod memory;
 pub mod metrics;
 pub mod pipeline;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vm;

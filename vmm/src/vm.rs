@@ -723,6 +723,7 @@ impl Vm {
         let _ = std::thread::Builder::new()
             .name("serial-in".into())
             .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Helper);
                 let mut stdin = std::io::stdin();
                 let mut buf = [0u8; 256];
                 while let Ok(count) = stdin.read(&mut buf) {
@@ -960,6 +961,7 @@ fn spawn_vcpus(
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Vcpu);
                 vcpu.run(control, timeline, |event| {
                     drop(events.send(VmEvent::Vcpu(event)))
                 })

@@ -111,6 +111,7 @@ fn config() -> VmConfig {
             free_page_hinting: false,
         }),
         vsock: None,
+        seccomp: true,
     }
 }
 

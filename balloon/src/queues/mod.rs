@@ -14,6 +14,8 @@ pub mod inflate;
 pub mod report;
 pub mod stats;
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod guest_input;
 #[cfg(test)]
 mod prop_tests;
 

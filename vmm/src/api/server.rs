@@ -196,7 +196,10 @@ impl ApiServer {
         });
         let thread = thread::Builder::new()
             .name("vmm-api".into())
-            .spawn(move || accept_loop(&listener, &shared))
+            .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Api);
+                accept_loop(&listener, &shared)
+            })
             .map_err(ApiServerError::Spawn)?;
         Ok(ApiServerHandle {
             shutdown_tx,
@@ -383,6 +386,7 @@ fn start_connection(stream: UnixStream, shared: &Arc<Shared>) {
     let spawned = thread::Builder::new()
         .name("vmm-api-conn".into())
         .spawn(move || {
+            crate::seccomp::label_thread(crate::seccomp::ThreadKind::Api);
             let shared = Arc::clone(&slot.0);
             serve_connection(&stream, &shared);
             drop(slot);

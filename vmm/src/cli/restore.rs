@@ -43,6 +43,9 @@ pub struct RestoreArgs {
     /// The guest-trimmer's vsock port.
     #[arg(long, default_value_t = crate::pipeline::DEFAULT_TRIMMER_PORT)]
     pub trimmer_port: u32,
+    /// Do not install the per-thread seccomp filters (debugging only; logs a warning).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// Restores the VM and serves it; returns the exit code.
@@ -54,6 +57,7 @@ pub fn run(args: RestoreArgs) -> CliResult {
         .context("cannot block termination signals")?;
     let api_server = args.api_sock.as_deref().map(ApiServer::bind).transpose()?;
     let timeline = Arc::new(BootTimeline::new(start));
+    crate::seccomp::set_enabled(!args.no_seccomp)?;
     let options = RestoreOptions {
         serial: Some(SerialOutput::parse(&args.serial)),
         skip_memory_verify: args.skip_memory_verify,

@@ -55,6 +55,9 @@ pub struct RunArgs {
     /// Write boot timings and the exit reason as JSON to this file when the VM ends.
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
+    /// Do not install the per-thread seccomp filters (debugging only; logs a warning).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// Merges the config file (if any) with the flags.
@@ -80,6 +83,7 @@ fn resolve_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
                 balloon: None,
                 drives: Vec::new(),
                 vsock: None,
+                seccomp: true,
             }
         }
     };
@@ -168,6 +172,7 @@ pub fn run(args: RunArgs) -> CliResult {
     // Bind the API socket before booting, so a socket already in use fails fast.
     let api_server = args.api_sock.as_deref().map(ApiServer::bind).transpose()?;
     let timeline = Arc::new(BootTimeline::new(start));
+    crate::seccomp::set_enabled(config.seccomp && !args.no_seccomp)?;
     let vm = Vm::boot(config, timeline)?;
     serve(vm, api_server, signals, args.metrics_file.as_deref())
 }
@@ -188,6 +193,7 @@ pub(crate) fn serve(
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Helper);
             while let Ok(signal) = signals.wait() {
                 tracing::info!(signal = %signal, "stopping on signal");
                 handle.signal(signal as i32);
@@ -199,6 +205,7 @@ pub(crate) fn serve(
     }
 
     let timeline_probe = vm.timings_source();
+    crate::seccomp::install(crate::seccomp::ThreadKind::Main)?;
     let reason = vm.run();
     drop(api_server);
     if let Some(path) = metrics_file {

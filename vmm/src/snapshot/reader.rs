@@ -37,7 +37,15 @@ pub fn read_state(dir: &Path) -> Result<(SnapshotState, PathBuf, u64), SnapshotE
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)
         .map_err(SnapshotError::io("read", &path))?;
-    let header = StateHeader::decode(&bytes).map_err(|source| SnapshotError::Header {
+    let state = parse_state(&bytes, &path)?;
+    Ok((state, path, bytes.len() as u64))
+}
+
+/// Checks and decodes the bytes of a state file (`path` names it in errors): header, length,
+/// checksum, JSON body, vCPU count.
+pub fn parse_state(bytes: &[u8], path: &Path) -> Result<SnapshotState, SnapshotError> {
+    let path = path.to_owned();
+    let header = StateHeader::decode(bytes).map_err(|source| SnapshotError::Header {
         path: path.clone(),
         source,
     })?;
@@ -85,7 +93,7 @@ pub fn read_state(dir: &Path) -> Result<(SnapshotState, PathBuf, u64), SnapshotE
             reason: "the vCPU states do not match the configured vCPU count".into(),
         });
     }
-    Ok((state, path, bytes.len() as u64))
+    Ok(state)
 }
 
 /// Loads `dir`: the state file, then the memory file, checked against each other.
