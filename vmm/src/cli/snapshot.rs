@@ -41,7 +41,7 @@ pub struct SnapshotArgs {
     /// The guest-trimmer's vsock port.
     #[arg(long, default_value_t = crate::pipeline::DEFAULT_TRIMMER_PORT)]
     pub trimmer_port: u32,
-    /// Bound on the trimmer's answer [default: the policy's budget + 10 s].
+    /// Bound on the trimmer's answer [default: twice the policy's budget + 10 s].
     #[arg(long)]
     pub trim_timeout_ms: Option<u64>,
     /// Skip the pipeline's free page hinting pass.

@@ -25,7 +25,8 @@ pub fn notify_in_background(uds_path: PathBuf, port: u32) {
     }
 }
 
-/// Sends `after_restore`, retrying while the trimmer is unreachable; logs the outcome.
+/// Sends `after_restore`, retrying while the trimmer cannot be reached or the connection
+/// drops; logs the outcome.
 fn notify(client: &TrimmerClient) {
     let started = Instant::now();
     loop {
@@ -38,7 +39,16 @@ fn notify(client: &TrimmerClient) {
                 );
                 return;
             }
-            Err(err) if err.is_unreachable() && started.elapsed() < AFTER_RESTORE_WAIT => {
+            // The guest's vsock driver handles the transport reset first: until then the
+            // trimmer is unreachable or the connection drops. Only its own refusal is final.
+            Err(err)
+                if !matches!(err, super::TrimmerError::Refused { .. })
+                    && started.elapsed() < AFTER_RESTORE_WAIT =>
+            {
+                tracing::debug!(
+                    "after restore: {} (retrying)",
+                    crate::devices::virtio::error_chain(&err)
+                );
                 std::thread::sleep(RETRY);
             }
             Err(err) => {

@@ -39,7 +39,7 @@ pub struct PipelineRequest {
     /// The guest-trimmer's vsock port.
     #[serde(default = "default_port")]
     pub trimmer_port: u32,
-    /// Bound on the trimmer's answer; default: the policy's budget + 10 s.
+    /// Bound on the trimmer's answer; default: twice the policy's budget + 10 s.
     #[serde(default)]
     pub trim_timeout_ms: Option<u64>,
     /// Run a free page hinting pass when the balloon has hinting enabled.
@@ -72,12 +72,16 @@ impl PipelineRequest {
         }
     }
 
-    /// How long the host waits for the trimmer's answer.
+    /// How long the host waits for the trimmer's answer: twice the policy's bound (its
+    /// `budget_ms`, or the sum of its steps' bounds; compaction has none and a busy guest runs
+    /// late) plus 10 s, unless the request sets it.
     pub fn trim_timeout(&self, policy: &policies::Policy) -> Duration {
-        Duration::from_millis(
-            self.trim_timeout_ms
-                .unwrap_or_else(|| policy.time_budget_ms().saturating_add(TRIM_REPLY_SLACK_MS)),
-        )
+        let bound_ms = policy.time_budget_ms().max(policy.budget_ms.unwrap_or(0));
+        Duration::from_millis(self.trim_timeout_ms.unwrap_or_else(|| {
+            bound_ms
+                .saturating_mul(2)
+                .saturating_add(TRIM_REPLY_SLACK_MS)
+        }))
     }
 
     /// The longest the steps before the snapshot may take (trim and hinting bounds).

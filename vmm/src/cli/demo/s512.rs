@@ -224,11 +224,9 @@ pub fn run(inputs: &Inputs) -> anyhow::Result<DemoResults> {
     {
         println!("vmm demo: warnings: {w:?}");
     }
-    ensure!(
-        trim["status"] == "ok",
-        "the trim did not run: {}",
-        trimmed_json["warnings"]
-    );
+    if trim["status"] != "ok" {
+        println!("vmm demo: the trim did not complete; the trimmed row below is untrimmed");
+    }
     let after = &trim["detail"]["report"]["after"];
     let kib = |v: &Value| v.as_u64().unwrap_or(0) * 1024;
     let live_floor_bytes =
