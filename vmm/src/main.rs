@@ -46,6 +46,8 @@ enum Command {
     Restore(cli::restore::RestoreArgs),
     /// Describe and verify a snapshot directory.
     Inspect(cli::inspect::InspectArgs),
+    /// Merge a chain of diff layers into one ordinary snapshot.
+    Flatten(cli::layers::FlattenArgs),
 }
 
 fn main() {
@@ -65,6 +67,7 @@ fn main() {
         Command::Snapshot(args) => cli::snapshot::run(args),
         Command::Restore(args) => cli::restore::run(args),
         Command::Inspect(args) => cli::inspect::run(args),
+        Command::Flatten(args) => cli::layers::run_flatten(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

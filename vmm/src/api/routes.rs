@@ -347,6 +347,9 @@ struct SnapshotCreateBody {
     /// `true`: store every page (a raw full dump, for comparison); default compact.
     #[serde(default)]
     raw_memory: bool,
+    /// Write a diff layer on this snapshot directory (the VM's lineage) instead of a full one.
+    #[serde(default)]
+    parent: Option<std::path::PathBuf>,
 }
 
 /// `PUT /snapshot/create {"snapshot_path": DIR[, "snapshot_type": "Full"][, "after": "resume"|"pause"|"stop"]}`
@@ -366,6 +369,7 @@ fn put_snapshot_create(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiE
             path: body.snapshot_path,
             after: body.after,
             raw_memory: body.raw_memory,
+            parent: body.parent,
         },
     ))
 }

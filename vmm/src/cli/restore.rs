@@ -28,6 +28,9 @@ pub struct RestoreArgs {
     /// Do not check the memory chunks' checksums (the state file is always checked).
     #[arg(long)]
     pub skip_memory_verify: bool,
+    /// Log dirty pages so diff layers can be written on this snapshot (`vmm snapshot --parent`).
+    #[arg(long)]
+    pub track_dirty_pages: bool,
     /// Write timings and the exit reason as JSON to this file when the VM ends.
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
@@ -45,6 +48,7 @@ pub fn run(args: RestoreArgs) -> CliResult {
     let options = RestoreOptions {
         serial: Some(SerialOutput::parse(&args.serial)),
         skip_memory_verify: args.skip_memory_verify,
+        track_dirty_pages: args.track_dirty_pages,
     };
     let vm = Vm::restore(&args.snapshot, &options, timeline)
         .with_context(|| format!("cannot restore {}", args.snapshot.display()))?;

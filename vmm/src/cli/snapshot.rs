@@ -25,6 +25,10 @@ pub struct SnapshotArgs {
     /// with the compact default.
     #[arg(long)]
     pub raw_memory: bool,
+    /// Write a diff layer on this snapshot: the one the VM was restored from or the last one
+    /// taken of it (the VM must track dirty pages).
+    #[arg(long)]
+    pub parent: Option<PathBuf>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -61,6 +65,8 @@ pub fn run(args: SnapshotArgs) -> CliResult {
         "snapshot_type": "Full",
         "after": AfterSnapshot::from(args.after),
         "raw_memory": args.raw_memory,
+        "parent": args.parent.as_deref().map(std::path::absolute).transpose()
+            .with_context(|| "invalid parent path")?,
     });
     let response = client::request_with_timeout(
         &args.api_sock,

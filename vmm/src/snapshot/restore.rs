@@ -10,8 +10,8 @@ use std::time::Instant;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use super::chain::Chain;
 use super::memory_file::{map_into_guest, verify_mapped};
-use super::reader::load;
 use super::SnapshotError;
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::serial::SavedSerial;
@@ -29,6 +29,9 @@ pub struct RestoreOptions {
     pub serial: Option<SerialOutput>,
     /// Skip checking memory chunk checksums (faster; the state file is always checked).
     pub skip_memory_verify: bool,
+    /// Track dirty pages from the restore on (diff layers on this snapshot), whatever the
+    /// snapshot's configuration says.
+    pub track_dirty_pages: bool,
 }
 
 /// Time since the restore began at each phase's end, for the log and the benchmark.
@@ -99,36 +102,60 @@ pub struct Prepared {
     pub msr_indices: Arc<[u32]>,
     /// Phase timings so far.
     pub phases: Phases,
+    /// The snapshot restored: the parent a diff layer of this VM must name.
+    pub lineage: super::layer::Lineage,
 }
 
 /// Loads the snapshot in `dir` and prepares memory and the KVM VM.
 pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootError> {
     let mut phases = Phases::new();
-    let loaded = load(dir)?;
+    let mut chain = Chain::load(dir)?;
     phases.mark("load_ms");
-    let mut state = loaded.state;
-    if let Some(serial) = &options.serial {
-        state.config.serial.output = serial.clone();
-    }
+    let lineage = super::layer::Lineage::of(dir, chain.top().state.snapshot_id)?;
     let kvm = open_kvm(&kvm_device_path())?;
-    let ranges: Vec<_> = state
+    let ranges: Vec<_> = chain
+        .top()
+        .state
         .memory
         .regions
         .iter()
         .map(|&(start, len)| (GuestAddress(start), len as usize))
         .collect();
     let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| BootError::GuestMemory {
-        mem_mib: state.config.machine_config.mem_size_mib,
+        mem_mib: chain.top().state.config.machine_config.mem_size_mib,
         source,
     })?;
-    let chunks = &state.memory.chunks;
-    let mmaps = map_into_guest(&mem, &loaded.memory, &loaded.memory_path, chunks)?;
-    phases.mark("map_memory_ms");
-    if !options.skip_memory_verify {
-        verify_mapped(&mem, chunks, &loaded.memory_path)?;
-    }
+    let (mmaps, chunks) = if chain.links.len() == 1 {
+        let loaded = chain.top();
+        let chunks = &loaded.state.memory.chunks;
+        let mmaps = map_into_guest(&mem, &loaded.memory, &loaded.memory_path, chunks)?;
+        phases.mark("map_memory_ms");
+        if !options.skip_memory_verify {
+            verify_mapped(&mem, chunks, &loaded.memory_path)?;
+        }
+        (mmaps, chunks.len())
+    } else {
+        let segments = chain.segments();
+        let mut mmaps = 0;
+        for (link, runs) in chain.links.iter().zip(chain.file_runs(&segments)) {
+            mmaps += map_into_guest(&mem, &link.loaded.memory, &link.loaded.memory_path, &runs)?;
+        }
+        phases.mark("map_memory_ms");
+        if !options.skip_memory_verify {
+            chain.verify_files()?;
+        }
+        (mmaps, segments.len())
+    };
     phases.mark("verify_memory_ms");
-    let log_dirty = dirty_logging_wanted(state.config.balloon.as_ref());
+    let mut state = chain.links.pop().expect("a chain has a top").loaded.state;
+    if let Some(serial) = &options.serial {
+        state.config.serial.output = serial.clone();
+    }
+    if options.track_dirty_pages {
+        state.config.machine_config.track_dirty_pages = true;
+    }
+    let log_dirty = dirty_logging_wanted(state.config.balloon.as_ref())
+        || state.config.machine_config.track_dirty_pages;
     let vm_fd = Arc::new(create_vm(&kvm, &mem, log_dirty)?);
     state.vm.restore(&vm_fd).map_err(SnapshotError::from)?;
     let msr_indices: Arc<[u32]> = kvm
@@ -140,7 +167,12 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         .as_slice()
         .into();
     phases.mark("kvm_vm_ms");
-    tracing::debug!(mmaps, chunks = chunks.len(), "snapshot memory mapped");
+    tracing::debug!(
+        mmaps,
+        chunks,
+        layers = chain.links.len() + 1,
+        "snapshot memory mapped"
+    );
     Ok(Prepared {
         config: state.config,
         kvm,
@@ -152,5 +184,6 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         log_dirty,
         msr_indices,
         phases,
+        lineage,
     })
 }
