@@ -7,6 +7,7 @@
 
 mod balloon;
 mod block;
+mod layers;
 mod snapshot;
 mod trim;
 mod vsock;
@@ -123,6 +124,8 @@ pub fn all() -> Vec<Scenario> {
             snapshot::reported_memory_is_left_out,
         ),
         sc("snapshot_with_vsock", 400, snapshot::with_vsock),
+        // Layered snapshots (src/scenarios/layers.rs).
+        sc("layers_chain", 420, layers::chain),
         // Block (src/scenarios/block.rs): virtio-blk drives.
         sc("block_bad_disk_path", 60, block::bad_disk_path),
         sc("block_disks", 420, block::disks),

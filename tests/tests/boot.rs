@@ -61,6 +61,7 @@ scenario_tests!(
     snapshot_fresh_1gib_is_compact,
     snapshot_reported_memory_is_left_out,
     snapshot_with_vsock,
+    layers_chain,
     block_bad_disk_path,
     block_disks,
     vsock_ping_concurrency_vanishing_client,

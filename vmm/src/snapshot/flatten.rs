@@ -9,6 +9,7 @@ use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::chain::{Chain, Segment, Source};
+use super::format::PAGE_BYTES;
 use super::writer::{new_snapshot_id, write_snapshot, SnapshotParts, SnapshotSummary};
 use super::SnapshotError;
 
@@ -61,6 +62,53 @@ pub fn read_segments_into(
     Ok(())
 }
 
+/// Guest memory as the chain ending at `top` restores it (copied, not mapped), with its
+/// regions; for comparing chains and flattened snapshots offline.
+pub fn chain_memory(top: &Path) -> Result<(Vec<(u64, u64)>, GuestMemoryMmap), SnapshotError> {
+    let chain = Chain::load(top)?;
+    let regions = chain.top().state.memory.regions.clone();
+    let mem = guest_memory(&regions, top)?;
+    let files: Vec<_> = chain
+        .links
+        .iter()
+        .map(|l| (&l.loaded.memory, l.loaded.memory_path.as_path()))
+        .collect();
+    read_segments_into(&mem, &chain.segments(), &files)?;
+    Ok((regions, mem))
+}
+
+/// The first guest page (address) where `a` and `b` differ over `regions`, if any.
+pub fn first_difference(
+    a: &GuestMemoryMmap,
+    b: &GuestMemoryMmap,
+    regions: &[(u64, u64)],
+) -> Option<u64> {
+    let (mut pa, mut pb) = (
+        vec![0u8; COPY_BYTES as usize],
+        vec![0u8; COPY_BYTES as usize],
+    );
+    for &(start, len) in regions {
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(COPY_BYTES) as usize;
+            let gpa = GuestAddress(start + off);
+            if a.read_slice(&mut pa[..n], gpa).is_err() || b.read_slice(&mut pb[..n], gpa).is_err()
+            {
+                return Some(start + off);
+            }
+            if let Some(i) = pa[..n]
+                .chunks(PAGE_BYTES as usize)
+                .zip(pb[..n].chunks(PAGE_BYTES as usize))
+                .position(|(x, y)| x != y)
+            {
+                return Some(start + off + i as u64 * PAGE_BYTES);
+            }
+            off += n as u64;
+        }
+    }
+    None
+}
+
 /// Merges the chain ending at `top` into one full snapshot at `out` (a new snapshot ID; the
 /// top layer's VM state). Every layer's checksums are verified first.
 pub fn flatten(top: &Path, out: &Path) -> Result<SnapshotSummary, SnapshotError> {
@@ -96,7 +144,6 @@ pub fn flatten(top: &Path, out: &Path) -> Result<SnapshotSummary, SnapshotError>
 #[cfg(test)]
 mod tests {
     use super::super::chain::{resolve, LayerPages};
-    use super::super::format::PAGE_BYTES;
     use super::super::memory_file::{write_memory_file, write_memory_file_since};
     use super::*;
     use crate::memory::{ChangedSet, MemorySlot};
@@ -228,6 +275,12 @@ mod tests {
         );
         read_segments_into(&again, &segs, &[(&flat, flat_path.as_path())]).unwrap();
         assert_eq!(contents(&again), expected, "flattened != chain");
+        assert_eq!(first_difference(&again, &restored, &REGIONS), None);
+        assert_eq!(first_difference(&again, &mem, &REGIONS), None);
+        restored
+            .write_slice(&[9], GuestAddress(4 * MIB + 5))
+            .unwrap();
+        assert_eq!(first_difference(&again, &restored, &REGIONS), Some(4 * MIB));
         assert_eq!(fi.pages.kept * PAGE_BYTES, fi.data_bytes);
     }
 }
