@@ -178,7 +178,15 @@ pub fn chain(ctx: &Ctx) -> Outcome {
 
     // L2: C written, a2 deleted and (partly) reported free.
     let mut vm = restore(ctx, "r2", &l1, Some(&sock), &[])?;
-    let reported_before = reported_pages(&sock)?;
+    // The restored VMM's API answers once it runs; the guest needs seconds to get to the delete.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reported_before = loop {
+        match reported_pages(&sock) {
+            Ok(pages) => break pages,
+            Err(e) if Instant::now() > deadline => return Err(format!("restored L1: {e}")),
+            Err(_) => vm.pump_for(Duration::from_millis(200)),
+        }
+    };
     let c = wait_words(&mut vm, "VMM-LC ")?[0].clone();
     let deadline = Instant::now() + Duration::from_secs(40);
     let mut reported = reported_pages(&sock)?;
