@@ -69,6 +69,11 @@ pub enum LayerError {
         /// Its hash.
         expected: String,
     },
+    /// The layer would replace its own parent.
+    #[error(
+        "cannot write a layer on {0} into the same directory: it would replace its own parent"
+    )]
+    ParentIsOutput(PathBuf),
     /// A parent of a layer changed since the layer was written.
     #[error("layer {layer}: its parent {parent} has changed (hash {found}, the layer was written against {expected})")]
     ParentChanged {
@@ -186,6 +191,10 @@ impl Lineage {
     /// Checks that `parent` (a snapshot directory) is this lineage's snapshot, unchanged, and
     /// returns the reference a layer stores.
     pub fn check_parent(&self, parent: &Path, layer_dir: &Path) -> Result<ParentRef, LayerError> {
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+        if abs(parent) == abs(layer_dir) {
+            return Err(LayerError::ParentIsOutput(parent.to_owned()));
+        }
         let found = state_hash(parent).map_err(|source| LayerError::ParentUnavailable {
             layer: layer_dir.to_owned(),
             parent: parent.to_owned(),
@@ -268,5 +277,7 @@ mod tests {
         let err = lineage.check_parent(&b, &layer).unwrap_err();
         assert!(matches!(err, LayerError::WrongParent { .. }), "{err}");
         assert!(err.to_string().contains(&lineage.hash), "{err}");
+        let err = lineage.check_parent(&a, &a).unwrap_err();
+        assert!(matches!(err, LayerError::ParentIsOutput(_)), "{err}");
     }
 }
