@@ -19,6 +19,7 @@ mod cmdline;
 mod console;
 mod driver;
 mod host;
+mod layers;
 mod protocol;
 mod qemu;
 mod report;
@@ -58,6 +59,8 @@ enum Cmd {
     RigVsock(vsock::RigVsockArgs),
     /// Trimmer: idle cost, trim time and memory freed per step (in the rig).
     Trim(trim::TrimArgs),
+    /// Layered snapshots: storage and write time against full snapshots, chain restore (in the rig).
+    Layers(layers::LayersArgs),
 }
 
 fn main() {
@@ -71,6 +74,7 @@ fn main() {
         Cmd::Vsock(args) => vsock::run(args),
         Cmd::RigVsock(args) => vsock::rig_run(args).map(|()| 0),
         Cmd::Trim(args) => trim::run(args),
+        Cmd::Layers(args) => layers::run(args, &host::workspace_root()),
     };
     match result {
         Ok(code) => std::process::exit(code),

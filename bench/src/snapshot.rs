@@ -37,7 +37,7 @@ pub struct SnapshotArgs {
 }
 
 /// Where `vmm image build` puts the image.
-fn image_dir() -> PathBuf {
+pub(crate) fn image_dir() -> PathBuf {
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
     let cache = var("VMM_CACHE_DIR")
         .map(PathBuf::from)
@@ -48,7 +48,7 @@ fn image_dir() -> PathBuf {
 }
 
 /// The static vmm: `--vmm`, or built with [`rig::build_static`].
-fn static_vmm(root: &Path, given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+pub(crate) fn static_vmm(root: &Path, given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(vmm) = given {
         return Ok(vmm);
     }
@@ -61,7 +61,7 @@ fn static_vmm(root: &Path, given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 /// The median of `values` (None when empty).
-fn median(mut values: Vec<f64>) -> Option<f64> {
+pub(crate) fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
         return None;
     }

@@ -7,6 +7,7 @@
 
 mod balloon;
 mod block;
+mod layers;
 mod pipeline;
 mod snapshot;
 mod trim;
@@ -125,6 +126,8 @@ pub fn all() -> Vec<Scenario> {
         ),
         sc("snapshot_with_vsock", 400, snapshot::with_vsock),
         sc("snapshot_lazy_uffd", 400, snapshot::lazy_uffd),
+        // Layered snapshots (src/scenarios/layers.rs).
+        sc("layers_chain", 420, layers::chain),
         // Block (src/scenarios/block.rs): virtio-blk drives.
         sc("block_bad_disk_path", 60, block::bad_disk_path),
         sc("block_disks", 420, block::disks),

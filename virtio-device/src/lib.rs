@@ -12,8 +12,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use virtio_queue::QueueState;
 
-pub mod worker;
 mod thread_hook;
+pub mod worker;
 pub use thread_hook::{set_worker_thread_hook, worker_thread_started};
 
 pub use virtio_queue::{Queue, QueueT};

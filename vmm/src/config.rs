@@ -52,6 +52,10 @@ pub struct MachineConfig {
     pub vcpu_count: u8,
     /// Guest RAM in MiB.
     pub mem_size_mib: u64,
+    /// Log dirty pages from boot or restore on, so diff layers (`vmm snapshot --parent`) can be
+    /// written; off by default (dirty logging slows the guest's writes).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 impl Default for MachineConfig {
@@ -59,6 +63,7 @@ impl Default for MachineConfig {
         Self {
             vcpu_count: DEFAULT_VCPUS,
             mem_size_mib: DEFAULT_MEM_MIB,
+            track_dirty_pages: false,
         }
     }
 }
@@ -245,7 +250,8 @@ mod tests {
             config.machine_config,
             MachineConfig {
                 vcpu_count: 1,
-                mem_size_mib: 128
+                mem_size_mib: 128,
+                track_dirty_pages: false,
             }
         );
         assert_eq!(

@@ -49,6 +49,8 @@ enum Command {
     /// Talk to a running guest's guest-trimmer over vsock: trim by a policy, status, stats.
     #[command(subcommand)]
     Trimmer(cli::trimmer::TrimmerCommand),
+    /// Merge a chain of diff layers into one ordinary snapshot.
+    Flatten(cli::layers::FlattenArgs),
 }
 
 fn main() {
@@ -69,6 +71,7 @@ fn main() {
         Command::Restore(args) => cli::restore::run(args),
         Command::Inspect(args) => cli::inspect::run(args),
         Command::Trimmer(cmd) => cli::trimmer::run(cmd),
+        Command::Flatten(args) => cli::layers::run_flatten(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -334,6 +334,8 @@ pub struct Vm {
     dirty_sync_interval: Duration,
     /// Whether a free page hinting run was accepting hints at the last event loop pass.
     hinting_was_running: bool,
+    /// Diff-layer bookkeeping, with `track_dirty_pages`.
+    layering: Option<crate::snapshot::layer::Layering>,
     vm_fd: Arc<VmFd>,
     _kvm: Kvm,
     /// MSRs a snapshot saves (`KVM_GET_MSR_INDEX_LIST`).
@@ -386,17 +388,23 @@ impl Vm {
                 mem_mib: machine.mem_size_mib,
                 source,
             })?;
-        let log_dirty = dirty_logging_wanted(config.balloon.as_ref());
+        let log_dirty = dirty_logging_wanted(config.balloon.as_ref())
+            || config.machine_config.track_dirty_pages;
         let vm_fd = Arc::new(create_vm(&kvm, &mem, log_dirty)?);
         let ram = Arc::new(GuestRam::new(mem.clone()));
+        let layering = new_layering(&config, &mem, None);
+        let dirty_sync_interval = upkeep_interval(&config);
 
         let devices = virtio::build_virtio_devices(&config, &ram)?;
         let dirty = log_dirty
-            .then(|| start_dirty_tracking(&vm_fd, &ram, devices.balloon.as_ref()))
+            .then(|| {
+                start_dirty_tracking(&vm_fd, &ram, devices.balloon.as_ref(), layering.as_ref())
+            })
             .transpose()?;
         let mut mmio = Bus::default();
         let virtio_devices =
             virtio::attach_virtio_devices(&*vm_fd, &mem, &mut mmio, devices.specs)?;
+        log_device_writes(&virtio_devices, layering.as_ref());
         let mmio = Arc::new(mmio);
 
         let acpi = build_acpi_tables(&AcpiConfig {
@@ -487,8 +495,9 @@ impl Vm {
             vsock: devices.vsock,
             dirty,
             last_dirty_sync: Instant::now(),
-            dirty_sync_interval: dirty_sync_interval(),
+            dirty_sync_interval,
             hinting_was_running: false,
+            layering,
             vm_fd,
             _kvm: kvm,
             msr_indices: Arc::from(msr_list.as_slice()),
@@ -522,7 +531,10 @@ impl Vm {
             msr_indices,
             mut phases,
             lazy,
+            lineage,
         } = restored;
+        let layering = new_layering(&config, ram.memory(), Some(lineage));
+        let dirty_sync_interval = upkeep_interval(&config);
         let state_path = dir.join(crate::snapshot::format::STATE_FILE);
         let restored_devices = crate::snapshot::devices::restore_devices(
             &devices,
@@ -531,7 +543,14 @@ impl Vm {
             &state_path,
         )?;
         let dirty = log_dirty
-            .then(|| start_dirty_tracking(&vm_fd, &ram, restored_devices.balloon.as_ref()))
+            .then(|| {
+                start_dirty_tracking(
+                    &vm_fd,
+                    &ram,
+                    restored_devices.balloon.as_ref(),
+                    layering.as_ref(),
+                )
+            })
             .transpose()?;
         let mut mmio = Bus::default();
         let virtio_devices = virtio::attach_virtio_devices(
@@ -540,6 +559,7 @@ impl Vm {
             &mut mmio,
             restored_devices.specs,
         )?;
+        log_device_writes(&virtio_devices, layering.as_ref());
         for (device, state) in virtio_devices.iter().zip(&devices) {
             device
                 .transport
@@ -575,6 +595,12 @@ impl Vm {
             .collect::<Result<Vec<_>, _>>()?;
         phases.mark("vcpus_ms");
         let generation = crate::devices::vmgenid::regenerate_and_notify(&vm_fd, ram.memory())?;
+        if let Some(layering) = &layering {
+            layering.changed.insert_range(
+                crate::boot::layout::VMGENID_ADDR,
+                crate::devices::vmgenid::VMGENID_BYTES as u64,
+            );
+        }
         phases.mark("vmgenid_ms");
         tracing::debug!(
             vmgenid = %crate::snapshot::format::id_hex(&generation),
@@ -606,8 +632,9 @@ impl Vm {
             vsock: restored_devices.vsock,
             dirty,
             last_dirty_sync: Instant::now(),
-            dirty_sync_interval: dirty_sync_interval(),
+            dirty_sync_interval,
             hinting_was_running: false,
+            layering,
             vm_fd,
             _kvm: kvm,
             msr_indices,
@@ -649,6 +676,7 @@ impl Vm {
                 dirty: self.dirty.as_deref(),
                 virtio_devices: &self.virtio_devices,
                 page_states: self.balloon.as_ref().map(|b| b.page_states()),
+                layering: self.layering.as_ref(),
             },
             request,
             started,
@@ -895,6 +923,7 @@ fn start_dirty_tracking(
     vm_fd: &Arc<VmFd>,
     ram: &GuestRam,
     balloon: Option<&balloon::BalloonHandle>,
+    layering: Option<&crate::snapshot::layer::Layering>,
 ) -> Result<Arc<DirtyTracker>, BootError> {
     let page_states = match balloon {
         Some(balloon) => balloon.page_states(),
@@ -904,6 +933,10 @@ fn start_dirty_tracking(
     };
     let tracker = DirtyTracker::new(vm_fd.clone(), memory_slots(ram.memory()), page_states)
         .map_err(BootError::DirtyTracking)?;
+    let tracker = match layering {
+        Some(l) => tracker.with_changed_pages(l.changed.clone()),
+        None => tracker,
+    };
     tracing::info!(
         slots = tracker.slots().len(),
         interval_ms = dirty_sync_interval().as_millis() as u64,
@@ -914,6 +947,50 @@ fn start_dirty_tracking(
         balloon.set_write_tracker(tracker.clone());
     }
     Ok(tracker)
+}
+
+/// Diff-layer bookkeeping for a VM with `track_dirty_pages` (`lineage`: the snapshot it was
+/// restored from).
+fn new_layering(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    lineage: Option<crate::snapshot::layer::Lineage>,
+) -> Option<crate::snapshot::layer::Layering> {
+    config
+        .machine_config
+        .track_dirty_pages
+        .then(|| crate::snapshot::layer::Layering {
+            changed: Arc::new(crate::memory::ChangedPages::new(&memory_slots(mem))),
+            lineage: Mutex::new(lineage),
+        })
+}
+
+/// Has every device record its writes into guest memory in the changed pages (KVM's dirty
+/// log misses them). Before any transport is restored or activated.
+fn log_device_writes(
+    devices: &[AttachedDevice],
+    layering: Option<&crate::snapshot::layer::Layering>,
+) {
+    if let Some(layering) = layering {
+        for device in devices {
+            device
+                .transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_write_log(layering.changed.clone());
+        }
+    }
+}
+
+/// How often the event loop syncs the dirty log: every second when the balloon needs it, else
+/// (dirty pages tracked only for diff layers, read at the snapshot) once a minute, which keeps
+/// KVM's write-protection faults down.
+fn upkeep_interval(config: &VmConfig) -> Duration {
+    if dirty_logging_wanted(config.balloon.as_ref()) {
+        dirty_sync_interval()
+    } else {
+        Duration::from_secs(60)
+    }
 }
 
 /// Creates the serial console's interrupt: an eventfd registered as an irqfd on COM1's GSI.

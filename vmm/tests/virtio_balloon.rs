@@ -101,6 +101,7 @@ fn config() -> VmConfig {
         machine_config: MachineConfig {
             vcpu_count: 1,
             mem_size_mib: MEM_MIB,
+            track_dirty_pages: false,
         },
         serial: SerialConfig::default(),
         balloon: Some(BalloonConfig {

@@ -109,7 +109,12 @@ fn boot_hash_vm_with(
 }
 
 /// `vmm snapshot --api-sock SOCK --out DIR --after AFTER --json`, returning the summary.
-fn snapshot(ctx: &Ctx, sock: &Path, dir: &Path, after: &str) -> Result<serde_json::Value, String> {
+pub(super) fn snapshot(
+    ctx: &Ctx,
+    sock: &Path,
+    dir: &Path,
+    after: &str,
+) -> Result<serde_json::Value, String> {
     let args: Vec<String> = [
         "snapshot",
         "--api-sock",
@@ -141,7 +146,10 @@ fn snapshot(ctx: &Ctx, sock: &Path, dir: &Path, after: &str) -> Result<serde_jso
 }
 
 /// `vmm inspect DIR --json`: (exit code, parsed JSON if any, stderr).
-fn inspect(ctx: &Ctx, dir: &Path) -> Result<(i32, Option<serde_json::Value>, String), String> {
+pub(super) fn inspect(
+    ctx: &Ctx,
+    dir: &Path,
+) -> Result<(i32, Option<serde_json::Value>, String), String> {
     let args = vec![
         "inspect".to_string(),
         dir.display().to_string(),
@@ -322,7 +330,7 @@ pub(super) fn stop_clone(p: &mut Proc) -> Result<(), String> {
 }
 
 /// Copies snapshot directory `from` to `to` (two files).
-fn copy_snapshot(from: &Path, to: &Path) -> Result<(), String> {
+pub(super) fn copy_snapshot(from: &Path, to: &Path) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(to);
     std::fs::create_dir_all(to).map_err(|e| format!("mkdir {}: {e}", to.display()))?;
     for name in ["state", "memory"] {

@@ -350,6 +350,9 @@ struct SnapshotCreateBody {
     /// Trim the guest and run a hinting pass first (see [`crate::pipeline`]).
     #[serde(default)]
     pipeline: Option<crate::pipeline::PipelineRequest>,
+    /// Write a diff layer on this snapshot directory (the VM's lineage) instead of a full one.
+    #[serde(default)]
+    parent: Option<std::path::PathBuf>,
 }
 
 /// `PUT /snapshot/create {"snapshot_path": DIR[, "snapshot_type": "Full"][, "after": "resume"|"pause"|"stop"]}`
@@ -368,6 +371,7 @@ fn put_snapshot_create(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiE
         path: body.snapshot_path,
         after: body.after,
         raw_memory: body.raw_memory,
+        parent: body.parent,
     };
     Ok(match body.pipeline {
         Some(pipeline) => ApiRequest::SnapshotPipeline(pipeline, snapshot),

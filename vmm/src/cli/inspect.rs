@@ -33,7 +33,12 @@ pub fn run(args: InspectArgs) -> CliResult {
     let pages = state.memory.pages;
     let machine = &state.config.machine_config;
     let disk = disk_bytes(&loaded.state_path) + disk_bytes(&loaded.memory_path);
+    let chain = super::layers::chain_report(&args.dir);
     let report = json!({
+        "chain": match &chain {
+            Ok(chain) => chain.clone(),
+            Err(err) => json!({"ok": false, "error": crate::devices::virtio::error_chain(err)}),
+        },
         "path": args.dir,
         "format_version": FORMAT_VERSION,
         "snapshot_id": id_hex(&state.snapshot_id),
@@ -90,6 +95,13 @@ pub fn run(args: InspectArgs) -> CliResult {
             "  files: state {} bytes, memory {} bytes, {} bytes on disk",
             loaded.state_file_bytes, loaded.memory_file_bytes, disk
         );
+        match &chain {
+            Ok(chain) => super::layers::print_chain(chain),
+            Err(err) => println!(
+                "  chain: FAILED: {}",
+                crate::devices::virtio::error_chain(err)
+            ),
+        }
         match &verified {
             Ok(()) => println!(
                 "  checksums: ok (state and {} memory chunks)",
@@ -102,5 +114,6 @@ pub fn run(args: InspectArgs) -> CliResult {
         }
     }
     verified?;
+    chain?;
     Ok(0)
 }

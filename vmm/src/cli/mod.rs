@@ -7,6 +7,7 @@ pub mod demo;
 pub mod drive;
 pub mod image;
 pub mod inspect;
+pub mod layers;
 pub mod restore;
 pub mod run;
 pub mod snapshot;

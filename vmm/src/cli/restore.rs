@@ -33,6 +33,9 @@ pub struct RestoreArgs {
     /// `uffd` fills each page on first touch with a userfaultfd handler.
     #[arg(long, value_enum, default_value_t = LazyMode::Off)]
     pub lazy: LazyMode,
+    /// Log dirty pages so diff layers can be written on this snapshot (`vmm snapshot --parent`).
+    #[arg(long)]
+    pub track_dirty_pages: bool,
     /// Write timings and the exit reason as JSON to this file when the VM ends.
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
@@ -62,6 +65,7 @@ pub fn run(args: RestoreArgs) -> CliResult {
         serial: Some(SerialOutput::parse(&args.serial)),
         skip_memory_verify: args.skip_memory_verify,
         lazy: args.lazy,
+        track_dirty_pages: args.track_dirty_pages,
     };
     let vm = Vm::restore(&args.snapshot, &options, timeline)
         .with_context(|| format!("cannot restore {}", args.snapshot.display()))?;

@@ -31,6 +31,9 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long)]
     pub vcpus: Option<u8>,
+    /// Log dirty pages so diff layers can be written (`vmm snapshot --parent`).
+    #[arg(long)]
+    pub track_dirty_pages: bool,
     /// Serve the control API on this unix socket.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
@@ -106,6 +109,9 @@ fn resolve_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     }
     if let Some(vcpus) = args.vcpus {
         config.machine_config.vcpu_count = vcpus;
+    }
+    if args.track_dirty_pages {
+        config.machine_config.track_dirty_pages = true;
     }
     if let Some(serial) = &args.serial {
         config.serial.output = SerialOutput::parse(serial);

@@ -50,6 +50,10 @@ pub struct SnapshotArgs {
     /// Bound on the hinting pass of the pipeline.
     #[arg(long, default_value_t = crate::pipeline::DEFAULT_HINT_TIMEOUT_MS)]
     pub hint_timeout_ms: u64,
+    /// Write a diff layer on this snapshot: the one the VM was restored from or the last one
+    /// taken of it (the VM must track dirty pages).
+    #[arg(long)]
+    pub parent: Option<PathBuf>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -96,6 +100,8 @@ pub fn run(args: SnapshotArgs) -> CliResult {
         "snapshot_type": "Full",
         "after": AfterSnapshot::from(args.after),
         "raw_memory": args.raw_memory,
+        "parent": args.parent.as_deref().map(std::path::absolute).transpose()
+            .with_context(|| "invalid parent path")?,
     });
     let pipeline = if args.no_trim || args.policy.is_some() {
         let policy = match &args.policy {

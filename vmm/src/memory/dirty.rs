@@ -234,6 +234,8 @@ pub struct DirtyTracker {
     slots: Vec<MemorySlot>,
     page_states: Arc<Mutex<PageStateMap>>,
     counters: Counters,
+    /// Also collects every fetched bitmap, for diff layers (see [`super::ChangedPages`]).
+    changed: Option<Arc<super::ChangedPages>>,
 }
 
 impl std::fmt::Debug for DirtyTracker {
@@ -284,7 +286,14 @@ impl DirtyTracker {
             slots,
             page_states,
             counters: Counters::default(),
+            changed: None,
         })
+    }
+
+    /// Also ORs every fetched bitmap into `changed` (pages changed since the last snapshot).
+    pub fn with_changed_pages(mut self, changed: Arc<super::ChangedPages>) -> Self {
+        self.changed = Some(changed);
+        self
     }
 
     /// The slots tracked.
@@ -341,6 +350,9 @@ impl DirtyTracker {
                 }
             };
             let nr_pages = s.memory_size / DIRTY_PAGE_SIZE_BYTES;
+            if let Some(changed) = &self.changed {
+                changed.or_bitmap(s.pfns().start, &bitmap);
+            }
             let dirty = count_dirty(&bitmap, nr_pages);
             if dirty == 0 {
                 continue;

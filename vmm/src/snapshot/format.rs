@@ -19,8 +19,10 @@ pub const MEMORY_FILE: &str = "memory";
 pub const STATE_MAGIC: [u8; 8] = *b"VMMSNAPS";
 /// First bytes of a memory file.
 pub const MEMORY_MAGIC: [u8; 8] = *b"VMMSNAPM";
-/// The format this VMM writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this VMM writes (2: the state may describe a diff layer).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this VMM reads (1: full snapshots only; their layout is a subset of 2's).
+pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Bytes of the state file's header.
 pub const STATE_HEADER_BYTES: usize = 32;
 /// Bytes of the memory file's header (one page, so data stays page aligned).
@@ -40,7 +42,9 @@ pub enum HeaderError {
     #[error("not a snapshot {0} file (bad magic number)")]
     BadMagic(&'static str),
     /// Another format version.
-    #[error("format version {found}, this VMM reads version {FORMAT_VERSION} only")]
+    #[error(
+        "format version {found}, this VMM reads versions {MIN_FORMAT_VERSION} to {FORMAT_VERSION}"
+    )]
     Version {
         /// The version in the file.
         found: u32,
@@ -84,7 +88,7 @@ impl StateHeader {
             return Err(HeaderError::BadMagic("state"));
         }
         let found = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if found != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&found) {
             return Err(HeaderError::Version { found });
         }
         let crc = u32::from_le_bytes(bytes[28..32].try_into().expect("4 bytes"));
@@ -133,7 +137,7 @@ impl MemoryHeader {
             return Err(HeaderError::BadMagic("memory"));
         }
         let found = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if found != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&found) {
             return Err(HeaderError::Version { found });
         }
         let crc = u32::from_le_bytes(bytes[40..44].try_into().expect("4 bytes"));

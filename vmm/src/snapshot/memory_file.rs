@@ -23,6 +23,7 @@ use super::crc32c::crc32c;
 use super::format::{MemoryHeader, MEMORY_HEADER_BYTES, PAGE_BYTES};
 use super::state::{MemoryChunk, MemoryIndex, PageCounts};
 use super::SnapshotError;
+use crate::memory::ChangedSet;
 
 /// Largest chunk: the unit of checksums (and of the error that names a damaged one).
 pub const CHUNK_MAX_BYTES: u64 = 4 << 20;
@@ -36,6 +37,8 @@ enum PageFate {
     Hinted,
     NeverTouched,
     Zero,
+    /// Unchanged since the parent of a diff layer: not stored, taken from the parent.
+    Inherit,
 }
 
 impl PageCounts {
@@ -47,6 +50,7 @@ impl PageCounts {
             PageFate::Hinted => &mut self.skipped_hinted,
             PageFate::NeverTouched => &mut self.skipped_never_touched,
             PageFate::Zero => &mut self.skipped_zero,
+            PageFate::Inherit => return,
         };
         *slot += pages;
     }
@@ -110,6 +114,7 @@ fn classify(
     page_states: Option<&PageStateMap>,
     keep_all: bool,
     residency_known: bool,
+    changed: Option<&ChangedSet>,
 ) -> std::io::Result<Vec<PageFate>> {
     if keep_all {
         return Ok(vec![PageFate::Keep; view.bytes.len() / PAGE_BYTES as usize]);
@@ -125,7 +130,9 @@ fn classify(
         let state = page_states
             .and_then(|m| m.state(first_pfn + i as u64).ok())
             .unwrap_or(PageState::Live);
+        let pfn = first_pfn + i as u64;
         let fate = match state {
+            PageState::Live if changed.is_some_and(|c| !c.contains(pfn)) => PageFate::Inherit,
             PageState::Inflated => PageFate::Inflated,
             PageState::Reported => PageFate::Reported,
             PageState::Hinted => PageFate::Hinted,
@@ -150,6 +157,52 @@ pub fn write_memory_file(
     residency_known: bool,
     snapshot_id: [u8; 16],
 ) -> Result<MemoryIndex, SnapshotError> {
+    let rules = KeepRules {
+        keep_all,
+        residency_known,
+        changed: None,
+    };
+    write_memory_file_since(file, path, mem, page_states, rules, snapshot_id)
+        .map(|(index, _)| index)
+}
+
+/// What a diff layer's memory file leaves to its parent and what it frees.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayerPageSets {
+    /// Ranges `(gpa, len_bytes)` that now read zero (freed or zeroed since the parent), sorted.
+    pub freed: Vec<(u64, u64)>,
+    /// Pages unchanged since the parent.
+    pub inherited_pages: u64,
+}
+
+/// Which pages a memory file keeps, besides what the page-state map says.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KeepRules<'a> {
+    /// Every page (a raw full dump).
+    pub keep_all: bool,
+    /// Page residency tells never-touched pages (false for lazily filled memory).
+    pub residency_known: bool,
+    /// Pages written since the parent (a diff layer), or `None` for a full snapshot.
+    pub changed: Option<&'a ChangedSet>,
+}
+
+/// Like [`write_memory_file`]; with `changed` (pages written since the parent) it writes a diff
+/// layer: live pages not in `changed` are left to the parent, changed pages that are now zero or
+/// not resident and pages the page-state map holds free are listed as freed ranges.
+pub fn write_memory_file_since(
+    file: &mut File,
+    path: &Path,
+    mem: &GuestMemoryMmap,
+    page_states: Option<&PageStateMap>,
+    rules: KeepRules,
+    snapshot_id: [u8; 16],
+) -> Result<(MemoryIndex, LayerPageSets), SnapshotError> {
+    let KeepRules {
+        keep_all,
+        residency_known,
+        changed,
+    } = rules;
+    let mut sets = LayerPageSets::default();
     // SAFETY: the caller has paused the vCPUs and the VM has no device writing guest memory.
     let views = unsafe { region_views(mem) };
     let mut index = MemoryIndex {
@@ -165,7 +218,7 @@ pub fn write_memory_file(
     let mut offset = MEMORY_HEADER_BYTES;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut *file);
     for view in &views {
-        let fates = classify(view, page_states, keep_all, residency_known)
+        let fates = classify(view, page_states, keep_all, residency_known, changed)
             .map_err(SnapshotError::io("read page residency (mincore) for", path))?;
         let mut page = 0usize;
         while page < fates.len() {
@@ -186,6 +239,15 @@ pub fn write_memory_file(
                     });
                     offset += piece.len() as u64;
                 }
+            } else if fate == PageFate::Inherit {
+                sets.inherited_pages += run as u64;
+            } else if changed.is_some() {
+                let gpa = view.gpa + page as u64 * PAGE_BYTES;
+                let len = run as u64 * PAGE_BYTES;
+                match sets.freed.last_mut() {
+                    Some(last) if last.0 + last.1 == gpa => last.1 += len,
+                    _ => sets.freed.push((gpa, len)),
+                }
             }
             page += run;
         }
@@ -199,7 +261,7 @@ pub fn write_memory_file(
     };
     file.write_all_at(&header.encode(), 0)
         .map_err(write_err())?;
-    Ok(index)
+    Ok((index, sets))
 }
 
 /// Checks the index against guest RAM and the file's length (a chunk past the end of the file

@@ -9,11 +9,15 @@
 //! - [`lazy`]: restoring memory on first touch instead (`--lazy uffd`, a userfaultfd handler);
 //! - [`writer`]: the snapshot directory, written under a temporary name, fsynced and renamed;
 //! - [`reader`]: loading and validating a snapshot for restore and `inspect`;
+//! - [`layer`], [`chain`]: diff layers, their parents, and a chain resolved into segments;
 //! - [`crc32c`]: the checksum.
 
+pub mod chain;
 pub mod crc32c;
 pub mod devices;
+pub mod flatten;
 pub mod format;
+pub mod layer;
 pub mod lazy;
 pub mod memory_file;
 pub mod reader;
@@ -113,6 +117,9 @@ pub enum SnapshotError {
         /// What is wrong.
         reason: String,
     },
+    /// A diff layer or a chain of them is refused.
+    #[error(transparent)]
+    Layer(#[from] layer::LayerError),
     /// The VM has a device whose state cannot be saved yet.
     #[error("cannot snapshot this VM: device {0} does not support snapshots yet")]
     UnsupportedDevice(String),

@@ -10,9 +10,9 @@ use std::time::Instant;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use super::chain::Chain;
 use super::lazy::{LazyMemory, LazyMode};
 use super::memory_file::{map_into_guest, verify_mapped};
-use super::reader::load;
 use super::SnapshotError;
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::serial::SavedSerial;
@@ -32,6 +32,9 @@ pub struct RestoreOptions {
     pub skip_memory_verify: bool,
     /// Map the memory file (`Off`) or fill pages on first touch (`Uffd`).
     pub lazy: LazyMode,
+    /// Track dirty pages from the restore on (diff layers on this snapshot), whatever the
+    /// snapshot's configuration says.
+    pub track_dirty_pages: bool,
 }
 
 /// Time since the restore began at each phase's end, for the log and the benchmark.
@@ -104,44 +107,41 @@ pub struct Prepared {
     pub phases: Phases,
     /// The page fault handler when memory is filled lazily.
     pub lazy: Option<Arc<LazyMemory>>,
+    /// The snapshot restored: the parent a diff layer of this VM must name.
+    pub lineage: super::layer::Lineage,
 }
 
 /// Loads the snapshot in `dir` and prepares memory and the KVM VM.
 pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootError> {
     let mut phases = Phases::new();
-    let loaded = load(dir)?;
+    let mut chain = Chain::load(dir)?;
     phases.mark("load_ms");
-    let mut state = loaded.state;
-    if let Some(serial) = &options.serial {
-        state.config.serial.output = serial.clone();
-    }
+    let lineage = super::layer::Lineage::of(dir, chain.top().state.snapshot_id)?;
     let kvm = open_kvm(&kvm_device_path())?;
-    let ranges: Vec<_> = state
+    let ranges: Vec<_> = chain
+        .top()
+        .state
         .memory
         .regions
         .iter()
         .map(|&(start, len)| (GuestAddress(start), len as usize))
         .collect();
     let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| BootError::GuestMemory {
-        mem_mib: state.config.machine_config.mem_size_mib,
+        mem_mib: chain.top().state.config.machine_config.mem_size_mib,
         source,
     })?;
-    let chunks = &state.memory.chunks;
-    let mut mmaps = 0;
-    let lazy = match options.lazy {
-        LazyMode::Off => {
-            mmaps = map_into_guest(&mem, &loaded.memory, &loaded.memory_path, chunks)?;
-            phases.mark("map_memory_ms");
-            if !options.skip_memory_verify {
-                verify_mapped(&mem, chunks, &loaded.memory_path)?;
-            }
-            phases.mark("verify_memory_ms");
-            None
+    let (mmaps, chunks, lazy) = match options.lazy {
+        LazyMode::Uffd if chain.links.len() > 1 => {
+            let layers = chain.links.len();
+            return Err(
+                SnapshotError::Lazy(Box::new(super::lazy::LazyError::Layered { layers })).into(),
+            );
         }
         LazyMode::Uffd => {
+            let loaded = chain.top();
             let lazy = LazyMemory::start(
                 &mem,
-                &state.memory,
+                &loaded.state.memory,
                 &loaded.memory,
                 &loaded.memory_path,
                 &dir.join(super::format::STATE_FILE),
@@ -150,10 +150,43 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
             .map_err(|e| SnapshotError::from(Box::new(e)))?;
             // Chunks are verified by the handler when first touched.
             phases.mark("uffd_register_ms");
-            Some(Arc::new(lazy))
+            (0, loaded.state.memory.chunks.len(), Some(Arc::new(lazy)))
+        }
+        LazyMode::Off if chain.links.len() == 1 => {
+            let loaded = chain.top();
+            let chunks = &loaded.state.memory.chunks;
+            let mmaps = map_into_guest(&mem, &loaded.memory, &loaded.memory_path, chunks)?;
+            phases.mark("map_memory_ms");
+            if !options.skip_memory_verify {
+                verify_mapped(&mem, chunks, &loaded.memory_path)?;
+            }
+            phases.mark("verify_memory_ms");
+            (mmaps, chunks.len(), None)
+        }
+        LazyMode::Off => {
+            let segments = chain.segments();
+            let mut mmaps = 0;
+            for (link, runs) in chain.links.iter().zip(chain.file_runs(&segments)) {
+                mmaps +=
+                    map_into_guest(&mem, &link.loaded.memory, &link.loaded.memory_path, &runs)?;
+            }
+            phases.mark("map_memory_ms");
+            if !options.skip_memory_verify {
+                chain.verify_files()?;
+            }
+            phases.mark("verify_memory_ms");
+            (mmaps, segments.len(), None)
         }
     };
-    let log_dirty = dirty_logging_wanted(state.config.balloon.as_ref());
+    let mut state = chain.links.pop().expect("a chain has a top").loaded.state;
+    if let Some(serial) = &options.serial {
+        state.config.serial.output = serial.clone();
+    }
+    if options.track_dirty_pages {
+        state.config.machine_config.track_dirty_pages = true;
+    }
+    let log_dirty = dirty_logging_wanted(state.config.balloon.as_ref())
+        || state.config.machine_config.track_dirty_pages;
     let vm_fd = Arc::new(create_vm(&kvm, &mem, log_dirty)?);
     state.vm.restore(&vm_fd).map_err(SnapshotError::from)?;
     let msr_indices: Arc<[u32]> = kvm
@@ -165,7 +198,13 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         .as_slice()
         .into();
     phases.mark("kvm_vm_ms");
-    tracing::debug!(mmaps, chunks = chunks.len(), lazy = ?options.lazy, "snapshot memory ready");
+    tracing::debug!(
+        mmaps,
+        chunks,
+        layers = chain.links.len() + 1,
+        lazy = ?options.lazy,
+        "snapshot memory ready"
+    );
     Ok(Prepared {
         config: state.config,
         kvm,
@@ -181,5 +220,6 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         msr_indices,
         phases,
         lazy,
+        lineage,
     })
 }

@@ -31,6 +31,9 @@ pub struct SnapshotState {
     pub devices: Vec<DeviceState>,
     /// Where each kept range of guest memory is in the memory file.
     pub memory: MemoryIndex,
+    /// Set when this snapshot is a diff layer: its parent and the pages freed since it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<super::layer::LayerInfo>,
 }
 
 /// The memory file's index.

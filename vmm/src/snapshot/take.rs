@@ -9,6 +9,7 @@ use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
 use super::devices::{save_device, SnapshotHandle};
+use super::layer::{LayerError, LayerInfo, Layering, Lineage};
 use super::state::SnapshotState;
 use super::writer::{new_snapshot_id, write_snapshot, SnapshotParts, SnapshotSummary};
 use super::SnapshotError;
@@ -46,6 +47,9 @@ pub struct SnapshotRequest {
     pub after: AfterSnapshot,
     /// Store every page (a raw full dump, as Firecracker writes it), for comparison.
     pub raw_memory: bool,
+    /// Write a diff layer on this snapshot (which must be the VM's lineage, see
+    /// [`super::layer::Lineage`]) instead of a full snapshot.
+    pub parent: Option<PathBuf>,
 }
 
 /// The outcome the VM's event loop sends back.
@@ -73,6 +77,8 @@ pub struct LiveVm<'a> {
     pub virtio_devices: &'a [AttachedDevice],
     /// The balloon's page-state map, if any.
     pub page_states: Option<Arc<Mutex<balloon::PageStateMap>>>,
+    /// Diff-layer bookkeeping, when the VM tracks dirty pages.
+    pub layering: Option<&'a Layering>,
 }
 
 /// Snapshots the paused `vm` into `path`. `started` is when the request arrived.
@@ -112,12 +118,36 @@ pub fn take(
             )));
         }
     }
+    let layer = match (&request.parent, vm.layering) {
+        (None, _) => None,
+        (Some(_), None) => return Err(LayerError::NotTracking.into()),
+        (Some(parent), Some(layering)) => {
+            let lineage = layering.lineage().ok_or_else(|| LayerError::NoLineage {
+                parent: parent.clone(),
+            })?;
+            Some(LayerInfo {
+                parent: lineage.check_parent(parent, path)?,
+                freed: Vec::new(),
+                inherited_pages: 0,
+            })
+        }
+    };
+    let mut changed = vm.layering.map(|l| l.changed.take());
+    if let Some(set) = changed.as_mut() {
+        // The devices write used rings without logging them (see `GuestWriteLog`).
+        for queue in devices.iter().flat_map(|d| &d.transport().queues) {
+            if queue.ready {
+                set.insert_range(queue.used_ring, 6 + 8 * u64::from(queue.size));
+            }
+        }
+    }
+    let snapshot_id = new_snapshot_id();
     let map_guard = vm
         .page_states
         .as_ref()
         .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
     let state = SnapshotState {
-        snapshot_id: new_snapshot_id(),
+        snapshot_id,
         created_unix_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -129,6 +159,7 @@ pub fn take(
         serial,
         devices,
         memory: Default::default(),
+        layer,
     };
     let summary = write_snapshot(
         path,
@@ -139,8 +170,26 @@ pub fn take(
             keep_all: request.raw_memory,
             residency_known: !vm.ram.is_lazily_filled(),
             started,
+            changed: changed.as_ref(),
         },
-    )?;
+    );
+    let summary = match (summary, vm.layering) {
+        (Ok(summary), Some(layering)) => {
+            layering.set_lineage(Lineage {
+                path: std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
+                snapshot_id,
+                hash: summary.state_hash.clone(),
+            });
+            summary
+        }
+        (Ok(summary), None) => summary,
+        (Err(err), layering) => {
+            if let (Some(layering), Some(set)) = (layering, &changed) {
+                layering.changed.merge(set);
+            }
+            return Err(err);
+        }
+    };
     tracing::info!(
         path = %path.display(),
         kept_pages = summary.pages.kept,

@@ -21,7 +21,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::crc32c::crc32c;
 use super::format::{StateHeader, MEMORY_FILE, STATE_FILE};
-use super::memory_file::write_memory_file;
+use super::memory_file::write_memory_file_since;
 use super::state::{PageCounts, SnapshotState};
 use super::SnapshotError;
 
@@ -42,6 +42,15 @@ pub struct SnapshotSummary {
     pub save_state_ms: f64,
     /// Time to write and fsync both files and rename the directory, in ms.
     pub write_ms: f64,
+    /// SHA-256 of the state file (hex): what a layer on this snapshot records as its parent.
+    pub state_hash: String,
+    /// For a diff layer: the parent's state hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_hash: Option<String>,
+    /// For a diff layer: pages recorded freed since the parent.
+    pub freed_pages: u64,
+    /// For a diff layer: pages left to the parent.
+    pub inherited_pages: u64,
 }
 
 /// A fresh random snapshot ID.
@@ -112,6 +121,8 @@ pub struct SnapshotParts<'a> {
     pub residency_known: bool,
     /// When saving the state started (for the summary).
     pub started: Instant,
+    /// For a diff layer (`state.layer` set): the pages changed since the parent.
+    pub changed: Option<&'a crate::memory::ChangedSet>,
 }
 
 /// Writes the snapshot directory `dir` from `parts` (see the module documentation).
@@ -135,37 +146,45 @@ pub fn write_snapshot(dir: &Path, parts: SnapshotParts) -> Result<SnapshotSummar
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(SnapshotError::io("create directory", &tmp))?;
-    let result = write_into(&tmp, parts).and_then(|(state_bytes, memory_file_bytes, state)| {
-        fsync_dir(&tmp)?;
-        if dir.exists() {
-            exchange(&tmp, dir).map_err(SnapshotError::io("replace the snapshot at", dir))?;
-            // `tmp` now holds the previous snapshot.
-            let _ = std::fs::remove_dir_all(&tmp);
-        } else {
-            std::fs::rename(&tmp, dir).map_err(SnapshotError::io("rename into place", dir))?;
-        }
-        fsync_dir(&parent)?;
-        Ok(SnapshotSummary {
-            path: dir.to_owned(),
-            snapshot_id: super::format::id_hex(&state.snapshot_id),
-            state_bytes,
-            memory_file_bytes,
-            pages: state.memory.pages,
-            save_state_ms,
-            write_ms: write_start.elapsed().as_secs_f64() * 1e3,
-        })
-    });
+    let result =
+        write_into(&tmp, parts).and_then(|(state_bytes, memory_file_bytes, state, state_hash)| {
+            fsync_dir(&tmp)?;
+            if dir.exists() {
+                exchange(&tmp, dir).map_err(SnapshotError::io("replace the snapshot at", dir))?;
+                // `tmp` now holds the previous snapshot.
+                let _ = std::fs::remove_dir_all(&tmp);
+            } else {
+                std::fs::rename(&tmp, dir).map_err(SnapshotError::io("rename into place", dir))?;
+            }
+            fsync_dir(&parent)?;
+            Ok(SnapshotSummary {
+                path: dir.to_owned(),
+                snapshot_id: super::format::id_hex(&state.snapshot_id),
+                state_bytes,
+                memory_file_bytes,
+                pages: state.memory.pages,
+                save_state_ms,
+                write_ms: write_start.elapsed().as_secs_f64() * 1e3,
+                state_hash,
+                parent_hash: state.layer.as_ref().map(|l| l.parent.hash.clone()),
+                freed_pages: state.layer.as_ref().map_or(0, |l| {
+                    l.freed.iter().map(|r| r.1).sum::<u64>() / super::format::PAGE_BYTES
+                }),
+                inherited_pages: state.layer.as_ref().map_or(0, |l| l.inherited_pages),
+            })
+        });
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
 }
 
-/// Writes both files into `tmp`, each fsynced; returns their sizes and the final state.
+/// Writes both files into `tmp`, each fsynced; returns their sizes, the final state and the
+/// state file's hash.
 fn write_into(
     tmp: &Path,
     parts: SnapshotParts,
-) -> Result<(u64, u64, SnapshotState), SnapshotError> {
+) -> Result<(u64, u64, SnapshotState, String), SnapshotError> {
     let memory_path = tmp.join(MEMORY_FILE);
     let mut memory = OpenOptions::new()
         .write(true)
@@ -173,15 +192,24 @@ fn write_into(
         .open(&memory_path)
         .map_err(SnapshotError::io("create", &memory_path))?;
     let mut state = parts.state;
-    state.memory = write_memory_file(
+    let changed = parts.changed.filter(|_| state.layer.is_some());
+    let (index, sets) = write_memory_file_since(
         &mut memory,
         &memory_path,
         parts.mem,
         parts.page_states,
-        parts.keep_all,
-        parts.residency_known,
+        super::memory_file::KeepRules {
+            keep_all: parts.keep_all,
+            residency_known: parts.residency_known,
+            changed,
+        },
         state.snapshot_id,
     )?;
+    state.memory = index;
+    if let Some(layer) = &mut state.layer {
+        layer.freed = sets.freed;
+        layer.inherited_pages = sets.inherited_pages;
+    }
     memory
         .sync_all()
         .map_err(SnapshotError::io("fsync", &memory_path))?;
@@ -207,5 +235,6 @@ fn write_into(
         .and_then(|()| file.sync_all())
         .map_err(SnapshotError::io("write", &state_path))?;
     let state_bytes = (header.encode().len() + body.len()) as u64;
-    Ok((state_bytes, memory_file_bytes, state))
+    let hash = super::layer::hash_hex(&[&header.encode()[..], &body].concat());
+    Ok((state_bytes, memory_file_bytes, state, hash))
 }

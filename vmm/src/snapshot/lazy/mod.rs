@@ -62,6 +62,12 @@ pub enum LazyMode {
 /// Errors of lazy restore.
 #[derive(Debug, thiserror::Error)]
 pub enum LazyError {
+    /// Lazy restore serves one memory file; a chain of diff layers is mapped instead.
+    #[error("--lazy uffd restores a single snapshot, and this one is a chain of {layers} layers: restore it without --lazy, or flatten it first (vmm flatten)")]
+    Layered {
+        /// Layers in the chain.
+        layers: usize,
+    },
     /// The userfaultfd could not be created (kernel without it, or no permission to handle
     /// kernel faults: the VMM needs CAP_SYS_PTRACE or `vm.unprivileged_userfaultfd=1`).
     #[error("cannot create a userfaultfd")]
