@@ -8,7 +8,7 @@
 //! - `VMM_E2E_KERNEL` + `VMM_E2E_INITRD`: use this guest image instead of `vmm image build`;
 //! - `VMM_E2E_ONLY=a,b`: run only these scenarios (the others then fail as not run);
 //! - `VMM_E2E_RIG_MEM` (MiB, default 3072), `VMM_E2E_RIG_SMP` (default 1),
-//!   `VMM_E2E_TIMEOUT` (seconds for the whole run, default 1800);
+//!   `VMM_E2E_TIMEOUT` (seconds for the whole run, default 2700);
 //! - `VMM_KVM_RIG` / `VMM_KVM_BACKEND`: see the `rig` crate.
 
 use crate::protocol::{parse_result, ScenarioResult};
@@ -402,7 +402,7 @@ fn run_suite() -> Result<Suite, HarnessError> {
             }
         }
     };
-    let timeout_s: u64 = env_num("VMM_E2E_TIMEOUT", 1800);
+    let timeout_s: u64 = env_num("VMM_E2E_TIMEOUT", 2700);
     let outcome = match &backend {
         KvmBackend::NestedRig { script } => {
             let opts = RigOptions {

@@ -271,15 +271,24 @@ pub(super) fn data_disk_args(ctx: &Ctx) -> Result<Vec<String>, String> {
     Ok(vec!["--disk".into(), format!("{},ro", data.display())])
 }
 
+/// What [`disk_trim`] saw.
+struct DiskTrim {
+    /// The trim's reply.
+    reply: Value,
+    /// The guest's used memory before the workload, MiB.
+    base_mib: f64,
+    /// `mincore` words of the cold and hot sets.
+    cold: Vec<String>,
+    hot: Vec<String>,
+    /// The VMM, exited.
+    p: Proc,
+}
+
 /// Runs the S512 workload on the data disk, waits past the default cold age, trims with the
 /// built-in `policy` and prints residency of both file sets and the memory figures. The hot loop
 /// runs through the trim (as it would until a snapshot) unless `stop_hot_first`: a policy that
 /// drops all page cache is checked with the loop stopped, or it would read the set back in.
-fn disk_trim(
-    ctx: &Ctx,
-    policy: &str,
-    stop_hot_first: bool,
-) -> Result<(Value, f64, Vec<String>, Vec<String>, Proc), String> {
+fn disk_trim(ctx: &Ctx, policy: &str, stop_hot_first: bool) -> Result<DiskTrim, String> {
     let (cold, hot) = (DATA_DISK.cold_dir, DATA_DISK.hot_dir);
     let (before, after) = if stop_hot_first {
         ("touch /run/stophot; sleep 1;", "")
@@ -311,7 +320,13 @@ fn disk_trim(
         format!("live anonymous data changed: {check:?}")
     })?;
     wait_poweroff(&mut p)?;
-    Ok((reply, base_kib / 1024.0, cold_res, hot_res, p))
+    Ok(DiskTrim {
+        reply,
+        base_mib: base_kib / 1024.0,
+        cold: cold_res,
+        hot: hot_res,
+        p,
+    })
 }
 
 /// Waits for the end of the guest's script: /init powers the guest off, and the VMM must then
@@ -341,7 +356,13 @@ fn resident(words: &[String]) -> Result<f64, String> {
 /// default.json keeps the hot files cached, drops the cold ones, and leaves used memory within
 /// 20 MiB + 10% of live anonymous data + hot set.
 pub(super) fn default_keeps_hot(ctx: &Ctx) -> Outcome {
-    let (reply, base_mib, cold, hot, p) = disk_trim(ctx, "default", false)?;
+    let DiskTrim {
+        reply,
+        base_mib,
+        cold,
+        hot,
+        p,
+    } = disk_trim(ctx, "default", false)?;
     no_panic(&p)?;
     let (cold, hot) = (resident(&cold)?, resident(&hot)?);
     ensure(hot >= 0.9, || {
@@ -373,7 +394,13 @@ pub(super) fn default_keeps_hot(ctx: &Ctx) -> Outcome {
 
 /// aggressive.json drops the hot files too.
 pub(super) fn aggressive_drops_hot(ctx: &Ctx) -> Outcome {
-    let (reply, _, cold, hot, p) = disk_trim(ctx, "aggressive", true)?;
+    let DiskTrim {
+        reply,
+        cold,
+        hot,
+        p,
+        ..
+    } = disk_trim(ctx, "aggressive", true)?;
     no_panic(&p)?;
     let (cold, hot) = (resident(&cold)?, resident(&hot)?);
     ensure(cold <= 0.1 && hot <= 0.1, || {
