@@ -11,6 +11,8 @@ use vsock::{connect_to_guest, ClientError};
 
 /// The guest-trimmer's default vsock port (`vmm_trimmer_port=` in the image's /init).
 pub const DEFAULT_TRIMMER_PORT: u32 = 52;
+/// Bound on the vsock handshake (`CONNECT` → `OK`) with the trimmer's port.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Errors talking to the guest-trimmer.
 #[derive(Debug, thiserror::Error)]
@@ -101,8 +103,12 @@ impl TrimmerClient {
             .unwrap_or("?")
             .to_string();
         let timeout = timeout.max(Duration::from_millis(1));
+        // The handshake gets a short bound of its own: right after a restore the guest may drop
+        // a connection request made before it handled the transport reset, and the caller
+        // retries a connection that failed fast.
+        let handshake = timeout.min(HANDSHAKE_TIMEOUT);
         let (stream, _) =
-            connect_to_guest(&self.uds_path, self.port, Some(timeout)).map_err(|source| {
+            connect_to_guest(&self.uds_path, self.port, Some(handshake)).map_err(|source| {
                 TrimmerError::Connect {
                     port: self.port,
                     source,
@@ -114,6 +120,8 @@ impl TrimmerClient {
             timeout_ms: timeout.as_millis() as u64,
             source,
         };
+        stream.set_read_timeout(Some(timeout)).map_err(exchange)?;
+        stream.set_write_timeout(Some(timeout)).map_err(exchange)?;
         let mut writer = stream.try_clone().map_err(exchange)?;
         let mut line = request.to_string();
         line.push('\n');

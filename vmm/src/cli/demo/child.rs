@@ -129,23 +129,32 @@ pub fn run_to_end(
     what: &str,
     timeout: Duration,
 ) -> anyhow::Result<String> {
-    let mut child = Command::new(exe)
+    let child = Command::new(exe)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {what}"))?;
-    let deadline = Instant::now() + timeout;
-    while child.try_wait().context("waiting")?.is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{what} did not finish within {} s", timeout.as_secs());
+    // Collect the output while it runs (a child writing more than a pipe holds would otherwise
+    // block before it exits) and bound the wait.
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(timeout) {
+        Ok(out) => out.context("collecting output")?,
+        Err(_) => {
+            // SAFETY: kill(2) on the pid of our own child, which has not been reaped (the
+            // collecting thread is still waiting for it).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            bail!(
+                "{what} did not finish within {} s; killed it",
+                timeout.as_secs()
+            );
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().context("collecting output")?;
+    };
     if !out.status.success() {
         bail!(
             "{what} failed ({}): {}",
