@@ -86,6 +86,47 @@ fn is_replaceable(path: &Path) -> bool {
     })
 }
 
+/// Removes the hidden temporary directories (`.NAME.tmp-PID`) that VMMs killed while writing a
+/// snapshot to `NAME` left in `parent`, so repeated kills do not fill the disk. A directory whose
+/// PID still runs (another VMM writing there now) is left alone.
+fn remove_stale_temporaries(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() as i32 || pid_alive(pid) {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => {
+                tracing::info!(path = %entry.path().display(), "removed a killed writer's temporary snapshot directory")
+            }
+            Err(e) => {
+                tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a stale temporary snapshot directory")
+            }
+        }
+    }
+}
+
+/// Whether process `pid` exists (signal 0 probes without sending anything).
+fn pid_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks whether the process exists; it sends nothing.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
 /// Atomically swaps `a` and `b` (both must exist).
 fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     let a = CString::new(a.as_os_str().as_bytes())?;
@@ -145,6 +186,7 @@ pub fn write_snapshot(dir: &Path, parts: SnapshotParts) -> Result<SnapshotSummar
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&tmp);
+    remove_stale_temporaries(&parent, &name.to_string_lossy());
     std::fs::create_dir(&tmp).map_err(SnapshotError::io("create directory", &tmp))?;
     let result =
         write_into(&tmp, parts).and_then(|(state_bytes, memory_file_bytes, state, state_hash)| {
@@ -237,4 +279,37 @@ fn write_into(
     let state_bytes = (header.encode().len() + body.len()) as u64;
     let hash = super::layer::hash_hex(&[&header.encode()[..], &body].concat());
     Ok((state_bytes, memory_file_bytes, state, hash))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_temporaries_of_dead_writers_are_removed_live_ones_kept() {
+        let dir = std::env::temp_dir().join(format!("stale-tmp-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // A PID above the kernel's maximum (4194304) never runs.
+        let dead = dir.join(".snap.tmp-99999999");
+        let live = dir.join(format!(".snap.tmp-{}", std::process::id()));
+        let other_name = dir.join(".other.tmp-99999999");
+        let not_a_pid = dir.join(".snap.tmp-abc");
+        for d in [&dead, &live, &other_name, &not_a_pid] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join(MEMORY_FILE), b"partial").unwrap();
+        }
+        // Our own PID counts as live here (write_snapshot clears its own directory itself).
+        remove_stale_temporaries(&dir, "snap");
+        assert!(!dead.exists(), "a dead writer's directory stays");
+        assert!(live.exists() && other_name.exists() && not_a_pid.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pid_alive_tells_running_from_gone() {
+        assert!(pid_alive(std::process::id() as i32));
+        assert!(!pid_alive(99_999_999));
+        assert!(!pid_alive(0));
+    }
 }
