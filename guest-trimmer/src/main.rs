@@ -4,6 +4,7 @@
 mod alloc;
 mod commands;
 mod disk_bench;
+mod hostile;
 mod vsock_tool;
 
 use std::path::{Path, PathBuf};
@@ -74,6 +75,9 @@ enum Command {
     Trim(commands::TrimArgs),
     /// Send one JSON request line to the daemon and print its reply.
     Ctl(commands::CtlArgs),
+    /// A misbehaving virtio driver flooding a device with garbage (hardening tests).
+    #[command(hide = true)]
+    Hostile(hostile::HostileArgs),
     /// Test loads for the trim scenarios.
     #[command(subcommand, hide = true)]
     Workload(commands::WorkloadCmd),
@@ -150,6 +154,8 @@ enum CliError {
     Trim(#[source] commands::CommandError),
     #[error("ctl")]
     Ctl(#[source] commands::CommandError),
+    #[error("hostile")]
+    Hostile(#[source] hostile::HostileError),
     #[error("workload")]
     Workload(#[source] commands::CommandError),
 }
@@ -205,6 +211,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
             commands::trim(args, &g.proc_root, &g.sys_root).map_err(CliError::Trim)
         }
         Command::Ctl(args) => commands::ctl(args).map_err(CliError::Ctl),
+        Command::Hostile(args) => hostile::run(args).map_err(CliError::Hostile),
         Command::Workload(cmd) => commands::workload(cmd).map_err(CliError::Workload),
         Command::DamonMonitor(args) => {
             let damon = DamonSysfs::detect(g.damon_root())
