@@ -7,9 +7,12 @@
 
 mod balloon;
 mod block;
+mod crash;
+mod hostile;
 mod layers;
 mod pipeline;
 mod snapshot;
+mod soak;
 mod trim;
 mod vsock;
 
@@ -126,6 +129,10 @@ pub fn all() -> Vec<Scenario> {
         ),
         sc("snapshot_with_vsock", 400, snapshot::with_vsock),
         sc("snapshot_lazy_uffd", 400, snapshot::lazy_uffd),
+        // Crash safety and soak (src/scenarios/{crash,soak}.rs).
+        sc("crash_kill_while_writing", 240, crash::kill_while_writing),
+        sc("soak_short", 360, soak::short),
+        sc("hostile_guest_flood", 300, hostile::flood),
         // Layered snapshots (src/scenarios/layers.rs).
         sc("layers_chain", 420, layers::chain),
         // Block (src/scenarios/block.rs): virtio-blk drives.

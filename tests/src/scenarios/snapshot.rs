@@ -29,7 +29,7 @@ const HASH_SCRIPT: &str = "dd if=/dev/urandom of=/tmp/buf bs=1M count=64 2>/dev/
      echo VMM-RAND $(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n') $(devmem 0xff000 64)$(devmem 0xff008 64) $(dmesg | grep -c 'machine fork'); sleep 1; done";
 
 /// `(hash, uptime)` of each `VMM-HASH` line of `p`.
-fn hashes(p: &Proc) -> Vec<(String, f64)> {
+pub(super) fn hashes(p: &Proc) -> Vec<(String, f64)> {
     p.stdout
         .iter()
         .filter_map(|(_, l)| {
@@ -47,7 +47,7 @@ fn hashes(p: &Proc) -> Vec<(String, f64)> {
 const RAND_MARKER: &str = "VMM-RAND ";
 
 /// `(random hex, vmgenid, reseed messages)` of each `VMM-RAND` line of `p` after line `from`.
-fn rands(p: &Proc, from: usize) -> Vec<(String, String, u32)> {
+pub(super) fn rands(p: &Proc, from: usize) -> Vec<(String, String, u32)> {
     p.stdout[from.min(p.stdout.len())..]
         .iter()
         .filter_map(|(_, l)| {
@@ -62,13 +62,18 @@ fn rands(p: &Proc, from: usize) -> Vec<(String, String, u32)> {
 }
 
 /// A guest running [`HASH_SCRIPT`] with an API socket, its reference hash printed.
-struct HashVm {
-    p: Proc,
-    sock: PathBuf,
-    hash0: String,
+pub(super) struct HashVm {
+    pub(super) p: Proc,
+    pub(super) sock: PathBuf,
+    pub(super) hash0: String,
 }
 
-fn boot_hash_vm(ctx: &Ctx, suffix: &str, mem_mib: u32, vcpus: u32) -> Result<HashVm, String> {
+pub(super) fn boot_hash_vm(
+    ctx: &Ctx,
+    suffix: &str,
+    mem_mib: u32,
+    vcpus: u32,
+) -> Result<HashVm, String> {
     boot_hash_vm_with(ctx, suffix, mem_mib, vcpus, "", &[])
 }
 
@@ -183,7 +188,11 @@ pub(super) fn restore(ctx: &Ctx, suffix: &str, dir: &Path) -> Result<Proc, Strin
 
 /// Waits for the restored guest to print the reference hash with an uptime past `after_uptime`,
 /// then a later line (its clock moves on). Returns the two uptimes.
-fn check_restored(p: &mut Proc, hash0: &str, after_uptime: f64) -> Result<(f64, f64), String> {
+pub(super) fn check_restored(
+    p: &mut Proc,
+    hash0: &str,
+    after_uptime: f64,
+) -> Result<(f64, f64), String> {
     let fresh = |p: &Proc| {
         hashes(p)
             .into_iter()
