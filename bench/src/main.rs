@@ -17,6 +17,7 @@ mod block;
 mod clock;
 mod cmdline;
 mod console;
+mod crash;
 mod driver;
 mod host;
 mod layers;
@@ -25,6 +26,7 @@ mod qemu;
 mod report;
 mod smaps;
 mod snapshot;
+mod soak;
 mod stats;
 mod trim;
 mod vsock;
@@ -59,6 +61,12 @@ enum Cmd {
     RigVsock(vsock::RigVsockArgs),
     /// Trimmer: idle cost, trim time and memory freed per step (in the rig).
     Trim(trim::TrimArgs),
+    /// Crash safety: SIGKILL while writing a snapshot, ENOSPC, write-back errors (in the rig).
+    Crash(crash::CrashArgs),
+    /// `crash` and `soak` in one rig boot (one wait for the shared rig).
+    Hardening(crash::HardeningArgs),
+    /// Soak: restore/work/snapshot-or-kill cycles and many clones at once (in the rig).
+    Soak(soak::SoakArgs),
     /// Layered snapshots: storage and write time against full snapshots, chain restore (in the rig).
     Layers(layers::LayersArgs),
 }
@@ -74,6 +82,9 @@ fn main() {
         Cmd::Vsock(args) => vsock::run(args),
         Cmd::RigVsock(args) => vsock::rig_run(args).map(|()| 0),
         Cmd::Trim(args) => trim::run(args),
+        Cmd::Crash(args) => crash::run(args, &host::workspace_root()),
+        Cmd::Hardening(args) => crash::run_hardening(args, &host::workspace_root()),
+        Cmd::Soak(args) => soak::run(args, &host::workspace_root()),
         Cmd::Layers(args) => layers::run(args, &host::workspace_root()),
     };
     match result {
