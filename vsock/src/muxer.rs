@@ -765,4 +765,40 @@ mod tests {
         assert_eq!(parse_connect_line(b"CONNECT 99999999999"), None);
         assert_eq!(parse_connect_line(&[0xff, 0xfe]), None);
     }
+
+    /// A guest flooding connects to host ports nobody listens on and packets for connections
+    /// that do not exist: the RSTs owed to it stay capped, no connection is kept.
+    #[test]
+    fn a_flooding_guest_cannot_grow_the_rst_queue() {
+        let dir = std::env::temp_dir().join(format!("vsock-flood-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let uds = dir.join("v.sock");
+        let listener = Arc::new(UnixListener::bind(&uds).unwrap());
+        listener.set_nonblocking(true).unwrap();
+        let config = VsockConfig {
+            vsock_id: None,
+            guest_cid: 3,
+            uds_path: uds,
+        };
+        let epoll = Arc::new(Epoll::new().unwrap());
+        let mut muxer = Muxer::new(config, listener, epoll, Arc::new(Counters::default())).unwrap();
+        for i in 0..(4 * MAX_QUEUED_RSTS as u32) {
+            let op = if i % 2 == 0 { OP_REQUEST } else { OP_RW };
+            let hdr = Header {
+                src_cid: 3,
+                dst_cid: HOST_CID,
+                src_port: i,
+                dst_port: 7000 + i,
+                type_: TYPE_STREAM,
+                op,
+                ..Header::default()
+            };
+            muxer.handle_guest_packet(hdr, Vec::new());
+        }
+        assert_eq!(muxer.rsts.len(), MAX_QUEUED_RSTS);
+        assert_eq!(muxer.connection_count(), 0);
+        assert!(muxer.pending.is_empty() && muxer.by_key.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
