@@ -26,7 +26,7 @@ wait_for() { # PREDICATE-COMMAND LIMIT_S
         sleep 0.05
     done
 }
-running() { ./vmm status --api-sock "$SOCK" --json 2>/dev/null | grep -q '"running"'; }
+running() { ./vmm status --api-sock "$SOCK" --json 2>/dev/null | grep -qi '"state": *"running"'; }
 inspect_id() { # DIR: prints the snapshot ID if every checksum verifies, else nothing
     ./vmm inspect "$1" --json 2>/dev/null >$W/inspect.json && grep '"snapshot_id"' $W/inspect.json | cut -d'"' -f4
 }

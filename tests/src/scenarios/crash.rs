@@ -55,7 +55,11 @@ fn restore_serving(ctx: &Ctx, suffix: &str, dir: &Path, sock: &Path) -> Result<P
     let mut p = ctx.vmm(suffix, &args, &[])?;
     let deadline = Instant::now() + RUNNING_TIMEOUT;
     loop {
-        if sock.exists() && ctx.state(sock).is_ok_and(|s| s == "running") {
+        if sock.exists()
+            && ctx
+                .state(sock)
+                .is_ok_and(|s| s.eq_ignore_ascii_case("running"))
+        {
             return Ok(p);
         }
         if Instant::now() > deadline || !p.running() {

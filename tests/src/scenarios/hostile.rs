@@ -109,8 +109,10 @@ pub fn flood(ctx: &Ctx) -> Outcome {
     // The floods: sample CPU and RSS, and time an API round trip in the middle.
     let (flood_cpu, flood_rss) = watch(&mut p, Duration::from_secs(FLOOD_S / 2));
     let t = Instant::now();
-    let state = ctx.state(&sock)?;
+    let status = status_json(ctx, &sock)?;
     let api_ms = t.elapsed().as_millis();
+    let state = status["state"].as_str().unwrap_or("").to_string();
+    let balloon_mid = status["balloon"].clone();
     let (flood_cpu2, flood_rss2) = watch(&mut p, Duration::from_secs(FLOOD_S / 2));
     let done = p.pump_until(Duration::from_secs(FLOOD_S * 4), |p| {
         p.stdout
@@ -143,7 +145,7 @@ pub fn flood(ctx: &Ctx) -> Outcome {
     ensure(p.running(), || {
         format!("the VMM ended during the floods; {}", p.context())
     })?;
-    ensure(state == "running", || {
+    ensure(state.eq_ignore_ascii_case("running"), || {
         format!("the API reported {state:?} during the flood")
     })?;
     ensure(max_rss <= rss_before + RSS_MARGIN_KIB, || {
@@ -163,12 +165,14 @@ pub fn flood(ctx: &Ctx) -> Outcome {
             p.stderr.len()
         )
     })?;
+    let after = status_json(ctx, &sock)?;
     p.signal(libc::SIGKILL);
     let _ = p.wait_exit(Duration::from_secs(10));
     Ok(format!(
         "{cycles} balloon set calls (64/0 MiB); floods {starts:?}; VMM RSS {} MiB idle, {} MiB before the flood, \
          at most {} MiB during it; CPU {:.0}% idle, {:.0}%/{:.0}% flooding, {:.0}% after; API answered in {api_ms} ms \
-         mid-flood; {} VMM log lines; guest alive ({alive} lines after)",
+         mid-flood; {} VMM log lines; guest alive ({alive} lines after); balloon mid-flood: activated {} counters {}; \
+         after: balloon counters {}, vsock counters {}",
         rss_idle / 1024,
         rss_before / 1024,
         max_rss / 1024,
@@ -176,6 +180,16 @@ pub fn flood(ctx: &Ctx) -> Outcome {
         flood_cpu * 100.0,
         flood_cpu2 * 100.0,
         after_cpu * 100.0,
-        p.stderr.len()
+        p.stderr.len(),
+        balloon_mid["activated"],
+        balloon_mid["counters"],
+        after["balloon"]["counters"],
+        after["vsock"]["counters"],
     ))
+}
+
+/// `vmm status --json`, parsed.
+fn status_json(ctx: &Ctx, sock: &std::path::Path) -> Result<serde_json::Value, String> {
+    let out = ctx.control(&["status", "--json"], sock)?;
+    serde_json::from_str(&out).map_err(|e| format!("`vmm status --json` is not JSON ({e}): {out}"))
 }
