@@ -3,9 +3,9 @@
 //! It unbinds the kernel's virtio-mmio driver from a device (found by its virtio device ID),
 //! drives the device itself through `/dev/mem` (the register window is not RAM, and once no
 //! driver holds it a kernel with STRICT_DEVMEM and IO_STRICT_DEVMEM lets root map it), points every queue at one page of its own locked memory, then for
-//! `--seconds` fills the descriptor table and available ring with random bytes (addresses
-//! anywhere, lengths up to 4 GiB, looping `next` chains, available indices far past the queue
-//! size) and notifies every queue in a tight loop, resetting and re-initialising the device now
+//! `--seconds` fills the descriptor tables with garbage (see [`scribble`]: addresses anywhere
+//! or in its own page, any lengths, random chains, loops and indirect flags, heads out of
+//! range, available indices that sometimes jump far past the queue size) and notifies every queue in a tight loop, resetting and re-initialising the device now
 //! and then. It prints `HOSTILE-DONE <notifies> <resets>` when it ends. Test tool only.
 
 use std::fs::OpenOptions;
@@ -215,9 +215,11 @@ fn queue_pages(n: usize) -> Result<Vec<(*mut u8, u64)>, HostileError> {
         .collect()
 }
 
-/// Resets the device and sets up its queues on our pages, then DRIVER_OK.
+/// Resets the device and sets up its queues on our pages, then DRIVER_OK (each status bit in
+/// its own write, as the spec orders them).
 fn initialise(w: &Window, pages: &[(*mut u8, u64)]) {
     w.write(reg::STATUS, 0);
+    w.write(reg::STATUS, 1);
     w.write(reg::STATUS, 1 | 2);
     w.write(reg::DRIVER_FEATURES_SEL, 1);
     w.write(reg::DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
@@ -232,19 +234,61 @@ fn initialise(w: &Window, pages: &[(*mut u8, u64)]) {
             w.write(high, (addr >> 32) as u32);
         };
         set(reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, *phys);
-        set(reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, phys + 1024);
+        set(
+            reg::QUEUE_DRIVER_LOW,
+            reg::QUEUE_DRIVER_HIGH,
+            phys + AVAIL_OFFSET as u64,
+        );
         set(reg::QUEUE_DEVICE_LOW, reg::QUEUE_DEVICE_HIGH, phys + 2048);
         w.write(reg::QUEUE_READY, 1);
     }
     w.write(reg::STATUS, 1 | 2 | 8 | 4);
 }
 
-/// Fills a queue page with garbage descriptors and a bumped available index.
-fn scribble(page: *mut u8, rng: &mut Rng) {
-    // The descriptor table (64 × 16 B) and the available ring (flags, idx, 64 entries).
-    for i in 0..(1024 + 4 + 2 * QUEUE_NUM as usize) / 8 {
-        // SAFETY: stays inside the first 1160 bytes of our own 4 KiB page.
-        unsafe { std::ptr::write_volatile(page.cast::<u64>().add(i), rng.next()) };
+/// Where the available ring starts in a queue page.
+const AVAIL_OFFSET: usize = 1024;
+/// Where the buffers in our own page start (the device may write there).
+const DATA_OFFSET: usize = 3072;
+
+/// Fills a queue page's descriptor table with garbage and publishes a few more (random) heads.
+/// Half the descriptors point into the page's own data area with a length that stays inside
+/// the page (so a device writing them cannot touch other guest memory), the rest anywhere with
+/// any length; flags and `next` are random (chains, loops, indirect tables, out-of-range
+/// indices). The available index mostly moves on by 0..=64, now and then jumps anywhere.
+fn scribble(page: *mut u8, phys: u64, avail_idx: &mut u16, rng: &mut Rng) {
+    for i in 0..QUEUE_NUM as usize {
+        let (addr, len) = if rng.next() % 2 == 0 {
+            let off = DATA_OFFSET + (rng.next() % (PAGE - DATA_OFFSET) as u64) as usize;
+            (phys + off as u64, (rng.next() % (PAGE - off) as u64) as u32)
+        } else {
+            (rng.next(), rng.next() as u32)
+        };
+        let flags = (rng.next() % 8) as u16;
+        let next = (rng.next() % (QUEUE_NUM as u64 + 16)) as u16;
+        let mut desc = [0u8; 16];
+        desc[..8].copy_from_slice(&addr.to_le_bytes());
+        desc[8..12].copy_from_slice(&len.to_le_bytes());
+        desc[12..14].copy_from_slice(&flags.to_le_bytes());
+        desc[14..].copy_from_slice(&next.to_le_bytes());
+        // SAFETY: descriptor i of 64 lies in the first 1024 bytes of our own page.
+        unsafe { std::ptr::copy_nonoverlapping(desc.as_ptr(), page.add(i * 16), 16) };
+    }
+    let step = if rng.next() % 8 == 0 {
+        rng.next() as u16
+    } else {
+        (rng.next() % (QUEUE_NUM as u64 + 1)) as u16
+    };
+    *avail_idx = avail_idx.wrapping_add(step);
+    let ring = AVAIL_OFFSET + 4;
+    for j in 0..QUEUE_NUM as usize {
+        let head = (rng.next() % (QUEUE_NUM as u64 + 8)) as u16;
+        // SAFETY: ring entry j lies between bytes 1028 and 1156 of our own page.
+        unsafe { std::ptr::write_volatile(page.add(ring + 2 * j).cast::<u16>(), head) };
+    }
+    // SAFETY: flags and idx of the available ring, inside our own page.
+    unsafe {
+        std::ptr::write_volatile(page.add(AVAIL_OFFSET).cast::<u16>(), 0);
+        std::ptr::write_volatile(page.add(AVAIL_OFFSET + 2).cast::<u16>(), *avail_idx);
     }
 }
 
@@ -278,9 +322,10 @@ pub fn run(args: &HostileArgs) -> Result<(), HostileError> {
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let (mut notifies, mut resets, mut rounds) = (0u64, 0u64, 0u64);
+    let mut avail = vec![0u16; pages.len()];
     while Instant::now() < deadline {
-        for (q, (page, _)) in pages.iter().enumerate() {
-            scribble(*page, &mut rng);
+        for (q, (page, phys)) in pages.iter().enumerate() {
+            scribble(*page, *phys, &mut avail[q], &mut rng);
             window.write(reg::QUEUE_NOTIFY, q as u32);
             window.write(reg::INTERRUPT_ACK, 3);
             notifies += 1;
@@ -288,6 +333,7 @@ pub fn run(args: &HostileArgs) -> Result<(), HostileError> {
         rounds += 1;
         if rounds % args.reset_every.max(1) == 0 {
             initialise(&window, &pages);
+            avail.iter_mut().for_each(|a| *a = 0);
             resets += 1;
         }
     }
