@@ -33,18 +33,7 @@ fn cpu_and_rss(pid: i32) -> (u64, u64) {
             Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
         })
         .unwrap_or(0);
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0);
-    (ticks, rss)
+    (ticks, super::soak::rss_kib(pid))
 }
 
 /// CPU use (share of one CPU) and the highest RSS of `p` while pumping its output for `d`.

@@ -50,8 +50,8 @@ fn fds_total() -> usize {
     })
 }
 
-/// VmRSS of `pid` in KiB.
-fn rss_kib(pid: i32) -> u64 {
+/// VmRSS of `pid` in KiB (0 when it cannot be read).
+pub(super) fn rss_kib(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
