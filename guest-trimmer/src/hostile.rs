@@ -337,6 +337,9 @@ pub fn run(args: &HostileArgs) -> Result<(), HostileError> {
             resets += 1;
         }
     }
+    // Reset the device before our queue pages go back to the kernel: a device still running
+    // on them would write its used rings into memory the guest reuses.
+    window.write(reg::STATUS, 0);
     println!("{DONE_MARKER} {notifies} {resets}");
     Ok(())
 }
