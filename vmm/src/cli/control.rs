@@ -63,12 +63,23 @@ pub fn resume(args: SocketArgs) -> CliResult {
 pub fn status(args: StatusArgs) -> CliResult {
     let response = call(&args.socket.api_sock, "GET", "/", None, "status")?;
     let info = response.body.unwrap_or(Value::Null);
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+    let text = if args.json {
+        serde_json::to_string_pretty(&info)? + "\n"
     } else {
-        print!("{}", summary(&info));
-    }
+        summary(&info)
+    };
+    write_stdout(&mut std::io::stdout().lock(), &text)?;
     Ok(0)
+}
+
+/// Writes `text` to `out` (stdout). A reader that stopped reading (`vmm status --json | grep -q
+/// running`, `| head`) is not an error: `println!` would panic on the broken pipe and, with
+/// `panic = "abort"`, kill the process with SIGABRT.
+pub(crate) fn write_stdout(out: &mut impl std::io::Write, text: &str) -> std::io::Result<()> {
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result,
+    }
 }
 
 /// `vmm stop`: `PUT /actions {"action_type": "Shutdown"}`, then wait (up to 10 s) until the
@@ -177,6 +188,29 @@ fn format_uptime(uptime: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// A writer whose reader went away.
+    struct ClosedPipe;
+
+    impl std::io::Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_stdout_is_not_an_error_other_failures_are() {
+        assert!(super::write_stdout(&mut ClosedPipe, "{}\n").is_ok());
+        let mut buf = Vec::new();
+        super::write_stdout(&mut buf, "x\n").unwrap();
+        assert_eq!(buf, b"x\n");
+        let mut full: &mut [u8] = &mut [0u8; 1];
+        assert!(super::write_stdout(&mut full, "too long").is_err());
+    }
+
     use super::*;
 
     #[test]
