@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// Cycles in CI (`bench soak` runs 200).
-const CYCLES: usize = 10;
+const CYCLES: usize = 8;
 /// Clones at once in CI (`bench soak` runs 20).
 const CLONES: usize = 5;
 /// Guest RAM: small, so many clones fit in the rig.
