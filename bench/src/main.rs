@@ -23,6 +23,7 @@ mod layers;
 mod protocol;
 mod qemu;
 mod report;
+mod rig_script;
 mod smaps;
 mod snapshot;
 mod stats;
@@ -69,12 +70,12 @@ fn main() {
         Cmd::Boot(args) => host::run(args),
         Cmd::Block(args) => block::run(args),
         Cmd::RigBoot(args) => driver::run(args).map(|()| 0),
-        Cmd::Snapshot(args) => snapshot::run(args, &host::workspace_root()),
-        Cmd::SnapshotFromLog { log } => snapshot::from_log(&log, &host::workspace_root()),
+        Cmd::Snapshot(args) => snapshot::run(args),
+        Cmd::SnapshotFromLog { log } => snapshot::from_log(&log),
         Cmd::Vsock(args) => vsock::run(args),
         Cmd::RigVsock(args) => vsock::rig_run(args).map(|()| 0),
         Cmd::Trim(args) => trim::run(args),
-        Cmd::Layers(args) => layers::run(args, &host::workspace_root()),
+        Cmd::Layers(args) => layers::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),
