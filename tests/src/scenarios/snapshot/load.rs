@@ -92,6 +92,11 @@ fn check_map(ctx: &Ctx, dir: &Path) -> Result<String, String> {
             || format!("the map's legend has no {line:?}: {:?}", xml.texts),
         )?;
     }
+    // The picture itself goes to the log (tag `map-svg`) so the README's map can be taken
+    // from a real guest: `sed -n 's/^.*\[map-svg\] //p' target/e2e/last-run.log`.
+    for line in doc.lines() {
+        crate::proc::console("map-svg", line);
+    }
     let ram: u64 = totals.iter().map(|t| t.1).sum();
     ensure(ram * 4096 == 256 << 20, || {
         format!("the map covers {ram} pages, the guest has 256 MiB: {map}")
