@@ -205,3 +205,62 @@ fn wait_for_load(
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handler() -> (ServeHandler, Receiver<MainRequest>) {
+        let (tx, rx) = mpsc::channel();
+        let handler = ServeHandler {
+            vm: OnceLock::new(),
+            main: Mutex::new(tx),
+        };
+        (handler, rx)
+    }
+
+    #[test]
+    fn before_a_load_vm_requests_conflict_and_loads_go_to_the_main_thread() {
+        let (handler, rx) = handler();
+        let Ok(ApiReply::Json(info)) = handler.handle(ApiRequest::GetVmInfo) else {
+            panic!("GET / before a load");
+        };
+        assert_eq!(info["state"], "NotStarted");
+        let paused = handler.handle(ApiRequest::SetVmState(crate::api::VmStateRequest::Paused));
+        assert_eq!(
+            paused,
+            Err(ApiError::Conflict(NOTHING_LOADED_MESSAGE.into()))
+        );
+
+        // The main thread answers a failed load with the restore's error.
+        let main = std::thread::spawn(move || {
+            let Ok(MainRequest::Load(load, reply)) = rx.recv() else {
+                panic!("no load request");
+            };
+            assert_eq!(load.path, PathBuf::from("/nope"));
+            reply
+                .send(Err(ApiError::BadRequest("cannot load /nope".into())))
+                .unwrap();
+            let Ok(MainRequest::Stop(_)) = rx.recv() else {
+                panic!("no stop request");
+            };
+        });
+        let load = LoadRequest {
+            path: "/nope".into(),
+            lazy: crate::snapshot::lazy::LazyMode::Off,
+            resume: true,
+            track_dirty_pages: false,
+        };
+        assert_eq!(
+            handler.handle(ApiRequest::LoadSnapshot(load)),
+            Err(ApiError::BadRequest("cannot load /nope".into()))
+        );
+        assert_eq!(handler.handle(ApiRequest::Shutdown), Ok(ApiReply::Empty));
+        main.join().unwrap();
+        // The main thread is gone: requests fail cleanly, no panic.
+        assert!(matches!(
+            handler.handle(ApiRequest::Shutdown),
+            Err(ApiError::Internal(_))
+        ));
+    }
+}
