@@ -3,7 +3,8 @@
 //! map is a well-formed SVG whose per-class totals match `inspect --json`'s page counts; a VMM
 //! started with no VM refuses VM requests (409), answers a damaged and a missing snapshot with
 //! 400 naming the file and keeps serving; a good load restores the guest (same hash, clock moves
-//! on); a second load is 409; pause and resume work through the same socket.
+//! on); a second load is 409. A second `vmm serve` loads the snapshot lazily (`Uffd`) without
+//! `resume_vm`: the VM stays paused (no guest output) until `PATCH /vm Resumed`, then re-hashes.
 
 use super::*;
 use vmm::api::client::{request_with_timeout, ApiResponse};
@@ -196,27 +197,64 @@ pub fn serve_load(ctx: &Ctx) -> Outcome {
                 .contains("already runs"),
         || format!("a second load: {again:?}"),
     )?;
-    for state in ["Paused", "Resumed"] {
-        let r = api(
-            &sock,
-            "PATCH",
-            "/vm",
-            Some(serde_json::json!({"state": state})),
-        )?;
-        ensure(r.status == 204, || {
-            format!("PATCH /vm {state} after the load: {r:?}")
-        })?;
-    }
-    let info = api(&sock, "GET", "/", None)?;
+    stop_clone(&mut p)?;
+
+    // A lazy load (userfaultfd) that stays paused until resumed (Firecracker's default).
+    let sock = ctx.work.join("serve-lazy.sock");
+    let _ = std::fs::remove_file(&sock);
+    let args = vec![
+        "serve".to_string(),
+        "--api-sock".to_string(),
+        sock.display().to_string(),
+    ];
+    let mut p = ctx.vmm("serve-lazy", &args, &[])?;
+    let up = p.pump_until(Duration::from_secs(20), |_| sock.exists());
+    ensure(up, || {
+        format!("the second `vmm serve` did not bind; {}", p.context())
+    })?;
+    let body = serde_json::json!({
+        "snapshot_path": dir,
+        "mem_backend": {"backend_type": "Uffd"},
+    });
+    let r = api(&sock, "PUT", "/snapshot/load", Some(body))?;
+    ensure(r.status == 204, || {
+        format!("a lazy load: {r:?}; {}", p.context())
+    })?;
+    let state = |sock: &Path| -> Result<serde_json::Value, String> {
+        let info = api(sock, "GET", "/", None)?;
+        Ok(info
+            .body
+            .and_then(|b| b.get("state").cloned())
+            .unwrap_or_default())
+    };
+    let paused = state(&sock)?;
+    let lines_paused = hashes(&p).len();
+    p.pump_for(Duration::from_secs(3));
     ensure(
-        info.body.as_ref().and_then(|b| b.get("state")) == Some(&"Running".into()),
-        || format!("GET / after the load: {info:?}"),
+        paused == "Paused" && hashes(&p).len() == lines_paused,
+        || {
+            format!(
+                "without resume_vm the VM must stay paused: state {paused}, {} hash lines",
+                hashes(&p).len()
+            )
+        },
     )?;
-    let after = hashes(&p).last().map(|h| h.1).unwrap_or(0.0);
-    check_restored(&mut p, &vm.hash0, after)?;
+    let r = api(
+        &sock,
+        "PATCH",
+        "/vm",
+        Some(serde_json::json!({"state": "Resumed"})),
+    )?;
+    ensure(r.status == 204, || {
+        format!("PATCH /vm Resumed after a lazy load: {r:?}")
+    })?;
+    ensure(state(&sock)? == "Running", || {
+        "GET / after the resume is not Running".into()
+    })?;
+    check_restored(&mut p, &vm.hash0, last_uptime)?;
     stop_clone(&mut p)?;
     Ok(format!(
-        "{map}; vmm serve: 409 before a load, 400 for a damaged and a missing snapshot, then PUT /snapshot/load in {load_ms} ms restored the guest (hash {}…, clock on), second load 409, pause/resume ok",
+        "{map}; vmm serve: 409 before a load, 400 for a damaged and a missing snapshot, then PUT /snapshot/load in {load_ms} ms restored the guest (hash {}…, clock on), second load 409; a lazy (Uffd) load stayed paused until PATCH /vm Resumed, then re-hashed",
         &vm.hash0[..12]
     ))
 }
