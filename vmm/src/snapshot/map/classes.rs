@@ -104,6 +104,9 @@ pub enum ClassRecordError {
         /// Its text (truncated).
         run: String,
     },
+    /// The RAM regions are not sorted, disjoint, page-aligned ranges below 2^52.
+    #[error("the memory index's RAM regions are invalid: {0}")]
+    Regions(String),
     /// The runs do not cover the guest RAM regions exactly.
     #[error("the page classes cover {recorded} pages but guest RAM has {ram} pages")]
     Coverage {
@@ -138,22 +141,26 @@ impl PageClassRuns {
         &self.runs
     }
 
-    /// Pages covered.
+    /// Pages covered (saturating: a hostile record cannot overflow it).
     pub fn total_pages(&self) -> u64 {
-        self.runs.iter().map(|r| r.1).sum()
+        self.runs.iter().fold(0u64, |n, r| n.saturating_add(r.1))
     }
 
     /// Pages of each class, in [`PageClass::ALL`] order.
     pub fn totals(&self) -> Vec<(PageClass, u64)> {
         PageClass::ALL
             .into_iter()
-            .map(|c| (c, self.runs.iter().filter(|r| r.0 == c).map(|r| r.1).sum()))
+            .map(|c| {
+                let pages = self.runs.iter().filter(|r| r.0 == c);
+                (c, pages.fold(0u64, |n, r| n.saturating_add(r.1)))
+            })
             .collect()
     }
 
     /// The classes an index recorded, checked to cover its regions; `None` when the snapshot
     /// predates the record.
     pub fn recorded(index: &MemoryIndex) -> Result<Option<&PageClassRuns>, ClassRecordError> {
+        check_regions(&index.regions)?;
         let Some(runs) = index.classes.as_ref() else {
             return Ok(None);
         };
@@ -177,10 +184,13 @@ impl PageClassRuns {
             let mut at = start;
             while at < end {
                 // Chunks are in address order; skip any before `at` (a damaged index).
-                while chunks.next_if(|c| c.gpa + c.len_bytes <= at).is_some() {}
+                while chunks
+                    .next_if(|c| c.gpa.saturating_add(c.len_bytes) <= at)
+                    .is_some()
+                {}
                 match chunks.peek() {
                     Some(c) if c.gpa <= at => {
-                        let stop = (c.gpa + c.len_bytes).min(end);
+                        let stop = c.gpa.saturating_add(c.len_bytes).min(end);
                         runs.push(PageClass::Kept, (stop - at) / PAGE_BYTES);
                         at = stop;
                     }
@@ -216,9 +226,35 @@ impl PageClassRuns {
     }
 }
 
-/// Pages in the index's RAM regions.
+/// Pages in the index's RAM regions (saturating).
 pub fn ram_pages(index: &MemoryIndex) -> u64 {
-    index.regions.iter().map(|r| r.1 / PAGE_BYTES).sum()
+    index
+        .regions
+        .iter()
+        .fold(0u64, |n, r| n.saturating_add(r.1 / PAGE_BYTES))
+}
+
+/// Highest guest address a map covers (x86-64's 52-bit physical address limit).
+const MAX_GPA: u64 = 1 << 52;
+
+/// Checks that the regions (from a state file, so untrusted) are sorted, disjoint, non-empty,
+/// page-aligned and below [`MAX_GPA`]: the map's arithmetic relies on it.
+pub fn check_regions(regions: &[(u64, u64)]) -> Result<(), ClassRecordError> {
+    let mut prev_end = 0;
+    for (i, &(start, len)) in regions.iter().enumerate() {
+        let end = start.checked_add(len).filter(|e| *e <= MAX_GPA);
+        let ok = len > 0
+            && (start | len) % PAGE_BYTES == 0
+            && (i == 0 || start >= prev_end)
+            && end.is_some();
+        if !ok {
+            return Err(ClassRecordError::Regions(format!(
+                "region {i} ({start:#x}, {len:#x} bytes) is empty, unaligned, overlapping, out of order or beyond 2^52"
+            )));
+        }
+        prev_end = end.unwrap_or(MAX_GPA);
+    }
+    Ok(())
 }
 
 impl From<PageClassRuns> for String {
@@ -287,6 +323,38 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("run 1"));
+    }
+
+    #[test]
+    fn hostile_records_and_regions_are_errors_not_panics() {
+        let huge = PageClassRuns::try_from(format!("k{} z{}", u64::MAX, u64::MAX)).unwrap();
+        assert_eq!(huge.total_pages(), u64::MAX);
+        let index = MemoryIndex {
+            regions: vec![(0, MIB)],
+            classes: Some(huge),
+            ..MemoryIndex::default()
+        };
+        assert!(PageClassRuns::recorded(&index).is_err());
+        for regions in [
+            vec![(0, 0)],
+            vec![(1, MIB)],
+            vec![(2 * MIB, MIB), (0, MIB)],
+            vec![(0, 2 * MIB), (MIB, MIB)],
+            vec![(u64::MAX - 4095, 8192)],
+            vec![(0, 1 << 53)],
+        ] {
+            let index = MemoryIndex {
+                regions: regions.clone(),
+                ..MemoryIndex::default()
+            };
+            assert!(
+                matches!(
+                    PageClassRuns::recorded(&index),
+                    Err(ClassRecordError::Regions(_))
+                ),
+                "{regions:?}"
+            );
+        }
     }
 
     #[test]
