@@ -11,9 +11,12 @@
 //! `bench trim` measures the guest-trimmer (idle cost, trim time and memory freed per step) in
 //! the rig and writes `bench-results/trim.{json,md}`.
 //!
+//! `bench chart bench-results/X.json [--out X.svg]` draws a results file's figures as bar charts.
+//!
 //! `bench rig-boot --plan FILE` is the in-rig driver the host side starts (statically linked).
 
 mod block;
+mod chart;
 mod clock;
 mod cmdline;
 mod console;
@@ -62,6 +65,8 @@ enum Cmd {
     Trim(trim::TrimArgs),
     /// Layered snapshots: storage and write time against full snapshots, chain restore (in the rig).
     Layers(layers::LayersArgs),
+    /// Draw a results file's figures as bar charts (SVG).
+    Chart(chart::ChartArgs),
 }
 
 fn main() {
@@ -76,6 +81,7 @@ fn main() {
         Cmd::RigVsock(args) => vsock::rig_run(args).map(|()| 0),
         Cmd::Trim(args) => trim::run(args),
         Cmd::Layers(args) => layers::run(args),
+        Cmd::Chart(args) => chart::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -126,6 +126,7 @@ pub fn all() -> Vec<Scenario> {
         ),
         sc("snapshot_with_vsock", 400, snapshot::with_vsock),
         sc("snapshot_lazy_uffd", 400, snapshot::lazy_uffd),
+        sc("snapshot_serve_load", 300, snapshot::serve_load),
         // Layered snapshots (src/scenarios/layers.rs).
         sc("layers_chain", 420, layers::chain),
         // Block (src/scenarios/block.rs): virtio-blk drives.

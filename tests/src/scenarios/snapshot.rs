@@ -6,7 +6,9 @@
 //! error naming the file (and chunk); an interrupted snapshot leaves the previous one whole.
 
 mod lazy;
+mod load;
 pub use lazy::lazy_uffd;
+pub use load::serve_load;
 
 use super::{ensure, no_panic, Ctx, Outcome, READY_MARKER, READY_TIMEOUT};
 use crate::proc::{describe, Proc};
