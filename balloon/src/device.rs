@@ -618,26 +618,6 @@ impl Balloon {
     }
 
     /// Stops the worker, if any, and forgets the queues.
-    /// Parks the worker thread (if the device is active) so it neither touches guest memory
-    /// nor moves queue indices until [`Self::resume_worker`]: a snapshot pauses it before saving
-    /// device state and resumes it once the memory file is written.
-    pub fn pause_worker(
-        &self,
-        timeout: std::time::Duration,
-    ) -> Result<(), virtio_device::WorkerError> {
-        match &self.worker {
-            Some(worker) => worker.pause(timeout),
-            None => Ok(()),
-        }
-    }
-
-    /// Lets a paused worker go on.
-    pub fn resume_worker(&self) {
-        if let Some(worker) = &self.worker {
-            worker.resume();
-        }
-    }
-
     fn stop_worker(&mut self) {
         if let Some(worker) = self.worker.take() {
             worker.stop();
@@ -807,6 +787,10 @@ impl VirtioDevice for Balloon {
         self.active = Some(active);
         self.restored = None;
         Ok(())
+    }
+
+    fn worker(&self) -> Option<&virtio_device::WorkerHandle> {
+        self.worker.as_ref()
     }
 
     fn reset(&mut self) -> bool {

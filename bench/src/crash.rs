@@ -5,12 +5,11 @@
 //! snapshot into a full tmpfs (ENOSPC) and onto ext2 on a loop device whose backing store fills
 //! (the error surfaces at fsync). Writes `bench-results/crash.{json,md}`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use crate::snapshot::{image_dir, static_vmm};
+use crate::rig_script::{run_script, write_results, Script, ScriptOutcome, ScriptRun};
 
 /// The in-rig script.
 const SCRIPT: &str = include_str!("../rig/crash.sh");
@@ -23,102 +22,9 @@ pub struct CrashArgs {
     /// Kill trials.
     #[arg(long, default_value_t = 40)]
     pub trials: u32,
-    /// The static `vmm` (default: built into target/static).
-    #[arg(long)]
-    pub vmm: Option<PathBuf>,
     /// Rig wall-clock limit in seconds.
     #[arg(long, default_value_t = 900)]
     pub rig_timeout: u64,
-}
-
-/// One in-rig script: its file name, its text and its arguments.
-pub(crate) struct RigScript {
-    pub name: &'static str,
-    pub text: &'static str,
-    pub args: Vec<String>,
-}
-
-/// Runs `scripts` one after the other in ONE rig boot (payload: the static vmm, the guest image,
-/// the scripts and `extra` files); returns every line the rig printed.
-pub(crate) fn run_rig_scripts(
-    root: &Path,
-    vmm: Option<PathBuf>,
-    scripts: &[RigScript],
-    extra: &[(PathBuf, &str)],
-    timeout_s: u64,
-) -> anyhow::Result<Vec<String>> {
-    let image = image_dir();
-    let kernel = image.join("vmlinuz");
-    let initrd = image.join("initramfs.cpio");
-    for f in [&kernel, &initrd] {
-        if !f.is_file() {
-            bail!(
-                "{} does not exist: run `vmm image build` first",
-                f.display()
-            );
-        }
-    }
-    let vmm = static_vmm(root, vmm)?;
-    let mut payload = rig::Payload::new()?;
-    payload
-        .add_file(&vmm, "vmm", 0o755)?
-        .add_file(&kernel, "vmlinuz", 0o644)?
-        .add_file(&initrd, "initramfs.cpio", 0o644)?;
-    for s in scripts {
-        payload.add_bytes(s.name, s.text.as_bytes(), 0o755)?;
-    }
-    for (path, as_name) in extra {
-        payload.add_file(path, as_name, 0o644)?;
-    }
-    let rig::KvmBackend::NestedRig { script: rig_script } = rig::detect() else {
-        bail!("this benchmark runs in the nested KVM rig; no rig script found");
-    };
-    let opts = rig::RigOptions {
-        mem_mib: 3072,
-        smp: 1,
-        timeout_s,
-    };
-    let command = scripts
-        .iter()
-        .map(|s| format!("sh {} {}", s.name, s.args.join(" ")))
-        .collect::<Vec<_>>()
-        .join("; ");
-    let cmd = ["sh".to_string(), "-c".to_string(), command];
-    let outcome = rig::run_in_rig(&rig_script, payload.path(), &cmd, opts, |l| {
-        eprintln!("rig: {l}")
-    })
-    .context("running the scripts in the rig")?;
-    Ok(outcome.lines)
-}
-
-/// The JSON of every line of `lines` holding `marker`; an error when there is none.
-pub(crate) fn records(lines: &[String], marker: &str) -> anyhow::Result<Vec<Value>> {
-    let records: Vec<Value> = lines
-        .iter()
-        .filter_map(|l| serde_json::from_str(&l[l.find(marker)? + marker.len()..]).ok())
-        .collect();
-    if records.is_empty() {
-        bail!("the rig printed no {marker}lines");
-    }
-    Ok(records)
-}
-
-/// Writes `bench-results/<name>.{json,md}` and prints the Markdown.
-pub(crate) fn write_results(
-    root: &Path,
-    name: &str,
-    report: &Value,
-    md: &str,
-) -> anyhow::Result<()> {
-    let out = root.join("bench-results");
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(
-        out.join(format!("{name}.json")),
-        serde_json::to_string_pretty(report)? + "\n",
-    )?;
-    std::fs::write(out.join(format!("{name}.md")), md)?;
-    print!("{md}");
-    Ok(())
 }
 
 /// The rig kernel's loop module, decompressed into a temporary file (None if not found).
@@ -208,26 +114,44 @@ fn markdown(s: &Value) -> String {
 }
 
 /// The in-rig script for `trials` kill trials.
-pub(crate) fn script(trials: u32) -> RigScript {
-    RigScript {
-        name: "crash.sh",
+pub(crate) fn script(trials: u32) -> Script {
+    Script {
+        file_name: "crash.sh",
         text: SCRIPT,
         args: vec![trials.to_string()],
     }
 }
 
 /// The extra payload files (the loop module, when found).
-pub(crate) fn extra_files() -> Vec<(PathBuf, &'static str)> {
-    loop_module().map(|m| (m, "loop.ko")).into_iter().collect()
+pub(crate) fn extra_files() -> Vec<(PathBuf, String)> {
+    loop_module()
+        .map(|m| (m, "loop.ko".to_string()))
+        .into_iter()
+        .collect()
+}
+
+/// Runs `scripts` in one boot with the extra files, which are removed afterwards.
+pub(crate) fn run_scripts(scripts: Vec<Script>, timeout_s: u64) -> anyhow::Result<ScriptOutcome> {
+    let extra_files = extra_files();
+    let outcome = run_script(ScriptRun {
+        scripts,
+        env: Vec::new(),
+        timeout_s,
+        data_disk: false,
+        extra_files: extra_files.clone(),
+    });
+    for (m, _) in &extra_files {
+        let _ = std::fs::remove_file(m);
+    }
+    outcome
 }
 
 /// Writes the results of the rig's `lines`; returns the exit code (1 unless the run passed).
-pub(crate) fn report(lines: &[String], root: &Path) -> anyhow::Result<i32> {
-    let records = records(lines, MARKER)?;
+pub(crate) fn report(outcome: &ScriptOutcome) -> anyhow::Result<i32> {
+    let records = outcome.records(MARKER)?;
     let summary = summarise(&records);
     let md = markdown(&summary);
     write_results(
-        root,
         "crash",
         &json!({ "summary": summary, "records": records }),
         &md,
@@ -236,19 +160,8 @@ pub(crate) fn report(lines: &[String], root: &Path) -> anyhow::Result<i32> {
 }
 
 /// Runs the benchmark; returns the exit code.
-pub fn run(args: CrashArgs, root: &Path) -> anyhow::Result<i32> {
-    let extra = extra_files();
-    let lines = run_rig_scripts(
-        root,
-        args.vmm,
-        &[script(args.trials)],
-        &extra,
-        args.rig_timeout,
-    );
-    for (m, _) in &extra {
-        let _ = std::fs::remove_file(m);
-    }
-    report(&lines?, root)
+pub fn run(args: CrashArgs) -> anyhow::Result<i32> {
+    report(&run_scripts(vec![script(args.trials)], args.rig_timeout)?)
 }
 
 /// Arguments of `bench hardening`: crash trials and the soak in one rig boot.
@@ -266,9 +179,6 @@ pub struct HardeningArgs {
     /// Clones of one snapshot run at once.
     #[arg(long, default_value_t = 20)]
     pub clones: u32,
-    /// The static `vmm` (default: built into target/static).
-    #[arg(long)]
-    pub vmm: Option<PathBuf>,
     /// Rig wall-clock limit in seconds.
     #[arg(long, default_value_t = 1800)]
     pub rig_timeout: u64,
@@ -276,19 +186,14 @@ pub struct HardeningArgs {
 
 /// `bench crash` and `bench soak` in one rig boot (one wait for the shared rig); writes both
 /// results; returns 1 unless both passed.
-pub fn run_hardening(args: HardeningArgs, root: &Path) -> anyhow::Result<i32> {
-    let extra = extra_files();
-    let scripts = [
+pub fn run_hardening(args: HardeningArgs) -> anyhow::Result<i32> {
+    let scripts = vec![
         script(args.trials),
         crate::soak::script(args.cycles, args.budget_s, args.clones),
     ];
-    let lines = run_rig_scripts(root, args.vmm, &scripts, &extra, args.rig_timeout);
-    for (m, _) in &extra {
-        let _ = std::fs::remove_file(m);
-    }
-    let lines = lines?;
-    let crash = report(&lines, root);
-    let soak = crate::soak::report(&lines, root);
+    let outcome = run_scripts(scripts, args.rig_timeout)?;
+    let crash = report(&outcome);
+    let soak = crate::soak::report(&outcome);
     Ok(crash?.max(soak?))
 }
 

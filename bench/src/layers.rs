@@ -7,12 +7,10 @@
 //! write a layer against a full snapshot, restore time of the chain against a flat snapshot.
 //! Times are emulated (TCG): compare ratios only.
 
-use std::path::{Path, PathBuf};
-
-use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use crate::snapshot::{image_dir, median, static_vmm};
+use crate::rig_script::{run_script, write_results, Script, ScriptRun};
+use crate::snapshot::median;
 
 /// The in-rig script.
 const SCRIPT: &str = include_str!("../rig/layers.sh");
@@ -25,9 +23,6 @@ pub struct LayersArgs {
     /// Application layers (and full snapshots) to write.
     #[arg(long, default_value_t = 10)]
     pub apps: u32,
-    /// The static `vmm` (default: built into target/static).
-    #[arg(long)]
-    pub vmm: Option<PathBuf>,
     /// Rig wall-clock limit in seconds.
     #[arg(long, default_value_t = 900)]
     pub rig_timeout: u64,
@@ -123,63 +118,28 @@ fn markdown(s: &Value) -> String {
 }
 
 /// Runs the benchmark; returns the exit code.
-pub fn run(args: LayersArgs, root: &Path) -> anyhow::Result<i32> {
-    let image = image_dir();
-    let (kernel, initrd) = (image.join("vmlinuz"), image.join("initramfs.cpio"));
-    for f in [&kernel, &initrd] {
-        if !f.is_file() {
-            bail!(
-                "{} does not exist: run `vmm image build` first",
-                f.display()
-            );
-        }
-    }
-    let vmm = static_vmm(root, args.vmm)?;
-    let mut payload = rig::Payload::new()?;
-    payload
-        .add_file(&vmm, "vmm", 0o755)?
-        .add_file(&kernel, "vmlinuz", 0o644)?
-        .add_file(&initrd, "initramfs.cpio", 0o644)?
-        .add_bytes("layers.sh", SCRIPT.as_bytes(), 0o755)?;
-    let rig::KvmBackend::NestedRig { script } = rig::detect() else {
-        bail!("bench layers runs in the nested KVM rig; no rig script found");
-    };
-    let opts = rig::RigOptions {
-        mem_mib: 3072,
-        smp: 1,
+pub fn run(args: LayersArgs) -> anyhow::Result<i32> {
+    let outcome = run_script(ScriptRun {
+        scripts: vec![Script {
+            file_name: "layers.sh",
+            text: SCRIPT,
+            args: vec![args.apps.to_string()],
+        }],
+        env: Vec::new(),
         timeout_s: args.rig_timeout,
-    };
-    let apps = args.apps.to_string();
-    let outcome = rig::run_in_rig(
-        &script,
-        payload.path(),
-        &["sh", "layers.sh", apps.as_str()],
-        opts,
-        |l| eprintln!("rig: {l}"),
-    )
-    .context("running the layers benchmark in the rig")?;
-    let records: Vec<Value> = outcome
-        .lines
-        .iter()
-        .filter_map(|l| serde_json::from_str(&l[l.find(MARKER)? + MARKER.len()..]).ok())
-        .collect();
-    if records.is_empty() {
-        bail!(
-            "the rig printed no {MARKER}lines (exit {})",
-            outcome.exit_code
-        );
-    }
+        data_disk: false,
+        extra_files: Vec::new(),
+    })?;
+    let records = outcome.records(MARKER)?;
     let summary = summarise(&records);
-    let out = root.join("bench-results");
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let md = markdown(&summary);
-    let report = json!({"summary": summary, "records": records, "rig_exit": outcome.exit_code});
-    std::fs::write(
-        out.join("layers.json"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )?;
-    std::fs::write(out.join("layers.md"), &md)?;
-    print!("{md}");
+    let report = json!({
+        "summary": summary,
+        "records": records,
+        "rig_exit": outcome.exit_code,
+        "where": outcome.where_,
+    });
+    write_results("layers", &report, &md)?;
     Ok(i32::from(outcome.exit_code != 0))
 }
 

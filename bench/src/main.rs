@@ -11,9 +11,12 @@
 //! `bench trim` measures the guest-trimmer (idle cost, trim time and memory freed per step) in
 //! the rig and writes `bench-results/trim.{json,md}`.
 //!
+//! `bench chart bench-results/X.json [--out X.svg]` draws a results file's figures as bar charts.
+//!
 //! `bench rig-boot --plan FILE` is the in-rig driver the host side starts (statically linked).
 
 mod block;
+mod chart;
 mod clock;
 mod cmdline;
 mod console;
@@ -24,6 +27,7 @@ mod layers;
 mod protocol;
 mod qemu;
 mod report;
+mod rig_script;
 mod smaps;
 mod snapshot;
 mod soak;
@@ -69,6 +73,8 @@ enum Cmd {
     Soak(soak::SoakArgs),
     /// Layered snapshots: storage and write time against full snapshots, chain restore (in the rig).
     Layers(layers::LayersArgs),
+    /// Draw a results file's figures as bar charts (SVG).
+    Chart(chart::ChartArgs),
 }
 
 fn main() {
@@ -77,15 +83,16 @@ fn main() {
         Cmd::Boot(args) => host::run(args),
         Cmd::Block(args) => block::run(args),
         Cmd::RigBoot(args) => driver::run(args).map(|()| 0),
-        Cmd::Snapshot(args) => snapshot::run(args, &host::workspace_root()),
-        Cmd::SnapshotFromLog { log } => snapshot::from_log(&log, &host::workspace_root()),
+        Cmd::Snapshot(args) => snapshot::run(args),
+        Cmd::SnapshotFromLog { log } => snapshot::from_log(&log),
         Cmd::Vsock(args) => vsock::run(args),
         Cmd::RigVsock(args) => vsock::rig_run(args).map(|()| 0),
         Cmd::Trim(args) => trim::run(args),
-        Cmd::Crash(args) => crash::run(args, &host::workspace_root()),
-        Cmd::Hardening(args) => crash::run_hardening(args, &host::workspace_root()),
-        Cmd::Soak(args) => soak::run(args, &host::workspace_root()),
-        Cmd::Layers(args) => layers::run(args, &host::workspace_root()),
+        Cmd::Crash(args) => crash::run(args),
+        Cmd::Hardening(args) => crash::run_hardening(args),
+        Cmd::Soak(args) => soak::run(args),
+        Cmd::Layers(args) => layers::run(args),
+        Cmd::Chart(args) => chart::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

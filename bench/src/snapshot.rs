@@ -6,10 +6,12 @@
 //! `bench-results/snapshot.{json,md}`. Times are emulated (TCG): compare ratios only.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
+
+use crate::rig_script::{records, run_script, write_results, Script, ScriptRun};
 
 /// The in-rig script.
 const SCRIPT: &str = include_str!("../rig/snapshot.sh");
@@ -22,42 +24,9 @@ pub struct SnapshotArgs {
     /// Rounds (each: a compact and a raw snapshot, each restored with and without verification).
     #[arg(long, default_value_t = 2)]
     pub runs: u32,
-    /// The static `vmm` (default: built into target/static).
-    #[arg(long)]
-    pub vmm: Option<PathBuf>,
-    /// Guest kernel (default: the image `vmm image build` made).
-    #[arg(long)]
-    pub kernel: Option<PathBuf>,
-    /// Guest initramfs (default: the image `vmm image build` made).
-    #[arg(long)]
-    pub initrd: Option<PathBuf>,
     /// Rig wall-clock limit in seconds.
     #[arg(long, default_value_t = 900)]
     pub rig_timeout: u64,
-}
-
-/// Where `vmm image build` puts the image.
-pub(crate) fn image_dir() -> PathBuf {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    let cache = var("VMM_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| var("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("vmm")))
-        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache/vmm")))
-        .unwrap_or_else(|| PathBuf::from("/tmp/vmm-cache"));
-    cache.join("image")
-}
-
-/// The static vmm: `--vmm`, or built with [`rig::build_static`].
-pub(crate) fn static_vmm(root: &Path, given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    if let Some(vmm) = given {
-        return Ok(vmm);
-    }
-    let built = rig::build_static(root, &["vmm"], &root.join("target/static"))
-        .context("building the static vmm")?;
-    built
-        .into_iter()
-        .find(|p| p.file_name().is_some_and(|f| f == "vmm"))
-        .context("cargo built no vmm binary")
 }
 
 /// The median of `values` (None when empty).
@@ -131,86 +100,44 @@ fn markdown(summary: &BTreeMap<String, BTreeMap<String, f64>>, runs: usize) -> S
 }
 
 /// Runs the benchmark; returns the exit code.
-pub fn run(args: SnapshotArgs, root: &Path) -> anyhow::Result<i32> {
-    let image = image_dir();
-    let kernel = args.kernel.unwrap_or_else(|| image.join("vmlinuz"));
-    let initrd = args.initrd.unwrap_or_else(|| image.join("initramfs.cpio"));
-    for f in [&kernel, &initrd] {
-        if !f.is_file() {
-            bail!(
-                "{} does not exist: run `vmm image build` first",
-                f.display()
-            );
-        }
-    }
-    let vmm = static_vmm(root, args.vmm)?;
-    let mut payload = rig::Payload::new()?;
-    payload
-        .add_file(&vmm, "vmm", 0o755)?
-        .add_file(&kernel, "vmlinuz", 0o644)?
-        .add_file(&initrd, "initramfs.cpio", 0o644)?
-        .add_bytes("snapshot.sh", SCRIPT.as_bytes(), 0o755)?;
-    let rig::KvmBackend::NestedRig { script } = rig::detect() else {
-        bail!("bench snapshot runs in the nested KVM rig; no rig script found");
-    };
-    let opts = rig::RigOptions {
-        mem_mib: 3072,
-        smp: 1,
+pub fn run(args: SnapshotArgs) -> anyhow::Result<i32> {
+    let outcome = run_script(ScriptRun {
+        scripts: vec![Script {
+            file_name: "snapshot.sh",
+            text: SCRIPT,
+            args: vec![args.runs.to_string()],
+        }],
+        env: Vec::new(),
         timeout_s: args.rig_timeout,
-    };
-    let runs = args.runs.to_string();
-    let outcome = rig::run_in_rig(
-        &script,
-        payload.path(),
-        &["sh", "snapshot.sh", runs.as_str()],
-        opts,
-        |l| eprintln!("rig: {l}"),
-    )
-    .context("running the snapshot benchmark in the rig")?;
-    let records: Vec<Value> = outcome
-        .lines
-        .iter()
-        .filter_map(|l| serde_json::from_str(&l[l.find(MARKER)? + MARKER.len()..]).ok())
-        .collect();
-    if records.is_empty() {
-        bail!(
-            "the rig printed no {MARKER}lines (exit {})",
-            outcome.exit_code
-        );
-    }
-    write_results(records, root, json!({ "rig_exit": outcome.exit_code }))?;
+        data_disk: false,
+        extra_files: Vec::new(),
+    })?;
+    write_snapshot_results(
+        outcome.records(MARKER)?,
+        json!({ "rig_exit": outcome.exit_code, "where": outcome.where_ }),
+    )?;
     Ok(i32::from(outcome.exit_code != 0))
 }
 
 /// Turns saved `SNAPSHOT-BENCH` lines (e.g. from a manual rig run) into the results files.
-pub fn from_log(log: &Path, root: &Path) -> anyhow::Result<i32> {
+pub fn from_log(log: &Path) -> anyhow::Result<i32> {
     let text =
         std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
-    let records: Vec<Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(&l[l.find(MARKER)? + MARKER.len()..]).ok())
-        .collect();
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let records = records(&lines, MARKER);
     if records.is_empty() {
         bail!("{} holds no {MARKER}lines", log.display());
     }
-    write_results(records, root, json!({ "source": log }))?;
+    write_snapshot_results(records, json!({ "source": log }))?;
     Ok(0)
 }
 
 /// Writes `bench-results/snapshot.{json,md}` (records, medians, `origin`) and prints the table.
-fn write_results(records: Vec<Value>, root: &Path, origin: Value) -> anyhow::Result<()> {
+fn write_snapshot_results(records: Vec<Value>, origin: Value) -> anyhow::Result<()> {
     let summary = summarise(&records);
-    let out = root.join("bench-results");
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let md = markdown(&summary, records.len());
     let report = json!({ "summary": summary, "records": records, "origin": origin });
-    std::fs::write(
-        out.join("snapshot.json"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )?;
-    std::fs::write(out.join("snapshot.md"), &md)?;
-    print!("{md}");
-    Ok(())
+    write_results("snapshot", &report, &md)
 }
 
 #[cfg(test)]

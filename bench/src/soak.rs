@@ -5,11 +5,9 @@
 //! cycle the VMM's open fds, all open fds in the rig, the VMM's RSS and the snapshot store's disk
 //! use (flat or not), and whether every clone read different /dev/urandom bytes.
 
-use std::path::{Path, PathBuf};
-
 use serde_json::{json, Value};
 
-use crate::crash::{records, run_rig_scripts, write_results, RigScript};
+use crate::rig_script::{results_dir, write_results, Script, ScriptOutcome};
 
 /// The in-rig script.
 const SCRIPT: &str = include_str!("../rig/soak.sh");
@@ -28,9 +26,6 @@ pub struct SoakArgs {
     /// Clones of one snapshot run at once.
     #[arg(long, default_value_t = 20)]
     pub clones: u32,
-    /// The static `vmm` (default: built into target/static).
-    #[arg(long)]
-    pub vmm: Option<PathBuf>,
     /// Rig wall-clock limit in seconds.
     #[arg(long, default_value_t = 1100)]
     pub rig_timeout: u64,
@@ -161,25 +156,23 @@ fn markdown(s: &Value) -> String {
 }
 
 /// The in-rig script.
-pub(crate) fn script(cycles: u32, budget_s: u64, clones: u32) -> RigScript {
-    RigScript {
-        name: "soak.sh",
+pub(crate) fn script(cycles: u32, budget_s: u64, clones: u32) -> Script {
+    Script {
+        file_name: "soak.sh",
         text: SCRIPT,
         args: vec![cycles.to_string(), budget_s.to_string(), clones.to_string()],
     }
 }
 
 /// Writes the results of the rig's `lines`; returns the exit code (1 unless the run passed).
-pub(crate) fn report(lines: &[String], root: &Path) -> anyhow::Result<i32> {
-    let records = records(lines, MARKER)?;
+pub(crate) fn report(outcome: &ScriptOutcome) -> anyhow::Result<i32> {
+    let records = outcome.records(MARKER)?;
     let summary = summarise(&records);
     let md = markdown(&summary);
-    let out = root.join("bench-results");
-    std::fs::create_dir_all(&out)?;
+    let out = results_dir()?;
     std::fs::write(out.join("soak.csv"), csv(&records))?;
     std::fs::write(out.join("soak.svg"), svg(&records))?;
     write_results(
-        root,
         "soak",
         &json!({ "summary": summary, "records": records }),
         &md,
@@ -188,15 +181,9 @@ pub(crate) fn report(lines: &[String], root: &Path) -> anyhow::Result<i32> {
 }
 
 /// Runs the benchmark; returns the exit code.
-pub fn run(args: SoakArgs, root: &Path) -> anyhow::Result<i32> {
-    let lines = run_rig_scripts(
-        root,
-        args.vmm,
-        &[script(args.cycles, args.budget_s, args.clones)],
-        &[],
-        args.rig_timeout,
-    )?;
-    report(&lines, root)
+pub fn run(args: SoakArgs) -> anyhow::Result<i32> {
+    let scripts = vec![script(args.cycles, args.budget_s, args.clones)];
+    report(&crate::crash::run_scripts(scripts, args.rig_timeout)?)
 }
 
 #[cfg(test)]

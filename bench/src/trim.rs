@@ -3,14 +3,10 @@
 //! the guest image), parses its `TRIM-BENCH {json}` lines and writes
 //! `bench-results/trim.{json,md}`.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-use anyhow::{bail, Context};
-use rig::{KvmBackend, Payload, RigOptions};
+use anyhow::bail;
 use serde_json::{json, Value};
 
-use crate::host::{build_image, output_of, say, workspace_root};
+use crate::rig_script::{run_script, write_results, Script, ScriptRun};
 use crate::stats::Summary;
 
 /// The in-rig script.
@@ -28,9 +24,6 @@ pub struct TrimArgs {
     /// stays untouched before the trim: past the policy's 20 s cold age).
     #[arg(long, default_value_t = 40)]
     pub idle_s: u32,
-    /// Results file (the .md goes beside it).
-    #[arg(long, default_value = "bench-results/trim.json")]
-    pub out: PathBuf,
     /// Rig wall-clock limit, s.
     #[arg(long, default_value_t = 1500)]
     pub rig_timeout: u64,
@@ -41,83 +34,21 @@ pub fn run(args: TrimArgs) -> anyhow::Result<i32> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let root = workspace_root();
-    say("building the static vmm and guest-trimmer (scripts/build-static.sh)");
-    let text = output_of(&root.join("scripts/build-static.sh"), &[], &root)?;
-    let bin_dir = PathBuf::from(
-        text.lines()
-            .last()
-            .context("build-static.sh printed no bin dir")?,
-    );
-    let vmm = bin_dir.join("vmm");
-    let image = build_image(&vmm, &root)?;
-    let data_disk = image
-        .data_disk
-        .as_ref()
-        .context("`vmm image build` made no data disk (the S512 cold and hot file sets)")?;
-    let mut payload = Payload::new()?;
-    payload
-        .add_file(&vmm, "vmm", 0o755)?
-        .add_file(&image.kernel, "vmlinuz", 0o644)?
-        .add_file(&image.initrd, "initramfs.cpio", 0o644)?
-        .add_file(data_disk, "data.ext4", 0o444)?
-        .add_bytes("trim.sh", SCRIPT.as_bytes(), 0o755)?;
-    let runs = args.runs.to_string();
-    let env = format!("TRIM_BENCH_IDLE_S={}", args.idle_s);
-    let cmd = ["env", env.as_str(), "sh", "trim.sh", runs.as_str()];
-    let echo = |l: &str| eprintln!("  {l}");
-    let (where_, outcome) = match rig::detect() {
-        KvmBackend::NestedRig { script } => {
-            let opts = RigOptions {
-                timeout_s: args.rig_timeout,
-                ..RigOptions::default()
-            };
-            let o = rig::run_in_rig(&script, payload.path(), &cmd, opts, echo)
-                .context("running trim.sh in the rig")?;
-            (
-                "nested KVM rig (QEMU TCG + SVM): emulated time, 10-50x native",
-                o,
-            )
-        }
-        KvmBackend::HostKvm => {
-            let o = rig::run_local(
-                Path::new("/usr/bin/env"),
-                &cmd[1..],
-                payload.path(),
-                Duration::from_secs(args.rig_timeout),
-                echo,
-            )
-            .context("running trim.sh on the host")?;
-            ("this host's /dev/kvm", o)
-        }
-        KvmBackend::Unavailable { reason } => bail!("no KVM that can boot a stock guest: {reason}"),
-    };
-    let samples: Vec<Value> = outcome
-        .lines
-        .iter()
-        .filter_map(|l| l.find(MARKER).map(|i| &l[i + MARKER.len()..]))
-        .filter_map(|t| serde_json::from_str(t.trim()).ok())
-        .collect();
-    if samples.is_empty() {
-        bail!(
-            "trim.sh printed no {MARKER}line (exit {}, timed out {})",
-            outcome.exit_code,
-            outcome.timed_out
-        );
-    }
-    let result = summarize(&samples, args.idle_s, where_);
-    let out = if args.out.is_absolute() {
-        args.out.clone()
-    } else {
-        root.join(&args.out)
-    };
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&out, serde_json::to_string_pretty(&result)? + "\n")?;
+    let outcome = run_script(ScriptRun {
+        scripts: vec![Script {
+            file_name: "trim.sh",
+            text: SCRIPT,
+            args: vec![args.runs.to_string()],
+        }],
+        env: vec![format!("TRIM_BENCH_IDLE_S={}", args.idle_s)],
+        timeout_s: args.rig_timeout,
+        data_disk: true,
+        extra_files: Vec::new(),
+    })?;
+    let samples = outcome.records(MARKER)?;
+    let result = summarize(&samples, args.idle_s, outcome.where_);
     let md = markdown(&result);
-    std::fs::write(out.with_extension("md"), &md)?;
-    println!("{md}");
+    write_results("trim", &result, &md)?;
     let failed = samples.iter().filter(|s| s["ok"] != true).count();
     Ok(i32::from(failed > 0))
 }

@@ -194,14 +194,4 @@ impl ExecCtx<'_> {
     }
 }
 
-/// `err` and its sources, `: `-separated.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub(crate) use error_text::error_chain;

@@ -25,15 +25,4 @@ pub mod workload;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
-/// Formats an error and its chain of causes as `outer: cause: cause`, the way the binary
-/// prints errors.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
+pub use error_text::error_chain;

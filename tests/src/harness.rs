@@ -112,16 +112,7 @@ pub fn assert_scenario(name: &str) {
     }
 }
 
-/// `e` and its sources, `: `-separated.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(&format!(": {c}"));
-        cur = c.source();
-    }
-    s
-}
+pub use error_text::error_chain;
 
 /// A harness message on stderr, bypassing the test harness's output capture (so it is live).
 pub fn say(msg: &str) {

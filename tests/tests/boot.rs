@@ -65,6 +65,7 @@ scenario_tests!(
     snapshot_reported_memory_is_left_out,
     snapshot_with_vsock,
     snapshot_lazy_uffd,
+    snapshot_serve_load,
     layers_chain,
     block_bad_disk_path,
     block_disks,

@@ -92,6 +92,12 @@ pub trait VirtioDevice: Send {
     /// Stops serving and returns to the pre-activation state (driver reset). Returns `false`
     /// when the device cannot be reset, in which case the transport marks it failed.
     fn reset(&mut self) -> bool;
+
+    /// The device's running worker thread, if it is active: a snapshot parks it (nothing in
+    /// flight while device state is saved and memory scanned) and lets it go on afterwards.
+    fn worker(&self) -> Option<&WorkerHandle> {
+        None
+    }
 }
 
 /// One queue's state ([`virtio_queue::QueueState`] in serializable form), as every device's

@@ -44,6 +44,8 @@ enum Command {
     Snapshot(cli::snapshot::SnapshotArgs),
     /// Recreate a microVM from a snapshot directory and run it.
     Restore(cli::restore::RestoreArgs),
+    /// Serve the control API with no microVM until PUT /snapshot/load restores one.
+    Serve(cli::serve::ServeArgs),
     /// Describe and verify a snapshot directory.
     Inspect(cli::inspect::InspectArgs),
     /// Talk to a running guest's guest-trimmer over vsock: trim by a policy, status, stats.
@@ -69,6 +71,7 @@ fn main() {
         Command::Demo(args) => cli::demo::run(args),
         Command::Snapshot(args) => cli::snapshot::run(args),
         Command::Restore(args) => cli::restore::run(args),
+        Command::Serve(args) => cli::serve::run(args),
         Command::Inspect(args) => cli::inspect::run(args),
         Command::Trimmer(cmd) => cli::trimmer::run(cmd),
         Command::Flatten(args) => cli::layers::run_flatten(args),

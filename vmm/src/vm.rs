@@ -614,6 +614,10 @@ impl Vm {
             });
         }
         let control = Arc::new(VcpuControl::default());
+        if options.start_paused {
+            // Set before the threads start: each parks at its first checkpoint.
+            control.set(RunState::Paused);
+        }
         let vcpu_threads = spawn_vcpus(vcpus, &control, &timeline, &events_tx)?;
         phases.mark("threads_ms");
         tracing::info!(
@@ -642,7 +646,11 @@ impl Vm {
             serial,
             control,
             timeline,
-            state: VmState::Running,
+            state: if options.start_paused {
+                VmState::Paused
+            } else {
+                VmState::Running
+            },
             events_tx,
             events_rx,
         })

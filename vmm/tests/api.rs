@@ -74,7 +74,9 @@ impl ApiHandler for FakeVmm {
                 Ok(ApiReply::Empty)
             }
             ApiRequest::Balloon(_) => Err(ApiError::Conflict("the fake VMM has no balloon".into())),
-            ApiRequest::CreateSnapshot(_) | ApiRequest::SnapshotPipeline(..) => {
+            ApiRequest::CreateSnapshot(_)
+            | ApiRequest::SnapshotPipeline(..)
+            | ApiRequest::LoadSnapshot(_) => {
                 Err(ApiError::Conflict("the fake VMM has no snapshots".into()))
             }
             ApiRequest::Drive(request) => vmm::api::drives::handle(&[], request),

@@ -300,26 +300,6 @@ impl Vsock {
             .map_or(0, |a| lock(a).muxer.connection_count())
     }
 
-    /// Parks the worker thread (if the device is active) so it neither touches guest memory
-    /// nor moves queue indices until [`Self::resume_worker`]: a snapshot pauses it before saving
-    /// device state and resumes it once the memory file is written.
-    pub fn pause_worker(
-        &self,
-        timeout: std::time::Duration,
-    ) -> Result<(), virtio_device::WorkerError> {
-        match &self.worker {
-            Some(worker) => worker.pause(timeout),
-            None => Ok(()),
-        }
-    }
-
-    /// Lets a paused worker go on.
-    pub fn resume_worker(&self) {
-        if let Some(worker) = &self.worker {
-            worker.resume();
-        }
-    }
-
     fn stop_worker(&mut self) {
         if let Some(worker) = self.worker.take() {
             worker.stop();
@@ -440,6 +420,10 @@ impl VirtioDevice for Vsock {
         self.restored = None;
         self.shared.activated.store(true, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn worker(&self) -> Option<&virtio_device::WorkerHandle> {
+        self.worker.as_ref()
     }
 
     fn reset(&mut self) -> bool {

@@ -136,8 +136,12 @@ fn main() {
                 }
             }
         };
-        // Nothing a scenario started may leak into the next one.
+        // Nothing a scenario started may leak into the next one: neither processes nor files
+        // (in the rig /tmp is RAM, and snapshots left behind starve later scenarios' guests).
         tests::proc::kill_all_live();
+        if let Err(e) = std::fs::remove_dir_all(&work) {
+            println!("e2e-runner: cannot remove {}: {e}", work.display());
+        }
         let result = ScenarioResult {
             name: s.name.to_string(),
             passed: outcome.is_ok(),

@@ -6,7 +6,9 @@
 //! error naming the file (and chunk); an interrupted snapshot leaves the previous one whole.
 
 mod lazy;
+mod load;
 pub use lazy::lazy_uffd;
+pub use load::serve_load;
 
 use super::{ensure, no_panic, Ctx, Outcome, READY_MARKER, READY_TIMEOUT};
 use crate::proc::{describe, Proc};
@@ -19,8 +21,9 @@ const HASH0_MARKER: &str = "VMM-HASH0 ";
 const HASH_MARKER: &str = "VMM-HASH ";
 /// A snapshot request (pause, write, answer), generous for the rig.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
-/// From `vmm restore` to the restored guest's next full hash line.
-const RESTORED_TIMEOUT: Duration = Duration::from_secs(120);
+/// From `vmm restore` to the restored guest's next two full hash lines: two clones with
+/// 2 vCPUs each hash 64 MiB on the rig's one emulated CPU, which a loaded host slows a lot.
+const RESTORED_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// The guest script: 64 MiB of random bytes in /tmp, its hash, then hash + uptime forever.
 const HASH_SCRIPT: &str = "dd if=/dev/urandom of=/tmp/buf bs=1M count=64 2>/dev/null; \

@@ -6,6 +6,7 @@
 //! Each scenario boots one guest and runs several checks on it (boots are the expensive part).
 
 use super::{ensure, no_panic, raw_http, stop_via_api, Ctx, Outcome, READY_MARKER, READY_TIMEOUT};
+use crate::harness::error_chain;
 use crate::proc::{describe, Proc};
 use guest_trimmer::vsock::{Fnv1a64, Pattern};
 use serde_json::Value;
@@ -83,10 +84,6 @@ fn connect_and_ping(uds: &Path) -> Result<Value, String> {
         connect_to_guest(uds, TRIMMER_PORT, Some(IO_TIMEOUT)).map_err(|e| error_chain(&e))?;
     let mut writer = s.try_clone().map_err(|e| e.to_string())?;
     ping_on(&mut BufReader::new(s), &mut writer)
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    guest_trimmer::error_chain(err)
 }
 
 impl VsockVm {

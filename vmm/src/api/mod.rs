@@ -12,6 +12,7 @@
 pub mod client;
 pub mod drives;
 pub mod http;
+pub mod load;
 pub mod routes;
 pub mod server;
 pub mod vm_handler;
@@ -43,6 +44,8 @@ pub enum ApiRequest {
     Drive(DriveRequest),
     /// `/vsock`: the virtio-vsock resource.
     Vsock(VsockRequest),
+    /// `PUT /snapshot/load`: restore a snapshot into a VMM started without a VM (`vmm serve`).
+    LoadSnapshot(load::LoadRequest),
 }
 
 /// A request on the drives resource (Firecracker's shape).

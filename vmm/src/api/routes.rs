@@ -379,11 +379,9 @@ fn put_snapshot_create(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiE
     })
 }
 
-/// `PUT /snapshot/load`: a snapshot is restored by a new VMM process, never into a running VM.
-fn put_snapshot_load(_: &Request, _: &[&str]) -> Result<ApiRequest, ApiError> {
-    Err(ApiError::Conflict(
-        "this VMM already runs a VM; restore a snapshot in a new VMM process: vmm restore --snapshot DIR [--api-sock SOCK]".into(),
-    ))
+/// `PUT /snapshot/load` (see [`super::load`]).
+fn put_snapshot_load(request: &Request, _: &[&str]) -> Result<ApiRequest, ApiError> {
+    super::load::parse(request)
 }
 
 /// An empty body, or `{}` (what some clients send with every `PUT`).

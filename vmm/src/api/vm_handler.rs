@@ -44,6 +44,7 @@ impl ApiHandler for VmHandle {
             }
             ApiRequest::Drive(request) => return super::drives::handle(self.drives(), request),
             ApiRequest::Vsock(request) => return self.handle_vsock(request),
+            ApiRequest::LoadSnapshot(_) => return Err(ApiError::Conflict(LOADED_MESSAGE.into())),
         };
         match self.request(control) {
             Ok(Some(body)) => Ok(ApiReply::Json(body)),
@@ -55,6 +56,10 @@ impl ApiHandler for VmHandle {
         }
     }
 }
+
+/// The `409` answer to `PUT /snapshot/load` on a VMM that runs a VM.
+pub const LOADED_MESSAGE: &str =
+    "this VMM already runs a microVM; load a snapshot into a VMM started without one (vmm serve --api-sock SOCK), or restore it in a new process (vmm restore --snapshot DIR)";
 
 /// The `409` answer to vsock requests on a VM without a vsock device.
 pub const NO_VSOCK_MESSAGE: &str =

@@ -18,6 +18,9 @@ pub struct InspectArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also draw guest memory by page class into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub map: Option<PathBuf>,
 }
 
 /// Bytes a file occupies on disk (`st_blocks`).
@@ -34,7 +37,13 @@ pub fn run(args: InspectArgs) -> CliResult {
     let machine = &state.config.machine_config;
     let disk = disk_bytes(&loaded.state_path) + disk_bytes(&loaded.memory_path);
     let chain = super::layers::chain_report(&args.dir);
+    let map = args
+        .map
+        .as_deref()
+        .map(|out| crate::snapshot::map::write_map(&args.dir, state, out))
+        .transpose()?;
     let report = json!({
+        "map": map,
         "chain": match &chain {
             Ok(chain) => chain.clone(),
             Err(err) => json!({"ok": false, "error": crate::devices::virtio::error_chain(err)}),
@@ -54,6 +63,7 @@ pub fn run(args: InspectArgs) -> CliResult {
             "pages": pages,
             "kept_bytes": pages.kept * PAGE_BYTES,
             "skipped_bytes": pages.skipped() * PAGE_BYTES,
+            "classes_recorded": state.memory.classes.is_some(),
         },
         "files": {
             "state_bytes": loaded.state_file_bytes,
@@ -90,6 +100,17 @@ pub fn run(args: InspectArgs) -> CliResult {
             ("zero", pages.skipped_zero),
         ] {
             println!("  skipped, {reason}: {count} ({:.1} MiB)", mib(count));
+        }
+        if state.memory.classes.is_none() {
+            println!("  page classes: not recorded (written by an older VMM)");
+        }
+        if let (Some(out), Some(map)) = (&args.map, &map) {
+            println!(
+                "  map: {} ({} cells of {} pages)",
+                out.display(),
+                map.cells,
+                map.pages_per_cell
+            );
         }
         println!(
             "  files: state {} bytes, memory {} bytes, {} bytes on disk",

@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod layers;
 pub mod restore;
 pub mod run;
+pub mod serve;
 pub mod snapshot;
 pub mod trimmer;
 pub mod vsock;

@@ -66,6 +66,7 @@ pub fn run(args: RestoreArgs) -> CliResult {
         skip_memory_verify: args.skip_memory_verify,
         lazy: args.lazy,
         track_dirty_pages: args.track_dirty_pages,
+        start_paused: false,
     };
     let vm = Vm::restore(&args.snapshot, &options, timeline)
         .with_context(|| format!("cannot restore {}", args.snapshot.display()))?;

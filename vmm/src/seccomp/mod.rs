@@ -124,6 +124,24 @@ pub enum SeccompError {
     Handler(#[source] std::io::Error),
 }
 
+/// glibc reads `/proc/sys/vm/overcommit_memory` the first time it shrinks a thread's heap and
+/// caches the answer; that can happen on any thread, device workers included, whose filters
+/// rightly refuse `openat`. Shrinking one thread heap here, before any filter, makes glibc read
+/// it now.
+fn warm_up_thread_heap_shrink() {
+    let warm_up = std::thread::Builder::new()
+        .name("seccomp-warm-up".into())
+        .spawn(|| {
+            // Blocks under glibc's mmap threshold (128 KiB) come from this thread's own arena;
+            // freeing them leaves a top chunk past the trim threshold, which glibc shrinks.
+            let blocks: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 100 * 1024]).collect();
+            drop(std::hint::black_box(blocks));
+        });
+    if warm_up.map(|t| t.join()).is_err() {
+        tracing::warn!("cannot run the heap warm-up thread: a filtered thread may later be refused openat(/proc/sys/vm/overcommit_memory)");
+    }
+}
+
 /// Whether threads install filters; set once by `vmm run` / `vmm restore`.
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
@@ -131,6 +149,7 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 pub fn set_enabled(enabled: bool) -> Result<(), SeccompError> {
     if enabled {
         sigsys::install_handler().map_err(SeccompError::Handler)?;
+        warm_up_thread_heap_shrink();
         // Device crates cannot depend on the VMM: they call this hook when a worker starts.
         virtio_device::set_worker_thread_hook(install_worker_filter);
     } else {

@@ -228,6 +228,9 @@ mod tests {
         changed.insert_range(20 * 4096, 4096);
         let (f1, p1, i1, freed1) = write(dir.path(), "l1", &mem, Some(&changed));
         assert_eq!(freed1, vec![(5 * 4096, 4096)]);
+        // The layer's map: changed pages kept or zero, everything else left to the parent.
+        let classes = i1.classes.clone().expect("classes recorded");
+        assert_eq!(String::from(classes), "i2 k2 i1 z1 i14 k1 i747");
         assert_eq!(i1.pages.kept, 3);
 
         // L2: C over page 5 again, pages 4 MiB + 1-2 zeroed, page 3 rewritten unchanged data.

@@ -19,9 +19,11 @@ pub const MEMORY_FILE: &str = "memory";
 pub const STATE_MAGIC: [u8; 8] = *b"VMMSNAPS";
 /// First bytes of a memory file.
 pub const MEMORY_MAGIC: [u8; 8] = *b"VMMSNAPM";
-/// The format this VMM writes (2: the state may describe a diff layer).
-pub const FORMAT_VERSION: u32 = 2;
-/// The oldest format this VMM reads (1: full snapshots only; their layout is a subset of 2's).
+/// The format this VMM writes (2: the state may describe a diff layer; 3: the memory index
+/// records every page's class, `memory.classes`).
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest format this VMM reads (1: full snapshots only; each format's layout is a subset
+/// of the next one's, so older snapshots load).
 pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Bytes of the state file's header.
 pub const STATE_HEADER_BYTES: usize = 32;

@@ -21,6 +21,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 use super::crc32c::crc32c;
 use super::format::{MemoryHeader, MEMORY_HEADER_BYTES, PAGE_BYTES};
+use super::map::{PageClass, PageClassRuns};
 use super::state::{MemoryChunk, MemoryIndex, PageCounts};
 use super::SnapshotError;
 use crate::memory::ChangedSet;
@@ -39,6 +40,21 @@ enum PageFate {
     Zero,
     /// Unchanged since the parent of a diff layer: not stored, taken from the parent.
     Inherit,
+}
+
+impl PageFate {
+    /// The class a page of this fate has in the snapshot's map.
+    fn class(self) -> PageClass {
+        match self {
+            PageFate::Keep => PageClass::Kept,
+            PageFate::Inflated => PageClass::Inflated,
+            PageFate::Reported => PageClass::Reported,
+            PageFate::Hinted => PageClass::Hinted,
+            PageFate::NeverTouched => PageClass::NeverTouched,
+            PageFate::Zero => PageClass::Zero,
+            PageFate::Inherit => PageClass::Inherited,
+        }
+    }
 }
 
 impl PageCounts {
@@ -216,6 +232,7 @@ pub fn write_memory_file_since(
     file.write_all(&[0u8; MEMORY_HEADER_BYTES as usize])
         .map_err(write_err())?;
     let mut offset = MEMORY_HEADER_BYTES;
+    let mut classes = PageClassRuns::default();
     let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut *file);
     for view in &views {
         let fates = classify(view, page_states, keep_all, residency_known, changed)
@@ -225,6 +242,7 @@ pub fn write_memory_file_since(
             let fate = fates[page];
             let run = fates[page..].iter().take_while(|f| **f == fate).count();
             index.pages.add(fate, run as u64);
+            classes.push(fate.class(), run as u64);
             if fate == PageFate::Keep {
                 let start = page * PAGE_BYTES as usize;
                 let end = start + run * PAGE_BYTES as usize;
@@ -255,6 +273,7 @@ pub fn write_memory_file_since(
     out.flush().map_err(write_err())?;
     drop(out);
     index.data_bytes = offset - MEMORY_HEADER_BYTES;
+    index.classes = Some(classes);
     let header = MemoryHeader {
         snapshot_id,
         data_bytes: index.data_bytes,
@@ -526,6 +545,11 @@ mod tests {
         assert_eq!(index.pages.skipped_reported, 1);
         assert_eq!(index.pages.skipped_zero, 1);
         assert_eq!(index.pages.kept + index.pages.skipped(), (3 * MIB) / 4096);
+        // Every page's class, in address order across both regions.
+        let classes = index.classes.as_ref().unwrap();
+        assert_eq!(String::from(classes.clone()), "n1 k2 z1 n6 r1 n502 k1 n254");
+        assert!(classes.matches_counts(&index.pages));
+        assert_eq!(PageClassRuns::recorded(&index), Ok(Some(classes)));
         assert_eq!(index.chunks.len(), 2);
         assert_eq!(index.data_bytes, 3 * 4096);
         let len = std::fs::metadata(&path).unwrap().len();

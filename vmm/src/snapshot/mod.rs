@@ -10,6 +10,7 @@
 //! - [`writer`]: the snapshot directory, written under a temporary name, fsynced and renamed;
 //! - [`reader`]: loading and validating a snapshot for restore and `inspect`;
 //! - [`layer`], [`chain`]: diff layers, their parents, and a chain resolved into segments;
+//! - [`map`]: every page's class and the picture of guest memory `vmm inspect --map` draws;
 //! - [`crc32c`]: the checksum.
 
 pub mod chain;
@@ -19,6 +20,7 @@ pub mod flatten;
 pub mod format;
 pub mod layer;
 pub mod lazy;
+pub mod map;
 pub mod memory_file;
 pub mod reader;
 pub mod restore;

@@ -35,6 +35,9 @@ pub struct RestoreOptions {
     /// Track dirty pages from the restore on (diff layers on this snapshot), whatever the
     /// snapshot's configuration says.
     pub track_dirty_pages: bool,
+    /// Leave the vCPUs parked (the VM paused) until resumed (`PUT /snapshot/load` without
+    /// `resume_vm`): the guest does not run a single instruction before that.
+    pub start_paused: bool,
 }
 
 /// Time since the restore began at each phase's end, for the log and the benchmark.

@@ -48,6 +48,10 @@ pub struct MemoryIndex {
     pub data_bytes: u64,
     /// Pages stored and pages left out, by reason.
     pub pages: PageCounts,
+    /// Every page's class, run-length encoded (format 3 on; `None` in older snapshots, whose
+    /// `vmm inspect --map` then tells only kept from left-out pages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<super::map::PageClassRuns>,
 }
 
 /// One stored piece of guest memory.

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
+use virtio_device::{VirtioDevice, WorkerError, WorkerHandle};
 
 use super::devices::{save_device, SnapshotHandle};
 use super::layer::{LayerError, LayerInfo, Layering, Lineage};
@@ -217,11 +218,7 @@ impl<'a> PausedWorkers<'a> {
             handles: Vec::new(),
         };
         for handle in devices.iter().filter_map(|d| d.snapshot.as_ref()) {
-            let result = match handle {
-                SnapshotHandle::Balloon(d) => lock(d).pause_worker(WORKER_PAUSE_TIMEOUT),
-                SnapshotHandle::Block(d) => lock(d).pause_worker(WORKER_PAUSE_TIMEOUT),
-                SnapshotHandle::Vsock(d) => lock(d).pause_worker(WORKER_PAUSE_TIMEOUT),
-            };
+            let result = with_worker(handle, |w| w.pause(WORKER_PAUSE_TIMEOUT));
             // Pushed first: a worker whose pause timed out is resumed too.
             paused.handles.push(handle);
             result.map_err(SnapshotError::PauseWorker)?;
@@ -233,12 +230,26 @@ impl<'a> PausedWorkers<'a> {
 impl Drop for PausedWorkers<'_> {
     fn drop(&mut self) {
         for handle in &self.handles {
-            match handle {
-                SnapshotHandle::Balloon(d) => lock(d).resume_worker(),
-                SnapshotHandle::Block(d) => lock(d).resume_worker(),
-                SnapshotHandle::Vsock(d) => lock(d).resume_worker(),
-            }
+            with_worker(handle, |w| {
+                w.resume();
+                Ok(())
+            })
+            .ok();
         }
+    }
+}
+
+/// Runs `f` on the device's worker, if the device is active (an inactive one has nothing in
+/// flight).
+fn with_worker(
+    handle: &SnapshotHandle,
+    f: impl FnOnce(&WorkerHandle) -> Result<(), WorkerError>,
+) -> Result<(), WorkerError> {
+    let worker_of = |d: &dyn VirtioDevice| d.worker().map_or(Ok(()), f);
+    match handle {
+        SnapshotHandle::Balloon(d) => worker_of(&*lock(d)),
+        SnapshotHandle::Block(d) => worker_of(&*lock(d)),
+        SnapshotHandle::Vsock(d) => worker_of(&*lock(d)),
     }
 }
 

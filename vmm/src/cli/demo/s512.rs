@@ -218,6 +218,25 @@ pub fn run(inputs: &Inputs) -> anyhow::Result<DemoResults> {
             step["freed_kib"].as_f64().unwrap_or(0.0) / 1024.0
         );
     }
+    // The pipeline's other steps (hinting pass, snapshot) and why pages were left out.
+    for step in trimmed_json["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["step"] != "trim")
+    {
+        println!(
+            "vmm demo:   pipeline step {:<9} {:<8} {:>7} ms {}",
+            step["step"].as_str().unwrap_or("?"),
+            step["status"].as_str().unwrap_or("?"),
+            step["duration_ms"],
+            step["detail"]
+        );
+    }
+    let pages = &trimmed_json["snapshot"]["pages"];
+    if pages.is_object() {
+        println!("vmm demo:   trimmed snapshot pages: {pages}");
+    }
     if let Some(w) = trimmed_json["warnings"]
         .as_array()
         .filter(|w| !w.is_empty())

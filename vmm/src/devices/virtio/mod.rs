@@ -349,17 +349,7 @@ pub fn attach_virtio_devices(
     Ok(attached)
 }
 
-/// `err` and its sources, `: `-separated, for one-line logs.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub(crate) use error_text::error_chain;
 
 #[cfg(test)]
 mod tests {
