@@ -49,7 +49,7 @@ while [ "$run" -le "$RUNS" ]; do
         write_ms=$(json_num /tmp/sb-snap.json write_ms)
         kept=$(json_num /tmp/sb-snap.json kept)
         for verify in yes no; do
-            skip=""; [ "$verify" = no ] && skip=--skip-memory-verify
+            skip=--reverify; [ "$verify" = no ] && skip=--skip-memory-verify
             rm -f /tmp/sb-con2.log /tmp/sb-metrics.json
             # Drop nothing from the page cache (the rig's own caches stay warm: the file was
             # just written, as for clones started right after a snapshot).

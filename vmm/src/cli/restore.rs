@@ -29,6 +29,10 @@ pub struct RestoreArgs {
     /// Do not check the memory chunks' checksums (the state file is always checked).
     #[arg(long)]
     pub skip_memory_verify: bool,
+    /// Check every memory chunk even when this host wrote or verified the memory file before
+    /// (by default a file is checked once per host and version: see `snapshot/verified.rs`).
+    #[arg(long, conflicts_with = "skip_memory_verify")]
+    pub reverify: bool,
     /// How guest memory is restored: `off` maps the memory file (private, copy-on-write);
     /// `uffd` fills each page on first touch with a userfaultfd handler.
     #[arg(long, value_enum, default_value_t = LazyMode::Off)]
@@ -64,6 +68,7 @@ pub fn run(args: RestoreArgs) -> CliResult {
     let options = RestoreOptions {
         serial: Some(SerialOutput::parse(&args.serial)),
         skip_memory_verify: args.skip_memory_verify,
+        reverify: args.reverify,
         lazy: args.lazy,
         track_dirty_pages: args.track_dirty_pages,
         start_paused: false,

@@ -41,6 +41,9 @@ pub struct ServeArgs {
     /// Do not check the memory chunks' checksums on load (the state file is always checked).
     #[arg(long)]
     pub skip_memory_verify: bool,
+    /// Check every memory chunk on load even when this host wrote or verified the file before.
+    #[arg(long, conflicts_with = "skip_memory_verify")]
+    pub reverify: bool,
     /// Write timings and the exit reason as JSON to this file when the VM ends.
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
@@ -174,6 +177,7 @@ fn wait_for_load(
         let options = RestoreOptions {
             serial: Some(SerialOutput::parse(&args.serial)),
             skip_memory_verify: args.skip_memory_verify,
+            reverify: args.reverify,
             lazy: load.lazy,
             track_dirty_pages: load.track_dirty_pages,
             start_paused: !load.resume,

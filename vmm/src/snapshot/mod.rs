@@ -26,6 +26,7 @@ pub mod reader;
 pub mod restore;
 pub mod state;
 pub mod take;
+pub mod verified;
 pub mod writer;
 
 pub use take::{take, AfterSnapshot, LiveVm, SnapshotReply, SnapshotRequest, SNAPSHOT_TIMEOUT};

@@ -30,6 +30,8 @@ pub struct RestoreOptions {
     pub serial: Option<SerialOutput>,
     /// Skip checking memory chunk checksums (faster; the state file is always checked).
     pub skip_memory_verify: bool,
+    /// Check every chunk even when this host wrote or verified the memory file before.
+    pub reverify: bool,
     /// Map the memory file (`Off`) or fill pages on first touch (`Uffd`).
     pub lazy: LazyMode,
     /// Track dirty pages from the restore on (diff layers on this snapshot), whatever the
@@ -160,8 +162,12 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
             let chunks = &loaded.state.memory.chunks;
             let mmaps = map_into_guest(&mem, &loaded.memory, &loaded.memory_path, chunks)?;
             phases.mark("map_memory_ms");
-            if !options.skip_memory_verify {
-                verify_mapped(&mem, chunks, &loaded.memory_path)?;
+            let path = &loaded.memory_path;
+            if !options.skip_memory_verify
+                && (options.reverify || !super::verified::is_known_good(path))
+            {
+                verify_mapped(&mem, chunks, path)?;
+                super::verified::record_known_good(path);
             }
             phases.mark("verify_memory_ms");
             (mmaps, chunks.len(), None)
@@ -175,7 +181,7 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
             }
             phases.mark("map_memory_ms");
             if !options.skip_memory_verify {
-                chain.verify_files()?;
+                chain.verify_files(options.reverify)?;
             }
             phases.mark("verify_memory_ms");
             (mmaps, segments.len(), None)

@@ -199,6 +199,8 @@ pub fn write_snapshot(dir: &Path, parts: SnapshotParts) -> Result<SnapshotSummar
                 std::fs::rename(&tmp, dir).map_err(SnapshotError::io("rename into place", dir))?;
             }
             fsync_dir(&parent)?;
+            // The chunk checksums were computed from the bytes just written.
+            super::verified::record_known_good(&dir.join(MEMORY_FILE));
             Ok(SnapshotSummary {
                 path: dir.to_owned(),
                 snapshot_id: super::format::id_hex(&state.snapshot_id),
