@@ -11,6 +11,9 @@
 //! `bench trim` measures the guest-trimmer (idle cost, trim time and memory freed per step) in
 //! the rig and writes `bench-results/trim.{json,md}`.
 //!
+//! `bench suite` runs the benchmark suite against QEMU on the standard scenario in the rig and
+//! writes `bench-results/suite.{json,md}` (see `suite.rs`).
+//!
 //! `bench rig-boot --plan FILE` is the in-rig driver the host side starts (statically linked).
 
 mod block;
@@ -26,6 +29,7 @@ mod report;
 mod smaps;
 mod snapshot;
 mod stats;
+mod suite;
 mod trim;
 mod vsock;
 
@@ -61,6 +65,10 @@ enum Cmd {
     Trim(trim::TrimArgs),
     /// Layered snapshots: storage and write time against full snapshots, chain restore (in the rig).
     Layers(layers::LayersArgs),
+    /// The suite: ours (raw, compact, trimmed) and QEMU (plain, mapped-ram) on S512 (in the rig).
+    Suite(suite::SuiteArgs),
+    /// The in-rig QMP helper of `bench suite` (save / load / cont / quit).
+    RigQmp(suite::RigQmpArgs),
 }
 
 fn main() {
@@ -75,6 +83,8 @@ fn main() {
         Cmd::RigVsock(args) => vsock::rig_run(args).map(|()| 0),
         Cmd::Trim(args) => trim::run(args),
         Cmd::Layers(args) => layers::run(args, &host::workspace_root()),
+        Cmd::Suite(args) => suite::run(args),
+        Cmd::RigQmp(args) => suite::rig_qmp(args),
     };
     match result {
         Ok(code) => std::process::exit(code),
