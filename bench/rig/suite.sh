@@ -162,7 +162,8 @@ qemu_restore() {
     v=$1; con=$W/con-$v.log; rm -f "$con" $W/qr.sock
     open_fifo $W/in-$v
     t0=$(now_ms)
-    eval "$QEMU -append '$QEMU_APPEND' -qmp unix:$W/qr.sock,server=on,wait=off -incoming defer" \
+    # exec: $! is QEMU itself (its RSS is read from /proc/$Q), not a subshell around it.
+    eval "exec $QEMU -append '$QEMU_APPEND' -qmp unix:$W/qr.sock,server=on,wait=off -incoming defer" \
         <$W/in-$v >"$con" 2>$W/qemu-restore-$v.log &
     Q=$!
     ok=true; err=""; running=null
@@ -189,7 +190,7 @@ qemu_run() {
     rm -f $W/qemu-plain $W/qemu-mapped-ram $W/qs.sock $W/qcon.log
     open_fifo $W/qin
     t0=$(now_ms)
-    eval "$QEMU -append '$QEMU_APPEND' -qmp unix:$W/qs.sock,server=on,wait=off" \
+    eval "exec $QEMU -append '$QEMU_APPEND' -qmp unix:$W/qs.sock,server=on,wait=off" \
         <$W/qin >$W/qcon.log 2>$W/qemu.log &
     Q=$!
     if ! wait_for 'grep -q VMM-GUEST-READY $W/qcon.log 2>/dev/null' 300; then
