@@ -12,6 +12,8 @@
 //! the rig and writes `bench-results/trim.{json,md}`.
 //!
 //! `bench chart bench-results/X.json [--out X.svg]` draws a results file's figures as bar charts.
+//! `bench suite` runs the benchmark suite against QEMU on the standard scenario in the rig and
+//! writes `bench-results/suite.{json,md}` (see `suite.rs`).
 //!
 //! `bench rig-boot --plan FILE` is the in-rig driver the host side starts (statically linked).
 
@@ -32,6 +34,7 @@ mod smaps;
 mod snapshot;
 mod soak;
 mod stats;
+mod suite;
 mod trim;
 mod vsock;
 
@@ -75,6 +78,10 @@ enum Cmd {
     Layers(layers::LayersArgs),
     /// Draw a results file's figures as bar charts (SVG).
     Chart(chart::ChartArgs),
+    /// The suite: ours (raw, compact, trimmed) and QEMU (plain, mapped-ram) on S512 (in the rig).
+    Suite(suite::SuiteArgs),
+    /// The in-rig QMP helper of `bench suite` (save / load / cont / quit).
+    RigQmp(suite::RigQmpArgs),
 }
 
 fn main() {
@@ -93,6 +100,8 @@ fn main() {
         Cmd::Soak(args) => soak::run(args),
         Cmd::Layers(args) => layers::run(args),
         Cmd::Chart(args) => chart::run(args),
+        Cmd::Suite(args) => suite::run(args),
+        Cmd::RigQmp(args) => suite::rig_qmp(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -93,7 +93,25 @@ pub struct QemuBundle {
 
 /// Finds QEMU's libraries, loader and firmware on this host.
 pub fn bundle(binary: &Path) -> anyhow::Result<QemuBundle> {
-    let out = Command::new("ldd")
+    bundle_from(binary, None, &[])
+}
+
+/// Like [`bundle`] for a QEMU unpacked outside the system (e.g. from bookworm-backports):
+/// `lib_dir` is searched first for its libraries (`LD_LIBRARY_PATH` for ldd and `--version`),
+/// `firmware_dirs` before the system's [`FIRMWARE_DIRS`].
+pub fn bundle_from(
+    binary: &Path,
+    lib_dir: Option<&Path>,
+    firmware_dirs: &[PathBuf],
+) -> anyhow::Result<QemuBundle> {
+    let with_libs = |cmd: &mut Command| {
+        if let Some(dir) = lib_dir {
+            cmd.env("LD_LIBRARY_PATH", dir);
+        }
+    };
+    let mut ldd = Command::new("ldd");
+    with_libs(&mut ldd);
+    let out = ldd
         .arg(binary)
         .output()
         .with_context(|| format!("running ldd {}", binary.display()))?;
@@ -111,23 +129,26 @@ pub fn bundle(binary: &Path) -> anyhow::Result<QemuBundle> {
         .loader
         .with_context(|| format!("ldd names no dynamic loader for {}", binary.display()))?;
     let mut firmware = Vec::new();
+    let dirs: Vec<PathBuf> = firmware_dirs
+        .iter()
+        .cloned()
+        .chain(FIRMWARE_DIRS.iter().map(PathBuf::from))
+        .collect();
     for name in FIRMWARE {
-        if let Some(p) = FIRMWARE_DIRS
-            .iter()
-            .map(|d| Path::new(d).join(name))
-            .find(|p| p.is_file())
-        {
+        if let Some(p) = dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()) {
             firmware.push((name.to_string(), p));
         }
     }
     for name in REQUIRED_FIRMWARE {
         if !firmware.iter().any(|(n, _)| n == name) {
             bail!(
-                "QEMU firmware {name} is not in any of {FIRMWARE_DIRS:?} (install qemu-system-data / seabios)"
+                "QEMU firmware {name} is not in any of {dirs:?} (install qemu-system-data / seabios)"
             );
         }
     }
-    let version = Command::new(binary)
+    let mut version = Command::new(binary);
+    with_libs(&mut version);
+    let version = version
         .arg("--version")
         .output()
         .with_context(|| format!("running {} --version", binary.display()))?;
@@ -168,8 +189,45 @@ pub fn version_of(program: &Path) -> String {
     }
 }
 
+/// `(major, minor)` of a `QEMU emulator version 10.0.2 (Debian ...)` line.
+pub fn parse_version(line: &str) -> Option<(u32, u32)> {
+    let rest = line.split("version ").nth(1)?;
+    let mut nums = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty());
+    Some((nums.next()?.parse().ok()?, nums.next()?.parse().ok()?))
+}
+
+/// Whether a QEMU of this `--version` line has the `mapped-ram` migration capability (9.0+);
+/// `Err` says why not.
+pub fn mapped_ram_support(version_line: &str) -> Result<(), String> {
+    match parse_version(version_line) {
+        Some((major, _)) if major >= 9 => Ok(()),
+        Some((major, minor)) => Err(format!(
+            "QEMU {major}.{minor} has no mapped-ram migration capability (it arrived in 9.0)"
+        )),
+        None => Err(format!("cannot read a QEMU version from {version_line:?}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn versions_and_mapped_ram() {
+        assert_eq!(
+            parse_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)"),
+            Some((10, 0))
+        );
+        assert_eq!(
+            parse_version("QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18+b3)"),
+            Some((7, 2))
+        );
+        assert!(mapped_ram_support("QEMU emulator version 9.0.0").is_ok());
+        let e = mapped_ram_support("QEMU emulator version 7.2.19").unwrap_err();
+        assert!(e.contains("7.2") && e.contains("9.0"), "{e}");
+        assert!(mapped_ram_support("garbage").is_err());
+    }
+
     use super::*;
 
     const LDD: &str = "\tlinux-vdso.so.1 (0x00007ff83a5e1000)
