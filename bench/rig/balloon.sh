@@ -2,10 +2,11 @@
 # Balloon benchmark under real KVM: free page reporting latency (guest frees -> host RSS of guest
 # RAM drops), free page hinting run duration per GiB hinted, and inflate rate in MiB/s.
 # Prints one `BALLOON-BENCH {json}` line per run. Runs inside the kvm rig (busybox userland):
-#   payload = static vmm + vmlinuz + initramfs.cpio (from `vmm image build`) + this script
+#   payload = static vmm + vmlinuz + initramfs.cpio (from `vmm image build`) + lib.sh + this script
 #   flock /tmp/kvm-rig.lock ../shared/kvm-rig/run.sh --timeout 900 PAYLOAD -- sh balloon.sh [RUNS]
 # Guest: 512 MiB, 2 vCPUs, `quiet`, balloon with reporting, hinting and 1 s statistics.
 set -u
+. ./lib.sh   # now_ms, wait_for, json_num, guest_rss_kib
 RUNS=${1:-3}
 SOCK=/tmp/bb.sock
 CON=/tmp/bb-console.log
@@ -16,20 +17,8 @@ BALLOON=amount_mib=0,deflate_on_oom=true,stats_polling_interval_s=1,free_page_re
 # The guest touches and frees FREE_MIB, then idles while the host runs hinting and inflation.
 GUEST="sleep 2; guest-trimmer alloc --mib $FREE_MIB --hold-s 2; sleep 3600"
 
-now_ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
 api() { ./vmm "$@" --api-sock "$SOCK"; }
 field() { api balloon "$1" --json | tr -d ' ,' | grep "^\"$2\":" | head -n1 | cut -d: -f2; }
-# Resident KiB of the guest RAM mapping (the anonymous mapping whose size is the guest's memory).
-guest_rss_kib() {
-    awk -v want=$((MEM_MIB * 1024)) '/^Size:/ { size = $2 } /^Rss:/ { if (size == want) rss += $2 } END { print rss + 0 }' "/proc/$1/smaps"
-}
-wait_for() { # PREDICATE-COMMAND LIMIT_S: poll every 50 ms
-    deadline=$(( $(now_ms) + $2 * 1000 ))
-    while ! eval "$1"; do
-        [ "$(now_ms)" -gt "$deadline" ] && return 1
-        sleep 0.05
-    done
-}
 
 run=1
 while [ "$run" -le "$RUNS" ]; do

@@ -12,25 +12,17 @@
 #    so writes succeed into the page cache and the error surfaces at fsync; the VM runs on.
 # Prints one `CRASH-BENCH {json}` line per trial/case.
 set -u
+. ./lib.sh   # now_ms, wait_for, json_num, guest_rss_kib
 TRIALS=${1:-40}
 W=/tmp/cr
 SOCK=$W/api.sock
 GUEST="dd if=/dev/urandom of=/tmp/buf bs=1M count=64 2>/dev/null; while :; do echo CR-HASH \$(sha256sum /tmp/buf | cut -c1-64); sleep 1; done"
 mkdir -p $W
 
-now_ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
-wait_for() { # PREDICATE-COMMAND LIMIT_S
-    deadline=$(( $(now_ms) + $2 * 1000 ))
-    while ! eval "$1"; do
-        [ "$(now_ms)" -gt "$deadline" ] && return 1
-        sleep 0.05
-    done
-}
 running() { ./vmm status --api-sock "$SOCK" --json 2>/dev/null | grep -qi '"state": *"running"'; }
 inspect_id() { # DIR: prints the snapshot ID if every checksum verifies, else nothing
     ./vmm inspect "$1" --json 2>/dev/null >$W/inspect.json && grep '"snapshot_id"' $W/inspect.json | cut -d'"' -f4
 }
-json_num() { tr ',{}' '\n\n\n' < "$1" | grep "\"$2\":" | head -n1 | cut -d: -f2 | tr -d ' "'; }
 restore_bg() { # DIR CONSOLE [flags]: restore serving $SOCK, in the background ($VMM)
     rm -f "$SOCK"; d=$1; c=$2; shift 2
     ./vmm restore --snapshot "$d" --api-sock "$SOCK" --serial "$c" "$@" </dev/null >$W/restore.log 2>&1 &

@@ -5,23 +5,15 @@
 # (app_i, --after resume) and right after it a full snapshot of the same VM (full_i, --after
 # stop). Then app_1 (a three-level chain) is flattened, and both are restored. Prints one
 # `LAYERS-BENCH {json}` line per measurement. Runs inside the kvm rig:
-#   payload = static vmm + vmlinuz + initramfs.cpio + this script; sh layers.sh [APPS]
+#   payload = static vmm + vmlinuz + initramfs.cpio + lib.sh + this script; sh layers.sh [APPS]
 set -u
+. ./lib.sh   # now_ms, wait_for, json_num, guest_rss_kib
 APPS=${1:-10}
 SOCK=/tmp/lb.sock
 CON=/tmp/lb-console.log
 D=/tmp/lb
 GUEST='g=$(devmem 0xff000 64); echo LB-READY; w() { while [ $(devmem 0xff000 64) = $g ]; do sleep 0.1; done; g=$(devmem 0xff000 64); }; w; dd if=/dev/urandom of=/tmp/rt bs=1M count=32 2>/dev/null; echo LB-RT; while :; do w; dd if=/dev/urandom of=/tmp/app bs=1M count=4 2>/dev/null; echo LB-APP; done'
 
-now_ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
-wait_for() { # PREDICATE-COMMAND LIMIT_S
-    deadline=$(( $(now_ms) + $2 * 1000 ))
-    while ! eval "$1"; do
-        [ "$(now_ms)" -gt "$deadline" ] && return 1
-        sleep 0.05
-    done
-}
-json_num() { tr ',{}' '\n\n\n' < "$1" | grep "\"$2\":" | head -n1 | cut -d: -f2 | tr -d ' "'; }
 disk_kib() { du -k -s "$1" | cut -f1; }
 fail() { echo "LAYERS-BENCH {\"kind\":\"error\",\"ok\":false,\"error\":\"$1\"}"; exit 1; }
 

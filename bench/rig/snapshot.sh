@@ -4,26 +4,19 @@
 # restore's phase breakdown, for our compact memory file and for a raw full dump (every page,
 # as Firecracker writes it), each restored with and without chunk verification.
 # Prints one `SNAPSHOT-BENCH {json}` line per measurement. Runs inside the kvm rig:
-#   payload = static vmm + vmlinuz + initramfs.cpio (from `vmm image build`) + this script
+#   payload = static vmm + vmlinuz + initramfs.cpio (from `vmm image build`) + lib.sh + this script
 #   flock /tmp/kvm-rig.lock ../shared/kvm-rig/run.sh --timeout 900 PAYLOAD -- sh snapshot.sh [RUNS]
 # Guest: 512 MiB, 2 vCPUs, `quiet`; it fills 64 MiB of tmpfs with random bytes, then prints its
 # uptime in a tight loop (so the first output after a restore comes right after it resumes).
 set -u
+. ./lib.sh   # now_ms, wait_for, json_num, guest_rss_kib
+POLL_S=0.02
 RUNS=${1:-2}
 MEM_MIB=512
 SOCK=/tmp/sb.sock
 CON=/tmp/sb-console.log
 GUEST="dd if=/dev/urandom of=/tmp/buf bs=1M count=64 2>/dev/null; echo SB-FILLED; while :; do read up rest < /proc/uptime; echo SB-TICK \$up; done"
 
-now_ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
-wait_for() { # PREDICATE-COMMAND LIMIT_S: poll every 20 ms
-    deadline=$(( $(now_ms) + $2 * 1000 ))
-    while ! eval "$1"; do
-        [ "$(now_ms)" -gt "$deadline" ] && return 1
-        sleep 0.02
-    done
-}
-json_num() { tr ',{}' '\n\n\n' < "$1" | grep "\"$2\":" | head -n1 | cut -d: -f2 | tr -d ' "'; }
 
 run=1
 while [ "$run" -le "$RUNS" ]; do

@@ -9,6 +9,7 @@
 # Then CLONES restores of the one snapshot run at once; each prints random bytes read after its
 # restore, which must all differ. One `SOAK-BENCH {json}` line per cycle and one for the clones.
 set -u
+. ./lib.sh   # now_ms, wait_for, json_num, guest_rss_kib
 CYCLES=${1:-200}
 BUDGET_S=${2:-660}
 CLONES=${3:-20}
@@ -19,14 +20,6 @@ SOCK=$W/api.sock
 GUEST="while :; do dd if=/dev/urandom of=/tmp/work bs=1M count=4 2>/dev/null; echo SOAK-TICK \$(cut -d' ' -f1 /proc/uptime) \$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' '); sleep 1; done"
 mkdir -p $STORE
 
-now_ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
-wait_for() { # PREDICATE-COMMAND LIMIT_S
-    deadline=$(( $(now_ms) + $2 * 1000 ))
-    while ! eval "$1"; do
-        [ "$(now_ms)" -gt "$deadline" ] && return 1
-        sleep 0.05
-    done
-}
 ticks() { grep -c '^SOAK-TICK [0-9.]* [0-9a-f]\{32\}' "$1" 2>/dev/null; }
 all_fds() { n=0; for d in /proc/[0-9]*/fd; do c=$(ls "$d" 2>/dev/null | wc -l); n=$((n + c)); done; echo $n; }
 rss_kib() { awk '/^VmRSS:/ {print $2}' /proc/$1/status 2>/dev/null; }

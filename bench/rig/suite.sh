@@ -4,7 +4,7 @@
 # an in-guest cache drop with free page reporting at order 0) on the same S512 guest, in one rig
 # boot. Prints one `SUITE-BENCH {json}` line per variant and run (and `SUITE-SNAPJSON` lines with
 # our `vmm snapshot --json` output); `bench suite` reads them. Runs inside the kvm rig:
-#   payload = static vmm + static bench (QMP client) + vmlinuz + initrd + data.ext4 + QEMU
+#   payload = static vmm + static bench (QMP client) + vmlinuz + initrd + data.ext4 + lib.sh + QEMU
 #             (lib/, fw/) + qemu-append.txt (our default kernel command line) + this script
 #   cargo run --release -p bench -- suite [--runs N]   (or scripts/bench-suite)
 # Environment: SUITE_COLD_WAIT_S (cold set idle before our snapshots, default 25: past the
@@ -14,6 +14,8 @@
 # `SUITE-HOT <uptime before> <idle> <uptime after> <idle>`, `D` -> drops caches, compacts, waits
 # 5 s for free page reporting, `SUITE-DROPPED`.
 set -u
+. ./lib.sh   # now_ms, wait_for, json_num, guest_rss_kib
+POLL_S=0.02
 # Settings from the host side (bench suite).
 [ -f ./suite.env ] && . ./suite.env
 RUNS=${1:-5}
@@ -41,15 +43,6 @@ QEMU="./lib/ld-linux-x86-64.so.2 --library-path ./lib ./qemu-system-x86_64 -L ./
 -device virtio-balloon-device,free-page-reporting=on"
 QEMU_APPEND="$(cat qemu-append.txt) quiet page_reporting.page_reporting_order=0 vmm_trimmer=off vmm_run=\"$GUEST\""
 
-now_ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
-wait_for() { # PREDICATE-COMMAND LIMIT_S: poll every 20 ms
-    deadline=$(( $(now_ms) + $2 * 1000 ))
-    while ! eval "$1"; do
-        [ "$(now_ms)" -gt "$deadline" ] && return 1
-        sleep 0.02
-    done
-}
-json_num() { tr ',{}' '\n\n\n' < "$1" | grep "\"$2\":" | head -n1 | cut -d: -f2 | tr -d ' "'; }
 # Allocated (st_blocks * 512) and apparent bytes of the files below $1: "ALLOC APPARENT".
 disk_bytes() {
     find "$1" -type f -exec stat -c '%b %B %s' {} \; | awk '{a += $1 * $2; s += $3} END {if (NR == 0) printf "null null"; else printf "%d %d", a, s}'

@@ -3,7 +3,7 @@
 # daemon CPU time, daemon RSS), and a trim's time and bytes freed per step, measured in the
 # guest (/proc/meminfo) and on the host (RSS of guest RAM before and after).
 # Prints one `TRIM-BENCH {json}` line per run. Runs inside the kvm rig (busybox userland):
-#   payload = static vmm + vmlinuz + initramfs.cpio + data.ext4 (from `vmm image build`) + this script
+#   payload = static vmm + vmlinuz + initramfs.cpio + data.ext4 (from `vmm image build`) + lib.sh + this script
 #   cargo run --release -p bench -- trim [--runs N]   (or by hand:)
 #   flock /tmp/kvm-rig.lock ../shared/kvm-rig/run.sh --timeout 1200 PAYLOAD -- sh trim.sh [RUNS]
 # Guest: 512 MiB, 2 vCPUs, `quiet`, balloon with free page reporting, the S512 data disk
@@ -12,6 +12,8 @@
 # (cold), 32 MiB re-read in a loop until the trim (hot). Policy: the built-in `s512`
 # (default.json plus the runtime hook). After the trim: page cache residency of both sets.
 set -u
+. ./lib.sh   # now_ms, wait_for, json_num, guest_rss_kib
+POLL_S=0.1
 RUNS=${1:-3}
 IDLE_S=${TRIM_BENCH_IDLE_S:-40}
 SOCK=/tmp/tb.sock
@@ -30,17 +32,6 @@ echo TB-GO; sleep 2; echo TB-TRIM \$(\$G trim --builtin s512 --unix \$C --json);
 \$G workload mincore /mnt/data/cold --label cold; \$G workload mincore /mnt/data/hot --label hot; \
 touch /run/chk; sleep 1; echo TB-DONE; sleep 3600"
 
-now_ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
-guest_rss_kib() {
-    awk -v want=$((MEM_MIB * 1024)) '/^Size:/ { size = $2 } /^Rss:/ { if (size == want) rss += $2 } END { print rss + 0 }' "/proc/$1/smaps"
-}
-wait_for() { # PREDICATE-COMMAND LIMIT_S
-    deadline=$(( $(now_ms) + $2 * 1000 ))
-    while ! eval "$1"; do
-        [ "$(now_ms)" -gt "$deadline" ] && return 1
-        sleep 0.1
-    done
-}
 line_of() { grep -a "$1" "$CON" | head -n1 | sed "s/.*$1 //" | tr -d '\r'; }
 
 run=1

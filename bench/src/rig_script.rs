@@ -13,6 +13,9 @@ use serde_json::Value;
 
 use crate::host::{build_image, output_of, say, workspace_root};
 
+/// The shell helpers every script sources (`. ./lib.sh`).
+pub(crate) const SHELL_LIB: &str = include_str!("../rig/lib.sh");
+
 /// One script of a run.
 pub(crate) struct Script {
     /// Its file name in the payload (`snapshot.sh`).
@@ -81,6 +84,7 @@ pub(crate) fn run_script(run: ScriptRun) -> anyhow::Result<ScriptOutcome> {
         .add_file(&vmm, "vmm", 0o755)?
         .add_file(&image.kernel, "vmlinuz", 0o644)?
         .add_file(&image.initrd, "initramfs.cpio", 0o644)?;
+    payload.add_bytes("lib.sh", SHELL_LIB.as_bytes(), 0o644)?;
     for script in &run.scripts {
         payload.add_bytes(script.file_name, script.text.as_bytes(), 0o755)?;
     }

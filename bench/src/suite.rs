@@ -162,6 +162,7 @@ fn payload(root: &Path, q: &ChosenQemu, env: &str) -> anyhow::Result<Payload> {
         .and_then(|x| x.add_bytes("qemu-append.txt", cmdline.as_bytes(), 0o644))
         .and_then(|x| x.add_bytes("suite.env", env.as_bytes(), 0o644))
         .and_then(|x| x.add_bytes("suite.sh", SCRIPT.as_bytes(), 0o755))
+        .and_then(|x| x.add_bytes("lib.sh", crate::rig_script::SHELL_LIB.as_bytes(), 0o644))
         .context("assembling the rig payload")?;
     for lib in &q.bundle.libs {
         p.add_file(&lib.path, &format!("lib/{}", lib.name), 0o755)
