@@ -32,10 +32,9 @@ D*) sync; echo 3 > /proc/sys/vm/drop_caches; echo 1 > /proc/sys/vm/compact_memor
 esac; done"
 # Development: SUITE_ONLY=ours|qemu runs one side; SUITE_QEMU_ACCEL replaces `-enable-kvm -cpu host`.
 ONLY=${SUITE_ONLY:-}
-# Our VMM without its seccomp filters: with them the snapshot's file open (openat) is refused
-# on the snapshotting thread (exit 159). SUITE_SECCOMP=1 keeps them (to check a fix).
-SECCOMP=--no-seccomp
-[ "${SUITE_SECCOMP:-0}" = 1 ] && SECCOMP=""
+# Our VMM runs with its seccomp filters, as users run it; SUITE_SECCOMP=0 turns them off.
+SECCOMP=""
+[ "${SUITE_SECCOMP:-1}" = 0 ] && SECCOMP=--no-seccomp
 QEMU="./lib/ld-linux-x86-64.so.2 --library-path ./lib ./qemu-system-x86_64 -L ./fw ${SUITE_QEMU_ACCEL:--enable-kvm -cpu host} \
 -M microvm,acpi=on -m 512 -smp 2 -nodefaults -no-user-config -display none -serial stdio \
 -no-reboot -kernel vmlinuz -initrd initrd \
