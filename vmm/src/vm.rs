@@ -29,7 +29,7 @@ use crate::kvm::vcpu::{self, RunState, Vcpu, VcpuControl, VcpuError, VcpuEvent, 
 use crate::kvm::vm::{create_vm, VmError};
 use crate::kvm::{kvm_device_path, open_kvm, KvmError};
 use crate::memory::dirty::{dirty_logging_wanted, dirty_sync_interval, memory_slots};
-use crate::memory::{DirtyLogError, DirtyTracker, GuestRam};
+use crate::memory::{allocate_guest_memory, DirtyLogError, DirtyTracker, GuestRam};
 use crate::metrics::BootTimeline;
 use crate::snapshot::SnapshotError;
 
@@ -383,11 +383,10 @@ impl Vm {
             .into_iter()
             .map(|(s, l)| (GuestAddress(s), l as usize))
             .collect();
-        let mem =
-            GuestMemoryMmap::from_ranges(&ranges).map_err(|source| BootError::GuestMemory {
-                mem_mib: machine.mem_size_mib,
-                source,
-            })?;
+        let mem = allocate_guest_memory(&ranges).map_err(|source| BootError::GuestMemory {
+            mem_mib: machine.mem_size_mib,
+            source,
+        })?;
         let log_dirty = dirty_logging_wanted(config.balloon.as_ref())
             || config.machine_config.track_dirty_pages;
         let vm_fd = Arc::new(create_vm(&kvm, &mem, log_dirty)?);

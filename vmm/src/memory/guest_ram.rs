@@ -102,6 +102,36 @@ pub struct GuestRam {
     file_backed: bool,
 }
 
+/// Allocates anonymous guest memory for `ranges` (guest address, bytes) and marks it
+/// `MADV_DONTDUMP`: a VMM core dump then holds the VMM, not the guest's data (large, and possibly
+/// secret). The distinct flag also keeps the kernel from merging guest memory with a neighbouring
+/// anonymous mapping (a thread stack, a malloc arena), so each region stays one mapping of its
+/// own size in `/proc/PID/smaps`, where tests and benchmarks find it.
+pub fn allocate_guest_memory(
+    ranges: &[(GuestAddress, usize)],
+) -> Result<GuestMemoryMmap, vm_memory::mmap::FromRangesError> {
+    let mem = GuestMemoryMmap::from_ranges(ranges)?;
+    for region in mem.iter() {
+        // SAFETY: the range is exactly the mapping the region owns; MADV_DONTDUMP only changes
+        // whether core dumps include it.
+        let rc = unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_DONTDUMP,
+            )
+        };
+        if rc != 0 {
+            tracing::warn!(
+                err = %std::io::Error::last_os_error(),
+                gpa = region.start_addr().0,
+                "madvise(MADV_DONTDUMP) of guest memory failed; core dumps would include it"
+            );
+        }
+    }
+    Ok(mem)
+}
+
 impl GuestRam {
     /// Wraps the guest's memory.
     pub fn new(mem: GuestMemoryMmap) -> Self {
@@ -254,6 +284,22 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn guest_memory_is_left_out_of_core_dumps_and_stays_one_mapping() {
+        let mem = allocate_guest_memory(&[(GuestAddress(0), 64 * MIB as usize)]).unwrap();
+        let start = mem.iter().next().unwrap().as_ptr() as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines();
+        let header = lines
+            .by_ref()
+            .find(|l| l.starts_with(&format!("{start:x}-")))
+            .expect("the guest memory mapping is in smaps");
+        let end = usize::from_str_radix(header.split(['-', ' ']).nth(1).unwrap(), 16).unwrap();
+        assert_eq!(end - start, 64 * MIB as usize, "{header}");
+        let flags = lines.find(|l| l.starts_with("VmFlags:")).unwrap();
+        assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
+    }
 
     fn ram() -> GuestRam {
         GuestRam::new(

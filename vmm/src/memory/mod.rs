@@ -7,4 +7,4 @@ pub mod guest_ram;
 
 pub use changed::{ChangedPages, ChangedSet};
 pub use dirty::{DirtyLogError, DirtyTracker, DirtyTrackerStats, MemorySlot};
-pub use guest_ram::{GuestRam, MemoryBacking, ReleaseError};
+pub use guest_ram::{allocate_guest_memory, GuestRam, MemoryBacking, ReleaseError};

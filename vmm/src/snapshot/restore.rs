@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use super::chain::Chain;
 use super::lazy::{LazyMemory, LazyMode};
@@ -20,7 +20,7 @@ use crate::kvm::vcpu_state::VcpuState;
 use crate::kvm::vm::create_vm;
 use crate::kvm::{kvm_device_path, open_kvm};
 use crate::memory::dirty::dirty_logging_wanted;
-use crate::memory::GuestRam;
+use crate::memory::{allocate_guest_memory, GuestRam};
 use crate::vm::BootError;
 
 /// How to restore.
@@ -131,7 +131,7 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         .iter()
         .map(|&(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| BootError::GuestMemory {
+    let mem = allocate_guest_memory(&ranges).map_err(|source| BootError::GuestMemory {
         mem_mib: chain.top().state.config.machine_config.mem_size_mib,
         source,
     })?;
