@@ -142,6 +142,20 @@ fn warm_up_thread_heap_shrink() {
     }
 }
 
+/// glibc sizes its limit on malloc arenas lazily, when a thread's first allocation needs a new
+/// arena and eight exist, by reading `/sys/devices/system/cpu/online` (Debian's 2.36 carries
+/// the upstream change to `__get_nprocs` there): from whichever thread that is, whose filter
+/// rightly refuses `openat` (seen in the benchmark suite on a snapshot's helper thread). Setting
+/// the limit now, to glibc's own default of 8 per CPU, means glibc never reads that file.
+fn fix_malloc_arena_limit() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let limit = i32::try_from(8 * cpus).unwrap_or(i32::MAX);
+    // SAFETY: mallopt only sets a malloc parameter; M_ARENA_MAX takes any positive count.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, limit) } != 1 {
+        tracing::warn!(limit, "mallopt(M_ARENA_MAX) failed: a filtered thread may be refused openat when glibc sizes its arena limit");
+    }
+}
+
 /// Whether threads install filters; set once by `vmm run` / `vmm restore`.
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
@@ -150,6 +164,7 @@ pub fn set_enabled(enabled: bool) -> Result<(), SeccompError> {
     if enabled {
         sigsys::install_handler().map_err(SeccompError::Handler)?;
         warm_up_thread_heap_shrink();
+        fix_malloc_arena_limit();
         // Device crates cannot depend on the VMM: they call this hook when a worker starts.
         virtio_device::set_worker_thread_hook(install_worker_filter);
     } else {
