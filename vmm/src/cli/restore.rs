@@ -23,6 +23,21 @@ pub struct RestoreArgs {
     /// Serve the control API on this unix socket.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
+    /// How guest memory is restored: `off` maps the memory file (private, copy-on-write);
+    /// `uffd` fills each page on first touch with a userfaultfd handler.
+    #[arg(long, value_enum, default_value_t = LazyMode::Off)]
+    pub lazy: LazyMode,
+    /// Log dirty pages so diff layers can be written on this snapshot (`vmm snapshot --parent`).
+    #[arg(long)]
+    pub track_dirty_pages: bool,
+    /// What every restored VM takes (shared with `vmm serve`).
+    #[command(flatten)]
+    pub vm: RestoredVmArgs,
+}
+
+/// Options of a restored VM, the same for `vmm restore` and `vmm serve`'s loads.
+#[derive(clap::Args, Debug)]
+pub struct RestoredVmArgs {
     /// Where the serial console goes: `stdout` (default) or a file.
     #[arg(long, default_value = "stdout")]
     pub serial: String,
@@ -33,13 +48,6 @@ pub struct RestoreArgs {
     /// (by default a file is checked once per host and version: see `snapshot/verified.rs`).
     #[arg(long, conflicts_with = "skip_memory_verify")]
     pub reverify: bool,
-    /// How guest memory is restored: `off` maps the memory file (private, copy-on-write);
-    /// `uffd` fills each page on first touch with a userfaultfd handler.
-    #[arg(long, value_enum, default_value_t = LazyMode::Off)]
-    pub lazy: LazyMode,
-    /// Log dirty pages so diff layers can be written on this snapshot (`vmm snapshot --parent`).
-    #[arg(long)]
-    pub track_dirty_pages: bool,
     /// Write timings and the exit reason as JSON to this file when the VM ends.
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
@@ -55,6 +63,32 @@ pub struct RestoreArgs {
     pub no_seccomp: bool,
 }
 
+impl RestoredVmArgs {
+    /// The restore options for memory mode `lazy`.
+    pub fn restore_options(
+        &self,
+        lazy: LazyMode,
+        track_dirty_pages: bool,
+        start_paused: bool,
+    ) -> RestoreOptions {
+        RestoreOptions {
+            serial: Some(SerialOutput::parse(&self.serial)),
+            skip_memory_verify: self.skip_memory_verify,
+            reverify: self.reverify,
+            lazy,
+            track_dirty_pages,
+            start_paused,
+        }
+    }
+
+    /// Tells the guest-trimmer in the background that `vm` was restored (unless turned off).
+    pub fn notify_trimmer(&self, vm: &Vm) {
+        if let Some(uds) = vm.vsock_uds_path().filter(|_| !self.no_after_restore) {
+            crate::pipeline::after_restore::notify_in_background(uds, self.trimmer_port);
+        }
+    }
+}
+
 /// Restores the VM and serves it; returns the exit code.
 pub fn run(args: RestoreArgs) -> CliResult {
     let start = mark_process_start();
@@ -64,19 +98,12 @@ pub fn run(args: RestoreArgs) -> CliResult {
         .context("cannot block termination signals")?;
     let api_server = args.api_sock.as_deref().map(ApiServer::bind).transpose()?;
     let timeline = Arc::new(BootTimeline::new(start));
-    crate::seccomp::set_enabled(!args.no_seccomp)?;
-    let options = RestoreOptions {
-        serial: Some(SerialOutput::parse(&args.serial)),
-        skip_memory_verify: args.skip_memory_verify,
-        reverify: args.reverify,
-        lazy: args.lazy,
-        track_dirty_pages: args.track_dirty_pages,
-        start_paused: false,
-    };
+    crate::seccomp::set_enabled(!args.vm.no_seccomp)?;
+    let options = args
+        .vm
+        .restore_options(args.lazy, args.track_dirty_pages, false);
     let vm = Vm::restore(&args.snapshot, &options, timeline)
         .with_context(|| format!("cannot restore {}", args.snapshot.display()))?;
-    if let Some(uds) = vm.vsock_uds_path().filter(|_| !args.no_after_restore) {
-        crate::pipeline::after_restore::notify_in_background(uds, args.trimmer_port);
-    }
-    super::run::serve(vm, api_server, signals, args.metrics_file.as_deref())
+    args.vm.notify_trimmer(&vm);
+    super::run::serve(vm, api_server, signals, args.vm.metrics_file.as_deref())
 }

@@ -16,9 +16,7 @@ use serde_json::json;
 use super::CliResult;
 use crate::api::load::LoadRequest;
 use crate::api::{ApiError, ApiHandler, ApiReply, ApiRequest, ApiServer};
-use crate::config::SerialOutput;
 use crate::metrics::BootTimeline;
-use crate::snapshot::restore::RestoreOptions;
 use crate::vm::{BootError, Vm, VmHandle};
 
 /// How long a load request waits for the restore (checking every chunk of a large memory file
@@ -35,27 +33,9 @@ pub struct ServeArgs {
     /// Serve the control API on this unix socket.
     #[arg(long)]
     pub api_sock: PathBuf,
-    /// Where the loaded VM's serial console goes: `stdout` (default) or a file.
-    #[arg(long, default_value = "stdout")]
-    pub serial: String,
-    /// Do not check the memory chunks' checksums on load (the state file is always checked).
-    #[arg(long)]
-    pub skip_memory_verify: bool,
-    /// Check every memory chunk on load even when this host wrote or verified the file before.
-    #[arg(long, conflicts_with = "skip_memory_verify")]
-    pub reverify: bool,
-    /// Write timings and the exit reason as JSON to this file when the VM ends.
-    #[arg(long)]
-    pub metrics_file: Option<PathBuf>,
-    /// Do not tell the guest-trimmer (over vsock) that the guest was restored.
-    #[arg(long)]
-    pub no_after_restore: bool,
-    /// The guest-trimmer's vsock port.
-    #[arg(long, default_value_t = crate::pipeline::DEFAULT_TRIMMER_PORT)]
-    pub trimmer_port: u32,
-    /// Do not install the per-thread seccomp filters (debugging only; logs a warning).
-    #[arg(long)]
-    pub no_seccomp: bool,
+    /// The loaded VM's options (the same as `vmm restore`'s).
+    #[command(flatten)]
+    pub vm: super::restore::RestoredVmArgs,
 }
 
 /// What the API and signal threads ask of the main thread before a VM exists.
@@ -126,7 +106,7 @@ pub fn run(args: ServeArgs) -> CliResult {
         .thread_block()
         .context("cannot block termination signals")?;
     let api_server = ApiServer::bind(&args.api_sock)?;
-    crate::seccomp::set_enabled(!args.no_seccomp)?;
+    crate::seccomp::set_enabled(!args.vm.no_seccomp)?;
     let (main_tx, main_rx) = mpsc::channel();
     let handler = Arc::new(ServeHandler {
         vm: OnceLock::new(),
@@ -155,7 +135,7 @@ pub fn run(args: ServeArgs) -> CliResult {
     };
     // The API keeps serving the VM through `handler`; the signal thread above forwards
     // signals to it too.
-    let result = super::run::serve(vm, None, signals, args.metrics_file.as_deref());
+    let result = super::run::serve(vm, None, signals, args.vm.metrics_file.as_deref());
     drop(api);
     result
 }
@@ -174,21 +154,14 @@ fn wait_for_load(
             }
             MainRequest::Load(load, reply) => (load, reply),
         };
-        let options = RestoreOptions {
-            serial: Some(SerialOutput::parse(&args.serial)),
-            skip_memory_verify: args.skip_memory_verify,
-            reverify: args.reverify,
-            lazy: load.lazy,
-            track_dirty_pages: load.track_dirty_pages,
-            start_paused: !load.resume,
-        };
+        let options = args
+            .vm
+            .restore_options(load.lazy, load.track_dirty_pages, !load.resume);
         let timeline = Arc::new(BootTimeline::new(std::time::Instant::now()));
         match Vm::restore(&load.path, &options, timeline) {
             Ok(vm) => {
                 let _ = handler.vm.set(vm.handle());
-                if let Some(uds) = vm.vsock_uds_path().filter(|_| !args.no_after_restore) {
-                    crate::pipeline::after_restore::notify_in_background(uds, args.trimmer_port);
-                }
+                args.vm.notify_trimmer(&vm);
                 tracing::info!(snapshot = %load.path.display(), resumed = load.resume, "snapshot loaded");
                 let _ = reply.send(Ok(()));
                 return Some(vm);
