@@ -66,6 +66,10 @@ pub struct DaemonArgs {
     /// Most DAMON regions.
     #[arg(long, default_value_t = DAEMON_ATTRS.max_nr_regions)]
     pub max_regions: u64,
+    /// Leave the kernel's multi-generational LRU on. By default the daemon switches it off:
+    /// under it DAMON does not see reads of cached files, and pageout would take the hot set.
+    #[arg(long)]
+    pub keep_lru_gen: bool,
 }
 
 /// `guest-trimmer trim`.
@@ -134,6 +138,11 @@ pub enum WorkloadCmd {
         /// Unix socket to listen on.
         #[arg(long)]
         socket: PathBuf,
+        /// Register the socket as a before-snapshot hook in this directory (as a runtime
+        /// would, so that every policy's hooks step asks it to release its cache), e.g.
+        /// /run/guest-trimmer/hooks.d.
+        #[arg(long)]
+        register_hook_in: Option<PathBuf>,
     },
     /// Print the page cache residency of the files below DIR (mincore).
     Mincore {
@@ -159,6 +168,7 @@ pub fn daemon(args: &DaemonArgs, proc_root: &Path, sys_root: &Path) -> ! {
         sys_root: sys_root.to_path_buf(),
         attrs,
         start_monitoring: true,
+        keep_lru_gen: args.keep_lru_gen,
     }));
     let handler = controller.handler();
     if let Some(path) = args.unix.clone() {
@@ -202,6 +212,7 @@ pub fn trim(args: &TrimArgs, proc_root: &Path, sys_root: &Path) -> Result<(), Co
             sys_root: sys_root.to_path_buf(),
             attrs: DAEMON_ATTRS,
             start_monitoring: false,
+            keep_lru_gen: true,
         });
         controller.trim(policy)
     };
@@ -274,7 +285,8 @@ pub fn workload(cmd: &WorkloadCmd) -> Result<(), CommandError> {
             mib,
             pid_file,
             socket,
-        } => workload::runtime(*mib, pid_file, socket),
+            register_hook_in,
+        } => workload::runtime(*mib, pid_file, socket, register_hook_in.as_deref()),
         WorkloadCmd::Mincore { dir, label } => workload::mincore(dir, label),
     }
     .map_err(CommandError::Workload)

@@ -51,6 +51,10 @@ pub struct ControllerConfig {
     pub attrs: MonitoringAttrs,
     /// Start DAMON monitoring now (false: use what runs, e.g. for a one-off local trim).
     pub start_monitoring: bool,
+    /// Leave the multi-generational LRU on when monitoring starts (by default the daemon
+    /// switches it off: DAMON cannot see reads of cached files under it; see
+    /// [`KernelKnobs::disable_lru_gen`](crate::trim::KernelKnobs::disable_lru_gen)).
+    pub keep_lru_gen: bool,
 }
 
 impl Default for ControllerConfig {
@@ -60,6 +64,7 @@ impl Default for ControllerConfig {
             sys_root: crate::sysinfo::DEFAULT_SYS_ROOT.into(),
             attrs: DAEMON_ATTRS,
             start_monitoring: true,
+            keep_lru_gen: false,
         }
     }
 }
@@ -78,6 +83,8 @@ pub struct Controller {
     started: Instant,
     /// When monitoring started, or why it could not.
     monitoring: Result<Instant, String>,
+    /// What the daemon did about the multi-generational LRU (for `status`).
+    lru_gen: Value,
     trim_lock: Mutex<()>,
     history: Mutex<History>,
 }
@@ -124,12 +131,47 @@ pub fn start_monitoring(env: &TrimEnv) -> Result<(), crate::damon::DamonError> {
     damon.start()
 }
 
+/// Switches the multi-generational LRU off unless `keep` (see
+/// [`KernelKnobs::disable_lru_gen`](crate::trim::KernelKnobs::disable_lru_gen)); returns what
+/// was found and done, for `status`. A failure is logged, never fatal: trims still run, with
+/// DAMON blind to reads of cached files.
+fn switch_off_lru_gen(knobs: &crate::trim::KernelKnobs, keep: bool) -> Value {
+    let caps = match knobs.lru_gen_caps() {
+        Ok(None) => return json!({"present": false}),
+        Ok(Some(caps)) => caps,
+        Err(e) => return json!({"present": true, "error": error_chain(&e)}),
+    };
+    let before = format!("{caps:#06x}");
+    if caps == 0 || keep {
+        return json!({"present": true, "caps_before": before, "disabled_by_daemon": false});
+    }
+    match knobs.disable_lru_gen() {
+        Ok(()) => {
+            tracing::info!(
+                caps_before = %before,
+                "multi-generational LRU switched off so that DAMON sees reads of cached files"
+            );
+            json!({"present": true, "caps_before": before, "disabled_by_daemon": true})
+        }
+        Err(e) => {
+            let e = error_chain(&e);
+            tracing::warn!("could not switch the multi-generational LRU off (DAMON will not see reads of cached files): {e}");
+            json!({"present": true, "caps_before": before, "disabled_by_daemon": false, "error": e})
+        }
+    }
+}
+
 impl Controller {
     /// Creates the controller and, if configured, starts DAMON monitoring. A guest without
     /// DAMON still gets a controller: `status` shows why monitoring is off, and DAMON steps fail
     /// with that reason.
     pub fn start(config: ControllerConfig) -> Controller {
         let mut env = TrimEnv::new(&config.proc_root, &config.sys_root, config.attrs);
+        let lru_gen = if config.start_monitoring {
+            switch_off_lru_gen(&env.knobs, config.keep_lru_gen)
+        } else {
+            Value::Null
+        };
         let monitoring = if config.start_monitoring {
             match start_monitoring(&env) {
                 Ok(()) => {
@@ -150,6 +192,7 @@ impl Controller {
             env,
             started: Instant::now(),
             monitoring,
+            lru_gen,
             trim_lock: Mutex::new(()),
             history: Mutex::new(History::default()),
         }
@@ -202,7 +245,7 @@ impl Controller {
                     },
                     Err(e) => return error("after_restore", &e),
                 };
-                let report = trim::after_restore(&policy);
+                let report = trim::after_restore(&self.env, &policy);
                 json!({"ok": true, "op": "after_restore", "report": report})
             }
         }
@@ -252,6 +295,7 @@ impl Controller {
                 "kdamond0": kdamond.as_ref().ok(),
                 "kdamond0_error": kdamond.as_ref().err(),
                 "attrs": self.env.attrs,
+                "lru_gen": self.lru_gen,
             },
             "busy": busy,
             "trims": h.trims,

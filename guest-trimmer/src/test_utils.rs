@@ -94,6 +94,7 @@ pub(crate) fn fake() -> Fake {
         },
     );
     env.reporting_delay = Duration::ZERO;
+    env.hooks_dir = dir.path().join("run/guest-trimmer/hooks.d");
     Fake { dir, env }
 }
 

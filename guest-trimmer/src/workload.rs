@@ -100,6 +100,20 @@ pub fn hot_loop(dir: &Path, until_file: Option<&Path>) -> Result<(), WorkloadErr
     }
 }
 
+/// Writes `dir/runtime.json`: a before-snapshot hook that sends `trim` to `socket` and expects
+/// `ok` (see `policies::registered`). Written under a temporary name and renamed, so the
+/// trimmer never reads half a file.
+fn register_release_hook(dir: &Path, socket: &Path) -> Result<(), WorkloadError> {
+    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    let reg = serde_json::json!({"before_snapshot": {
+        "name": "runtime-release", "unix_socket": socket, "message": "trim\n",
+        "expect_reply": "ok", "timeout_ms": 10000}});
+    let tmp = dir.join(".runtime.json.tmp");
+    std::fs::write(&tmp, reg.to_string()).map_err(io("write", &tmp))?;
+    let path = dir.join("runtime.json");
+    std::fs::rename(&tmp, &path).map_err(io("rename to", &path))
+}
+
 /// Fills `words` with a xorshift sequence from `seed`.
 fn fill(words: &mut [u64], mut seed: u64) {
     for w in words.iter_mut() {
@@ -159,7 +173,12 @@ fn rss_kib() -> u64 {
 /// small live objects, so freeing the cache leaves holes only `malloc_trim` returns) that it
 /// releases on SIGUSR1 or a `trim` line on `socket` (answered `ok`). Writes its pid to
 /// `pid_file`.
-pub fn runtime(mib: usize, pid_file: &Path, socket: &Path) -> Result<(), WorkloadError> {
+pub fn runtime(
+    mib: usize,
+    pid_file: &Path,
+    socket: &Path,
+    register_hook_in: Option<&Path>,
+) -> Result<(), WorkloadError> {
     const BLOCK: usize = 64 * 1024;
     // SAFETY: installs an async-signal-safe handler (one atomic store) for SIGUSR1.
     unsafe { libc::signal(libc::SIGUSR1, on_sigusr1 as *const () as libc::sighandler_t) };
@@ -179,6 +198,9 @@ pub fn runtime(mib: usize, pid_file: &Path, socket: &Path) -> Result<(), Workloa
         .set_nonblocking(true)
         .map_err(io("set non-blocking", socket))?;
     std::fs::write(pid_file, format!("{}\n", std::process::id())).map_err(io("write", pid_file))?;
+    if let Some(dir) = register_hook_in {
+        register_release_hook(dir, socket)?;
+    }
     println!("WORKLOAD-RUNTIME-READY {mib} {}", rss_kib());
     let _ = std::io::stdout().flush();
     let mut released = false;
@@ -266,6 +288,25 @@ pub fn mincore(dir: &Path, label: &str) -> Result<(), WorkloadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_registers_a_hook_every_policy_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let hooks = dir.path().join("hooks.d");
+        register_release_hook(&hooks, Path::new("/run/rt.sock")).unwrap();
+        let regs = policies::registered::load_dir(&hooks);
+        assert_eq!(regs.len(), 1);
+        let hook = regs[0].1.as_ref().unwrap().before_snapshot.clone().unwrap();
+        assert_eq!(hook.name, "runtime-release");
+        assert_eq!(
+            hook.action,
+            policies::HookAction::UnixSocket {
+                path: "/run/rt.sock".into(),
+                message: "trim\n".into(),
+                expect_reply: Some("ok".into()),
+            }
+        );
+    }
 
     #[test]
     fn files_reads_and_residency() {

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub mod registered;
 pub mod validate;
 
 pub use validate::{FieldError, ValidationErrors};
@@ -113,14 +114,32 @@ impl Step {
     }
 }
 
-/// Runs hooks from [`Policy::hooks`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Runs hooks from [`Policy::hooks`] and the ones applications registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HooksStep {
     /// Names of the hooks to run, in this order; absent means every declared hook, in
     /// declaration order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub names: Option<Vec<String>>,
+    /// Also run the `before_snapshot` hooks applications registered in
+    /// [`registered::HOOKS_DIR`] (after the policy's own; one whose name the policy's hooks
+    /// already use is skipped). Default true.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub registered: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+impl Default for HooksStep {
+    fn default() -> Self {
+        HooksStep {
+            names: None,
+            registered: true,
+        }
+    }
 }
 
 /// Default for [`DamonPageoutStep::max_duration_ms`].

@@ -65,7 +65,12 @@ fn shipped_policies_parse_and_validate() {
 fn default_policy_keeps_hot_data() {
     let p = Policy::builtin("default").unwrap();
     assert_eq!(p.cold_age_ms, 20_000);
-    assert_eq!(p.budget_ms, Some(15_000));
+    assert_eq!(p.budget_ms, Some(60_000));
+    assert_eq!(
+        p.page_reporting_order,
+        Some(0),
+        "pageout leaves freed memory in blocks below 2 MiB: report them all"
+    );
     assert!(!p.require_trim);
     let mut kinds = Vec::new();
     for step in &p.steps {
@@ -385,9 +390,11 @@ fn hook_references() {
     let mut p = full();
     p.steps[1] = Step::Hooks(HooksStep {
         names: Some(vec!["nope".into(), "runtime".into(), "runtime".into()]),
+        ..HooksStep::default()
     });
     p.steps[0] = Step::Hooks(HooksStep {
         names: Some(vec![]),
+        ..HooksStep::default()
     });
     assert_eq!(
         errors(&p),
@@ -541,7 +548,8 @@ fn runtime_hooks_policy_has_jvm_python_and_after_restore_hooks() {
     assert_eq!(
         p.steps[0],
         Step::Hooks(HooksStep {
-            names: Some(vec!["jvm-gc".into(), "python-gc".into()])
+            names: Some(vec!["jvm-gc".into(), "python-gc".into()]),
+            registered: true,
         })
     );
 }

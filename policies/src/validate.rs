@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::path::Path;
 
-use crate::{HookAction, PageCacheDrop, Policy, Step};
+use crate::{Hook, HookAction, PageCacheDrop, Policy, Step};
 
 /// Longest policy or hook name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -218,7 +218,6 @@ fn check_hooks(c: &mut Checker, policy: &Policy) {
     let mut seen: Vec<&str> = Vec::new();
     for (i, hook) in policy.hooks.iter().enumerate() {
         let at = format!("hooks[{i}]");
-        c.name(format!("{at}.name"), &hook.name);
         if let Some(first) = seen.iter().position(|n| *n == hook.name) {
             c.error(
                 format!("{at}.name"),
@@ -226,78 +225,84 @@ fn check_hooks(c: &mut Checker, policy: &Policy) {
             );
         }
         seen.push(&hook.name);
-        c.range(
-            format!("{at}.timeout_ms"),
-            hook.timeout_ms,
-            1,
-            MAX_HOOK_TIMEOUT_MS,
-        );
-        match &hook.action {
-            HookAction::Command { argv } => {
-                let field = format!("{at}.command");
-                match argv.first() {
-                    None => c.error(field, "must name a program, got an empty list"),
-                    Some(program) => {
-                        if argv.len() > MAX_COMMAND_ARGS {
-                            c.error(
-                                field.clone(),
-                                format!(
-                                    "must have at most {MAX_COMMAND_ARGS} entries, got {}",
-                                    argv.len()
-                                ),
-                            );
-                        }
-                        c.absolute_path(format!("{field}[0]"), Path::new(program));
-                        for (j, arg) in argv.iter().enumerate().skip(1) {
-                            c.no_nul(format!("{field}[{j}]"), arg);
-                        }
-                    }
-                }
-            }
-            HookAction::Signal {
-                pid_file, ack_file, ..
-            } => {
-                c.absolute_path(format!("{at}.pid_file"), pid_file);
-                if let Some(ack) = ack_file {
-                    c.absolute_path(format!("{at}.ack_file"), ack);
-                }
-            }
-            HookAction::UnixSocket {
-                path,
-                message,
-                expect_reply,
-            } => {
-                let field = format!("{at}.unix_socket");
-                c.absolute_path(field.clone(), path);
-                let len = path.as_os_str().len();
-                if len > MAX_UNIX_SOCKET_PATH_LEN {
-                    c.error(
-                        field,
-                        format!("must be at most {MAX_UNIX_SOCKET_PATH_LEN} bytes long, got {len}"),
-                    );
-                }
-                if message.is_empty() || message.len() > MAX_MESSAGE_LEN {
-                    c.error(
-                        format!("{at}.message"),
-                        format!(
-                            "must be 1 to {MAX_MESSAGE_LEN} bytes long, got {}",
-                            message.len()
-                        ),
-                    );
-                }
-                if let Some(reply) = expect_reply {
-                    let field = format!("{at}.expect_reply");
-                    if reply.len() > MAX_MESSAGE_LEN {
+        check_hook(c, &at, hook);
+    }
+}
+
+/// Checks one hook's fields (its name too), reporting errors under `at` (e.g. `hooks[0]`).
+fn check_hook(c: &mut Checker, at: &str, hook: &Hook) {
+    c.name(format!("{at}.name"), &hook.name);
+    c.range(
+        format!("{at}.timeout_ms"),
+        hook.timeout_ms,
+        1,
+        MAX_HOOK_TIMEOUT_MS,
+    );
+    match &hook.action {
+        HookAction::Command { argv } => {
+            let field = format!("{at}.command");
+            match argv.first() {
+                None => c.error(field, "must name a program, got an empty list"),
+                Some(program) => {
+                    if argv.len() > MAX_COMMAND_ARGS {
                         c.error(
-                            field,
+                            field.clone(),
                             format!(
-                                "must be at most {MAX_MESSAGE_LEN} bytes long, got {}",
-                                reply.len()
+                                "must have at most {MAX_COMMAND_ARGS} entries, got {}",
+                                argv.len()
                             ),
                         );
-                    } else if reply.contains('\n') {
-                        c.error(field, "must be a single line (no '\\n')");
                     }
+                    c.absolute_path(format!("{field}[0]"), Path::new(program));
+                    for (j, arg) in argv.iter().enumerate().skip(1) {
+                        c.no_nul(format!("{field}[{j}]"), arg);
+                    }
+                }
+            }
+        }
+        HookAction::Signal {
+            pid_file, ack_file, ..
+        } => {
+            c.absolute_path(format!("{at}.pid_file"), pid_file);
+            if let Some(ack) = ack_file {
+                c.absolute_path(format!("{at}.ack_file"), ack);
+            }
+        }
+        HookAction::UnixSocket {
+            path,
+            message,
+            expect_reply,
+        } => {
+            let field = format!("{at}.unix_socket");
+            c.absolute_path(field.clone(), path);
+            let len = path.as_os_str().len();
+            if len > MAX_UNIX_SOCKET_PATH_LEN {
+                c.error(
+                    field,
+                    format!("must be at most {MAX_UNIX_SOCKET_PATH_LEN} bytes long, got {len}"),
+                );
+            }
+            if message.is_empty() || message.len() > MAX_MESSAGE_LEN {
+                c.error(
+                    format!("{at}.message"),
+                    format!(
+                        "must be 1 to {MAX_MESSAGE_LEN} bytes long, got {}",
+                        message.len()
+                    ),
+                );
+            }
+            if let Some(reply) = expect_reply {
+                let field = format!("{at}.expect_reply");
+                if reply.len() > MAX_MESSAGE_LEN {
+                    c.error(
+                        field,
+                        format!(
+                            "must be at most {MAX_MESSAGE_LEN} bytes long, got {}",
+                            reply.len()
+                        ),
+                    );
+                } else if reply.contains('\n') {
+                    c.error(field, "must be a single line (no '\\n')");
                 }
             }
         }
@@ -433,5 +438,17 @@ fn check_steps(c: &mut Checker, policy: &Policy) {
                 ),
             );
         }
+    }
+}
+
+/// Checks a hook that stands alone (an application's registration, see
+/// [`crate::registered`]): the same rules as a policy's hooks, errors under `at`.
+pub fn validate_hook(at: &str, hook: &Hook) -> Result<(), ValidationErrors> {
+    let mut c = Checker::default();
+    check_hook(&mut c, at, hook);
+    if c.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ValidationErrors(c.errors))
     }
 }

@@ -9,8 +9,10 @@ fn controller(f: &Fake, start_monitoring: bool) -> Controller {
         sys_root: f.path("sys"),
         attrs: DAEMON_ATTRS,
         start_monitoring,
+        keep_lru_gen: false,
     });
     c.env.reporting_delay = std::time::Duration::ZERO;
+    c.env.hooks_dir = f.env.hooks_dir.clone();
     c
 }
 
@@ -185,4 +187,37 @@ fn one_trim_at_a_time() {
     assert_eq!(first["report"]["ok"], true, "{first}");
     let handler = c.clone().handler();
     assert!(handler(r#"{"op":"ping"}"#).contains("\"pong\":true"));
+}
+
+#[test]
+fn daemon_start_switches_the_multi_generational_lru_off() {
+    let f = fake();
+    put(f.dir.path(), "sys/kernel/mm/lru_gen/enabled", "0x0007\n");
+    let c = controller(&f, true);
+    assert_eq!(f.read("sys/kernel/mm/lru_gen/enabled"), "n");
+    let s = reply(&c, r#"{"op":"status"}"#);
+    assert_eq!(
+        s["monitoring"]["lru_gen"]["disabled_by_daemon"], true,
+        "{s}"
+    );
+    assert_eq!(s["monitoring"]["lru_gen"]["caps_before"], "0x0007");
+
+    // Kept on when asked; a one-off local trim leaves it alone.
+    let f = fake();
+    put(f.dir.path(), "sys/kernel/mm/lru_gen/enabled", "0x0007\n");
+    let kept = Controller::start(ControllerConfig {
+        proc_root: f.path("proc"),
+        sys_root: f.path("sys"),
+        attrs: DAEMON_ATTRS,
+        start_monitoring: true,
+        keep_lru_gen: true,
+    });
+    assert_eq!(f.read("sys/kernel/mm/lru_gen/enabled"), "0x0007\n");
+    let s = reply(&kept, r#"{"op":"status"}"#);
+    assert_eq!(
+        s["monitoring"]["lru_gen"]["disabled_by_daemon"], false,
+        "{s}"
+    );
+    let _local = controller(&f, false);
+    assert_eq!(f.read("sys/kernel/mm/lru_gen/enabled"), "0x0007\n");
 }

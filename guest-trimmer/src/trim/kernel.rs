@@ -1,5 +1,6 @@
 //! The kernel knobs the pipeline turns, below injectable proc and sys roots: `drop_caches`,
-//! `compact_memory`, free page reporting's order, and `/proc/buddyinfo`.
+//! `compact_memory`, free page reporting's order, the multi-generational LRU switch, and
+//! `/proc/buddyinfo`.
 
 use std::path::{Path, PathBuf};
 
@@ -103,13 +104,17 @@ impl KernelKnobs {
             .join("module/page_reporting/parameters/page_reporting_order")
     }
 
-    /// Free page reporting's minimum order, if the parameter exists.
+    /// Free page reporting's minimum order; `None` if the kernel lacks the parameter or no
+    /// reporting device has registered yet (the kernel shows `-1` until one does).
     pub fn page_reporting_order(&self) -> Result<Option<u32>, KernelError> {
         let path = self.reporting_order_path();
         if !path.exists() {
             return Ok(None);
         }
         let (path, text) = read(path)?;
+        if text.trim() == "-1" {
+            return Ok(None);
+        }
         text.trim()
             .parse()
             .map(Some)
@@ -123,6 +128,40 @@ impl KernelKnobs {
     /// Sets free page reporting's minimum order.
     pub fn set_page_reporting_order(&self, order: u32) -> Result<(), KernelError> {
         write(self.reporting_order_path(), &order.to_string())
+    }
+
+    fn lru_gen_path(&self) -> PathBuf {
+        self.sys_root.join("kernel/mm/lru_gen/enabled")
+    }
+
+    /// The multi-generational LRU's capability mask (`/sys/kernel/mm/lru_gen/enabled`,
+    /// e.g. `0x0007`; 0 = off), if the kernel has it.
+    pub fn lru_gen_caps(&self) -> Result<Option<u32>, KernelError> {
+        let path = self.lru_gen_path();
+        if !path.exists() {
+            return Ok(None);
+        }
+        let (path, text) = read(path)?;
+        let t = text.trim();
+        u32::from_str_radix(t.trim_start_matches("0x"), 16)
+            .map(Some)
+            .map_err(|_| KernelError::Parse {
+                path,
+                content: t.to_string(),
+                expected: "a hexadecimal capability mask such as 0x0007",
+            })
+    }
+
+    /// Switches the multi-generational LRU off (the classic active/inactive lists take
+    /// over; the kernel moves every page across).
+    ///
+    /// Why: with it on, a `read()` of a cached file only counts the access in the LRU's
+    /// generation bits and leaves the page's idle flag set, so DAMON's physical-memory
+    /// monitoring never sees page cache that is read but not mapped as accessed and a
+    /// pageout takes the hot set with the cold (Linux 6.12 `folio_mark_accessed`). With the
+    /// classic LRU the same read clears the idle flag and DAMON sees it.
+    pub fn disable_lru_gen(&self) -> Result<(), KernelError> {
+        write(self.lru_gen_path(), "n")
     }
 
     /// Free memory in blocks of at least `min_order`, in KiB, summed over zones, from
@@ -165,6 +204,26 @@ Node 0, zone    DMA32    100     50     10      4      2      1      0      0   
 ";
 
     #[test]
+    fn lru_gen_switch_reads_and_writes_the_mask() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = KernelKnobs::new(dir.path().join("proc"), dir.path().join("sys"));
+        assert_eq!(k.lru_gen_caps().unwrap(), None, "a kernel without MGLRU");
+        assert!(
+            k.disable_lru_gen().is_err(),
+            "a missing knob is never created"
+        );
+        let p = dir.path().join("sys/kernel/mm/lru_gen");
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("enabled"), "0x0007\n").unwrap();
+        assert_eq!(k.lru_gen_caps().unwrap(), Some(7));
+        k.disable_lru_gen().unwrap();
+        assert_eq!(std::fs::read_to_string(p.join("enabled")).unwrap(), "n");
+        std::fs::write(p.join("enabled"), "on\n").unwrap();
+        let e = k.lru_gen_caps().unwrap_err().to_string();
+        assert!(e.contains("lru_gen/enabled") && e.contains("\"on\""), "{e}");
+    }
+
+    #[test]
     fn buddyinfo_sums_blocks_by_order() {
         // Order 9 (2 MiB) and up: DMA 1*2048 + 3*4096, DMA32 1*2048 + 20*4096.
         assert_eq!(
@@ -201,6 +260,12 @@ Node 0, zone    DMA32    100     50     10      4      2      1      0      0   
         assert_eq!(k.page_reporting_order().unwrap(), None);
         let p = sys_root.join("module/page_reporting/parameters");
         std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("page_reporting_order"), "-1\n").unwrap();
+        assert_eq!(
+            k.page_reporting_order().unwrap(),
+            None,
+            "no device registered yet"
+        );
         std::fs::write(p.join("page_reporting_order"), "9\n").unwrap();
         assert_eq!(k.page_reporting_order().unwrap(), Some(9));
         k.set_page_reporting_order(0).unwrap();

@@ -30,7 +30,8 @@ use serde_json::json;
 use crate::damon::{DamonSysfs, MonitoringAttrs, Scheme};
 use crate::meminfo::{MemInfo, ProcFs};
 use hooks::{run_hook, HookReport, HookStatus};
-use kernel::{KernelKnobs, DEFAULT_PAGE_REPORTING_ORDER};
+pub use kernel::KernelKnobs;
+use kernel::DEFAULT_PAGE_REPORTING_ORDER;
 use pageout::{pageout_pass, PageoutParams};
 pub use report::{MemFigures, StepReport, StepStatus, TrimReport};
 
@@ -60,6 +61,8 @@ pub struct TrimEnv {
     /// When the daemon started kdamond 0's monitoring (`None`: not started by this process),
     /// for converting cold ages with the aggregation rate it really achieved.
     pub monitoring_started: Option<std::time::Instant>,
+    /// Where applications register their hooks ([`policies::registered::HOOKS_DIR`]).
+    pub hooks_dir: std::path::PathBuf,
 }
 
 impl TrimEnv {
@@ -75,6 +78,7 @@ impl TrimEnv {
             base_schemes: vec![Scheme::stat_all()],
             reporting_delay: REPORTING_DELAY,
             monitoring_started: None,
+            hooks_dir: policies::registered::HOOKS_DIR.into(),
         }
     }
 
@@ -102,21 +106,69 @@ pub struct AfterRestoreReport {
     pub hooks: Vec<HookReport>,
 }
 
-/// Runs the policy's after-restore hooks, in order.
-pub fn after_restore(policy: &Policy) -> AfterRestoreReport {
+/// Runs the policy's after-restore hooks, in order, then the ones applications registered in
+/// `env.hooks_dir`.
+pub fn after_restore(env: &TrimEnv, policy: &Policy) -> AfterRestoreReport {
     let t0 = Instant::now();
-    let hooks: Vec<HookReport> = policy
+    let own: Vec<&Hook> = policy
         .after_restore
         .iter()
         .filter_map(|n| policy.hooks.iter().find(|h| &h.name == n))
+        .collect();
+    let mut hooks: Vec<HookReport> = own
+        .iter()
         .map(|h| run_hook(h, Duration::from_millis(h.timeout_ms)))
         .collect();
+    hooks.extend(run_registered(
+        env,
+        &own,
+        |r| r.after_restore.as_ref(),
+        None,
+    ));
     AfterRestoreReport {
         policy: policy.name.clone(),
         ok: hooks.iter().all(|h| h.status == HookStatus::Ok),
         total_ms: ms(t0.elapsed()),
         hooks,
     }
+}
+
+/// Runs the hooks applications registered in `env.hooks_dir` (the one `pick` selects from
+/// each registration), skipping names in `already`, each within its own timeout and before
+/// `deadline`. A registration that cannot be read or parsed is reported as a failed hook
+/// named after its file.
+fn run_registered(
+    env: &TrimEnv,
+    already: &[&Hook],
+    pick: impl Fn(&policies::registered::HookRegistration) -> Option<&Hook>,
+    deadline: Option<Instant>,
+) -> Vec<HookReport> {
+    let mut reports = Vec::new();
+    for (file, reg) in policies::registered::load_dir(&env.hooks_dir) {
+        let reg = match reg {
+            Ok(reg) => reg,
+            Err(e) => {
+                reports.push(HookReport {
+                    name: file.display().to_string(),
+                    kind: "registration",
+                    status: HookStatus::Failed,
+                    duration_ms: 0,
+                    timeout_ms: 0,
+                    error: Some(crate::error_chain(&e)),
+                });
+                continue;
+            }
+        };
+        let Some(hook) = pick(&reg) else { continue };
+        if already.iter().any(|h| h.name == hook.name) {
+            continue;
+        }
+        let left = deadline.map_or(Duration::from_millis(hook.timeout_ms), |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        reports.push(run_hook(hook, left));
+    }
+    reports
 }
 
 fn ms(d: Duration) -> u64 {
@@ -135,31 +187,29 @@ pub fn run(env: &TrimEnv, policy: &Policy) -> TrimReport {
     let mut warnings = Vec::new();
 
     let restore_order = match policy.page_reporting_order {
-        Some(order) => {
-            match env.knobs.page_reporting_order() {
-                Ok(Some(old)) => match env.knobs.set_page_reporting_order(order) {
-                    Ok(()) => Some(old),
-                    Err(e) => {
-                        warnings.push(format!(
-                            "lower page_reporting_order: {}",
-                            crate::error_chain(&e)
-                        ));
-                        None
-                    }
-                },
-                Ok(None) => {
-                    warnings.push("page_reporting_order: the kernel has no page_reporting parameter; left as is".into());
-                    None
-                }
+        Some(order) => match env.knobs.page_reporting_order() {
+            Ok(Some(old)) => match env.knobs.set_page_reporting_order(order) {
+                Ok(()) => Some(old),
                 Err(e) => {
                     warnings.push(format!(
-                        "read page_reporting_order: {}",
+                        "lower page_reporting_order: {}",
                         crate::error_chain(&e)
                     ));
                     None
                 }
+            },
+            Ok(None) => {
+                warnings.push("page_reporting_order: no free page reporting device is registered (or the kernel lacks the parameter); left as is".into());
+                None
             }
-        }
+            Err(e) => {
+                warnings.push(format!(
+                    "read page_reporting_order: {}",
+                    crate::error_chain(&e)
+                ));
+                None
+            }
+        },
         None => None,
     };
 
@@ -280,10 +330,18 @@ fn run_step(
                 None => policy.hooks.iter().collect(),
             };
             let t0 = Instant::now();
-            let reports: Vec<HookReport> = hooks
-                .into_iter()
+            let mut reports: Vec<HookReport> = hooks
+                .iter()
                 .map(|h| run_hook(h, remaining.saturating_sub(t0.elapsed())))
                 .collect();
+            if s.registered {
+                reports.extend(run_registered(
+                    env,
+                    &hooks,
+                    |r| r.before_snapshot.as_ref(),
+                    t0.checked_add(remaining),
+                ));
+            }
             let failed: Vec<String> = reports
                 .iter()
                 .filter(|r| r.status != HookStatus::Ok)

@@ -368,10 +368,70 @@ fn after_restore_runs_its_hooks_in_order() {
             "steps": [{{"compact_memory": {{}}}}]}}"#,
         log = log.display()
     ));
-    let r = after_restore(&p);
+    let r = after_restore(&f.env, &p);
     assert!(r.ok);
     assert_eq!(r.hooks.len(), 2);
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "y\nx\n");
+}
+
+#[test]
+fn registered_hooks_run_after_the_policys_own() {
+    let f = fake();
+    let log = f.path("log");
+    let dir = &f.env.hooks_dir;
+    std::fs::create_dir_all(dir).unwrap();
+    let hook = |name: &str| {
+        format!(
+            r#"{{"name": "{name}", "command": ["/bin/sh", "-c", "echo {name} >> {log}"], "timeout_ms": 2000}}"#,
+            log = log.display()
+        )
+    };
+    std::fs::write(
+        dir.join("b-app.json"),
+        format!(
+            r#"{{"before_snapshot": {}, "after_restore": {}}}"#,
+            hook("app-release"),
+            hook("app-reseed")
+        ),
+    )
+    .unwrap();
+    // Same name as the policy's own hook: run once, as the policy's.
+    std::fs::write(
+        dir.join("a-dup.json"),
+        format!(r#"{{"before_snapshot": {}}}"#, hook("own")),
+    )
+    .unwrap();
+    std::fs::write(dir.join("c-broken.json"), "{\"before_snapshot\": 3}").unwrap();
+    let p = policy(&format!(
+        r#"{{"name": "reg", "cold_age_ms": 0,
+            "hooks": [{}],
+            "steps": [{{"hooks": {{}}}}]}}"#,
+        hook("own")
+    ));
+    let r = run(&f.env, &p);
+    let hooks = r.steps[0].detail["hooks"].as_array().unwrap().clone();
+    let names: Vec<&str> = hooks.iter().map(|h| h["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 3, "{hooks:?}");
+    assert_eq!(names[..2], ["own", "app-release"]);
+    assert!(names[2].ends_with("c-broken.json"), "{names:?}");
+    assert_eq!(hooks[2]["status"], "failed");
+    assert!(
+        hooks[2]["error"].as_str().unwrap().contains("line 1"),
+        "{hooks:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "own\napp-release\n");
+
+    // The step can leave registrations out; after a restore they run after the policy's.
+    let p = policy(
+        r#"{"name": "noreg", "cold_age_ms": 0, "steps": [{"hooks": {"registered": false}}]}"#,
+    );
+    std::fs::remove_file(&log).unwrap();
+    let r = run(&f.env, &p);
+    assert_eq!(r.steps[0].detail["hooks"].as_array().unwrap().len(), 0);
+    assert!(!log.exists());
+    let r = after_restore(&f.env, &p);
+    assert_eq!(r.hooks.len(), 2, "the reseed hook and the broken file");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "app-reseed\n");
 }
 
 #[test]
