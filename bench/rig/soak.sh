@@ -20,7 +20,7 @@ SOCK=$W/api.sock
 GUEST="while :; do dd if=/dev/urandom of=/tmp/work bs=1M count=4 2>/dev/null; echo SOAK-TICK \$(cut -d' ' -f1 /proc/uptime) \$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' '); sleep 1; done"
 mkdir -p $STORE
 
-ticks() { grep -c '^SOAK-TICK [0-9.]* [0-9a-f]\{32\}' "$1" 2>/dev/null; }
+ticks() { [ -f "$1" ] || { echo 0; return; }; grep -c '^SOAK-TICK [0-9.]* [0-9a-f]\{32\}' "$1"; }
 all_fds() { n=0; for d in /proc/[0-9]*/fd; do c=$(ls "$d" 2>/dev/null | wc -l); n=$((n + c)); done; echo $n; }
 rss_kib() { awk '/^VmRSS:/ {print $2}' /proc/$1/status 2>/dev/null; }
 

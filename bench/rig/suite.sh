@@ -23,7 +23,7 @@ COLD_WAIT_S=${SUITE_COLD_WAIT_S:-25}
 MAPPED_RAM=${SUITE_QEMU_MAPPED_RAM:-1}
 MAPPED_RAM_WHY=${SUITE_QEMU_MAPPED_RAM_WHY:-}
 W=/tmp/suite
-GUEST="G=guest-trimmer; \$G workload runtime --mib 64 --pid-file /run/rt.pid --socket /run/rt.sock & \
+GUEST="G=guest-trimmer; \$G workload runtime --mib 64 --pid-file /run/rt.pid --socket /run/rt.sock --register-hook-in /run/guest-trimmer/hooks.d & \
 \$G workload live-anon --mib 64 --check-file /run/chk & \$G workload cold-read /mnt/data/cold; \
 \$G workload hot-loop /mnt/data/hot & echo SUITE-WORKLOAD-READY; \
 while read c; do case \$c in P*) echo SUITE-PONG;; \

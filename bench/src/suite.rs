@@ -251,7 +251,9 @@ pub fn run(args: SuiteArgs) -> anyhow::Result<i32> {
     let header = format!(
         "`cargo run --release -p bench -- suite{}` (or `scripts/bench-suite`): {runs} run(s) in one \
          nested KVM rig boot (QEMU TCG + SVM: emulated time, compare ratios only), rig {:.0} s. \
-         S512 guest (512 MiB, 2 vCPUs, data disk, the standard workload, cold set idle {} s). \
+         S512 guest (512 MiB, 2 vCPUs, data disk, the standard workload, cold set idle {} s; \
+         its runtime registers its release hook in /run/guest-trimmer/hooks.d, which our trims \
+         call and QEMU, having no hook mechanism, does not). \
          QEMU: {} ({}), `-M microvm,acpi=on`, virtio-balloon free-page-reporting=on; mapped-ram: {}. \
          Medians over runs; snapshot time = pause → written; restore → running = process start → \
          vCPUs running (ours: the VMM's own measure; QEMU: `cont` done after `migrate-incoming`); \

@@ -73,6 +73,22 @@ pub fn parse<'a>(lines: impl IntoIterator<Item = &'a str>) -> Parsed {
     p
 }
 
+/// Guest RAM of the S512 guest.
+const GUEST_RAM_BYTES: f64 = 512.0 * 1048576.0;
+
+/// Memory the guest kernel holds from boot and never counts in `MemTotal` (its code and data,
+/// the page map, firmware reservations): guest RAM − `MemTotal`, from a trimmed snapshot's
+/// summary. Unreclaimable too, but not in /proc/meminfo, so shown as a second floor. A few of
+/// these pages are zero (skipped by ours), so it slightly overstates what a snapshot must hold.
+pub fn kernel_image_bytes(snapshot: &Value) -> Option<f64> {
+    let trim = snapshot["steps"]
+        .as_array()?
+        .iter()
+        .find(|s| s["step"] == "trim")?;
+    let total_kib = trim["detail"]["report"]["after"]["total_kib"].as_f64()?;
+    Some((GUEST_RAM_BYTES - total_kib * 1024.0).max(0.0))
+}
+
 /// The live floor of a trimmed snapshot's summary: anonymous memory + the kernel's
 /// unreclaimable memory after the trim (as the trimmer measured it in the guest) + the hot set.
 pub fn live_floor_bytes(snapshot: &Value) -> Option<f64> {
@@ -182,11 +198,23 @@ pub fn summarise(p: &Parsed) -> Value {
         }
         ratios.insert(ours.to_string(), Value::Object(per_qemu));
     }
-    let floor = t.median_of(|r| live_floor_bytes(p.snapshots.get(&(r, "default".into()))?));
+    let default_snapshot = |r: u64| p.snapshots.get(&(r, "default".into()));
+    let floor_with_image = |r: u64| {
+        let s = default_snapshot(r)?;
+        Some(live_floor_bytes(s)? + kernel_image_bytes(s)?)
+    };
+    let floor = t.median_of(|r| live_floor_bytes(default_snapshot(r)?));
+    let floor_image = t.median_of(floor_with_image);
     let floor_ratio = t.median_of(|r| {
         ratio(
             t.get(r, "default", "snapshot_alloc_bytes"),
-            live_floor_bytes(p.snapshots.get(&(r, "default".into()))?),
+            live_floor_bytes(default_snapshot(r)?),
+        )
+    });
+    let floor_image_ratio = t.median_of(|r| {
+        ratio(
+            t.get(r, "default", "snapshot_alloc_bytes"),
+            floor_with_image(r),
         )
     });
     // QEMU / ours: how many times smaller / faster ours is.
@@ -210,6 +238,12 @@ pub fn summarise(p: &Parsed) -> Value {
             "ours trimmed (default.json) on disk / live floor",
             "<= 1.10",
             floor_ratio,
+            |v| v <= 1.10,
+        ),
+        goal(
+            "ours trimmed (default.json) on disk / (live floor + kernel image: RAM - MemTotal)",
+            "<= 1.10",
+            floor_image_ratio,
             |v| v <= 1.10,
         ),
         goal(
@@ -254,6 +288,7 @@ pub fn summarise(p: &Parsed) -> Value {
         "variants": variants,
         "ratios_ours_over_qemu": ratios,
         "live_floor_bytes": floor,
+        "live_floor_with_kernel_image_bytes": floor_image,
         "goals": goals,
     })
 }
@@ -289,9 +324,11 @@ pub fn markdown(s: &Value, header: &str) -> String {
         ));
     }
     md.push_str(&format!(
-        "\nLive floor (median): {} MiB.\n\n## Ratios ours / QEMU (within each run, median over runs; < 1 = ours smaller or faster)\n\n\
+        "\nLive floor (median; live anonymous + the kernel's unreclaimable memory in /proc/meminfo + \
+         the 32 MiB hot set): {} MiB; with the kernel image and page map (RAM − MemTotal): {} MiB.\n\n## Ratios ours / QEMU (within each run, median over runs; < 1 = ours smaller or faster)\n\n\
          | ours | vs | on disk | snapshot | restore → running | restore → answer | first request | clone RSS |\n|---|---|---|---|---|---|---|---|\n",
-        cell(&s["live_floor_bytes"], mib)
+        cell(&s["live_floor_bytes"], mib),
+        cell(&s["live_floor_with_kernel_image_bytes"], mib)
     ));
     let r2 = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
     for ours in OURS {
