@@ -3,7 +3,7 @@
 //! The input is generic: a [`Chart`] is a title, a unit and groups of labelled values (one
 //! group per variant, one bar per figure), so any suite can draw its figures with [`write_svg`].
 //! A results file may carry its charts (`"charts": [...]`, see [`ChartSpec`]); for the existing
-//! `snapshot.json` and `trim.json` the charts are derived from their figures.
+//! `snapshot.json`, `trim.json` and `suite.json` the charts are derived from their figures.
 
 use std::path::{Path, PathBuf};
 
@@ -264,6 +264,12 @@ pub fn charts_of(results: &Value) -> anyhow::Result<Vec<Chart>> {
     if results.get("charts").is_some() {
         let spec: ChartSpec = serde_json::from_value(results.clone()).context("bad \"charts\"")?;
         return Ok(spec.charts);
+    }
+    if let Some(summary) = results
+        .get("summary")
+        .filter(|s| s.get("variants").is_some())
+    {
+        return Ok(crate::suite::charts::suite_charts(summary));
     }
     if let Some(summary) = results.get("summary").and_then(Value::as_object) {
         return Ok(snapshot_charts(summary));

@@ -11,6 +11,7 @@
 //! into the cache (never installed over the host's QEMU, which runs the rig); the host's QEMU
 //! 7.2 when that is not possible, with mapped-ram reported unavailable and why.
 
+pub mod charts;
 mod qmp;
 mod summary;
 
@@ -328,6 +329,12 @@ fn write_results(
         .with_context(|| format!("writing {}", out.display()))?;
     std::fs::write(out.with_extension("md"), md)
         .with_context(|| format!("writing {}", out.with_extension("md").display()))?;
+    let charts = charts::suite_charts(&report["summary"]);
+    crate::chart::write_svg(
+        &out.with_extension("svg"),
+        "Benchmark suite vs QEMU (S512, nested KVM rig, medians)",
+        &charts,
+    )?;
     println!("{md}");
     let failed = parsed.records.iter().filter(|r| r["ok"] != true).count();
     Ok(i32::from(failed > 0))
