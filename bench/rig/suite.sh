@@ -77,6 +77,8 @@ restore_ours() {
     v=$1; con=$W/con-$v.log; rm -f "$con" $W/rm.json $W/rs.sock
     open_fifo $W/in-$v
     t0=$(now_ms)
+    # The timeline milestones (metrics.rs) log at debug level.
+    VMM_LOG=${SUITE_RESTORE_LOG:-info,vmm::metrics=debug} \
     ./vmm restore $SECCOMP --snapshot "$W/$v" --serial "$con" --api-sock $W/rs.sock --metrics-file $W/rm.json \
         <$W/in-$v >$W/restore-$v.log 2>&1 &
     R=$!
@@ -89,6 +91,8 @@ restore_ours() {
     wait $R
     close_fifo
     running=$(json_num $W/rm.json setup_ms)
+    echo "SUITE-LOG $v restore timeline (ms since process start): $(tr -d ' \n' < $W/rm.json)"
+    grep -a -E 'milestone|vsock|after.restore|restored' $W/restore-$v.log | sed "s/^/SUITE-LOG $v restore: /"
     set -- $(disk_bytes "$W/$v")
     emit "$v" "\"ok\":$ok,\"error\":\"$err\",\"boot_ms\":$boot_ms,\"snapshot_ms\":${snap_ms_of_v:-null},\"snapshot_wall_ms\":${snap_wall_of_v:-null},\"snapshot_alloc_bytes\":$1,\"snapshot_apparent_bytes\":$2,\"restore_running_ms\":${running:-null},\"restore_answer_ms\":$answer_ms,\"first_request_ms\":$hot_guest_ms,\"first_request_wall_ms\":$hot_wall_ms,\"rss_kib\":${rss:-null},\"rss_anon_kib\":${anon:-null},\"rss_file_kib\":${file:-null}"
     rm -rf "${W:?}/$v"
@@ -113,6 +117,9 @@ ours_run() {
         kill -9 $VMM; wait $VMM; close_fifo; return
     fi
     sleep "$COLD_WAIT_S"
+    # The same question to the running original: the answer time without a restore before it.
+    t=$(now_ms)
+    ping_guest $W/con.log 60 && echo "SUITE-LOG original VM (no restore): answer in $(( $(now_ms) - t )) ms"
     for v in raw untrimmed default aggressive; do
         case $v in
             raw) a="--raw-memory --after resume" ;;
