@@ -438,19 +438,21 @@ pub fn verify_file(
 ) -> Result<(), SnapshotError> {
     let threads = threads.clamp(1, chunks.len().max(1));
     let per_thread = chunks.len().div_ceil(threads).max(1);
-    let failed = std::sync::atomic::AtomicBool::new(false);
+    // The lowest damaged chunk found so far: a thread stops once it is past it (chunks below it
+    // must still be checked, so that the error names the lowest damaged chunk).
+    let lowest_failed = std::sync::atomic::AtomicUsize::new(usize::MAX);
     let check_run = |first: usize, run: &[MemoryChunk]| -> Result<(), SnapshotError> {
         let longest = run.iter().map(|c| c.len_bytes).max().unwrap_or(0) as usize;
         let mut buf = vec![0u8; longest];
         for (i, chunk) in run.iter().enumerate() {
-            if failed.load(std::sync::atomic::Ordering::Relaxed) {
+            if first + i > lowest_failed.load(std::sync::atomic::Ordering::Relaxed) {
                 return Ok(());
             }
             let bytes = &mut buf[..chunk.len_bytes as usize];
             file.read_exact_at(bytes, chunk.file_offset)
                 .map_err(SnapshotError::io("read the memory file", path))?;
             if crc32c(bytes) != chunk.crc32c {
-                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                lowest_failed.fetch_min(first + i, std::sync::atomic::Ordering::Relaxed);
                 return Err(SnapshotError::ChunkChecksum {
                     path: path.to_owned(),
                     index: first + i,
