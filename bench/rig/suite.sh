@@ -12,7 +12,7 @@
 # with the reason in SUITE_QEMU_MAPPED_RAM_WHY).
 # The guest answers on its console: `P` -> `SUITE-PONG`, `H` -> re-reads the hot set and prints
 # `SUITE-HOT <uptime before> <idle> <uptime after> <idle>`, `D` -> drops caches, compacts, waits
-# 5 s for free page reporting, `SUITE-DROPPED`.
+# 5 s for free page reporting, `SUITE-DROPPED`, `K` -> the end of the kernel log, `SUITE-KDONE`.
 set -u
 . ./lib.sh   # now_ms, wait_for, json_num, guest_rss_kib
 POLL_S=0.02
@@ -29,6 +29,7 @@ GUEST="G=guest-trimmer; \$G workload runtime --mib 64 --pid-file /run/rt.pid --s
 while read c; do case \$c in P*) echo SUITE-PONG;; \
 H*) a=\$(cat /proc/uptime); \$G workload cold-read /mnt/data/hot >/dev/null; echo SUITE-HOT \$a \$(cat /proc/uptime);; \
 D*) sync; echo 3 > /proc/sys/vm/drop_caches; echo 1 > /proc/sys/vm/compact_memory; sleep 5; echo SUITE-DROPPED;; \
+K*) dmesg | tail -n 12; echo SUITE-KDONE;; \
 esac; done"
 # Development: SUITE_ONLY=ours|qemu runs one side; SUITE_QEMU_ACCEL replaces `-enable-kvm -cpu host`.
 ONLY=${SUITE_ONLY:-}
@@ -87,6 +88,10 @@ restore_ours() {
     answer_ms=$(( $(now_ms) - t0 ))
     $ok && { hot_request "$con" || { ok=false; err="no answer to the hot-set request"; }; }
     rss=$(status_kib $R VmRSS); anon=$(status_kib $R RssAnon); file=$(status_kib $R RssFile)
+    # The guest kernel's log after the restore (clock, RCU or watchdog complaints show there).
+    echo K >&3
+    wait_for 'grep -q SUITE-KDONE "$con"' 60
+    grep -a -v -E '^P?.?$|SUITE-PONG' "$con" | tail -n 16 | sed "s/^/SUITE-LOG $v console: /"
     ./vmm stop --api-sock $W/rs.sock >/dev/null 2>&1 || kill -TERM $R
     wait $R
     close_fifo
