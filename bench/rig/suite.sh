@@ -12,7 +12,7 @@
 # with the reason in SUITE_QEMU_MAPPED_RAM_WHY).
 # The guest answers on its console: `P` -> `SUITE-PONG`, `H` -> re-reads the hot set and prints
 # `SUITE-HOT <uptime before> <idle> <uptime after> <idle>`, `D` -> drops caches, compacts, waits
-# 5 s for free page reporting, `SUITE-DROPPED`.
+# 5 s for free page reporting, `SUITE-DROPPED`, `K` -> the end of the kernel log, `SUITE-KDONE`.
 set -u
 . ./lib.sh   # now_ms, wait_for, json_num, guest_rss_kib
 POLL_S=0.02
@@ -29,6 +29,7 @@ GUEST="G=guest-trimmer; \$G workload runtime --mib 64 --pid-file /run/rt.pid --s
 while read c; do case \$c in P*) echo SUITE-PONG;; \
 H*) a=\$(cat /proc/uptime); \$G workload cold-read /mnt/data/hot >/dev/null; echo SUITE-HOT \$a \$(cat /proc/uptime);; \
 D*) sync; echo 3 > /proc/sys/vm/drop_caches; echo 1 > /proc/sys/vm/compact_memory; sleep 5; echo SUITE-DROPPED;; \
+K*) dmesg | tail -n 12; echo SUITE-KDONE;; \
 esac; done"
 # Development: SUITE_ONLY=ours|qemu runs one side; SUITE_QEMU_ACCEL replaces `-enable-kvm -cpu host`.
 ONLY=${SUITE_ONLY:-}
@@ -77,6 +78,8 @@ restore_ours() {
     v=$1; con=$W/con-$v.log; rm -f "$con" $W/rm.json $W/rs.sock
     open_fifo $W/in-$v
     t0=$(now_ms)
+    # The timeline milestones (metrics.rs) log at debug level.
+    VMM_LOG=${SUITE_RESTORE_LOG:-info,vmm::metrics=debug} \
     ./vmm restore $SECCOMP --snapshot "$W/$v" --serial "$con" --api-sock $W/rs.sock --metrics-file $W/rm.json \
         <$W/in-$v >$W/restore-$v.log 2>&1 &
     R=$!
@@ -85,10 +88,16 @@ restore_ours() {
     answer_ms=$(( $(now_ms) - t0 ))
     $ok && { hot_request "$con" || { ok=false; err="no answer to the hot-set request"; }; }
     rss=$(status_kib $R VmRSS); anon=$(status_kib $R RssAnon); file=$(status_kib $R RssFile)
+    # The guest kernel's log after the restore (clock, RCU or watchdog complaints show there).
+    echo K >&3
+    wait_for 'grep -q SUITE-KDONE "$con"' 60
+    grep -a -v -E '^P?.?$|SUITE-PONG' "$con" | tail -n 16 | sed "s/^/SUITE-LOG $v console: /"
     ./vmm stop --api-sock $W/rs.sock >/dev/null 2>&1 || kill -TERM $R
     wait $R
     close_fifo
     running=$(json_num $W/rm.json setup_ms)
+    echo "SUITE-LOG $v restore timeline (ms since process start): $(tr -d ' \n' < $W/rm.json)"
+    grep -a -E 'milestone|vsock|after.restore|restored' $W/restore-$v.log | sed "s/^/SUITE-LOG $v restore: /"
     set -- $(disk_bytes "$W/$v")
     emit "$v" "\"ok\":$ok,\"error\":\"$err\",\"boot_ms\":$boot_ms,\"snapshot_ms\":${snap_ms_of_v:-null},\"snapshot_wall_ms\":${snap_wall_of_v:-null},\"snapshot_alloc_bytes\":$1,\"snapshot_apparent_bytes\":$2,\"restore_running_ms\":${running:-null},\"restore_answer_ms\":$answer_ms,\"first_request_ms\":$hot_guest_ms,\"first_request_wall_ms\":$hot_wall_ms,\"rss_kib\":${rss:-null},\"rss_anon_kib\":${anon:-null},\"rss_file_kib\":${file:-null}"
     rm -rf "${W:?}/$v"
@@ -113,6 +122,9 @@ ours_run() {
         kill -9 $VMM; wait $VMM; close_fifo; return
     fi
     sleep "$COLD_WAIT_S"
+    # The same question to the running original: the answer time without a restore before it.
+    t=$(now_ms)
+    ping_guest $W/con.log 60 && echo "SUITE-LOG original VM (no restore): answer in $(( $(now_ms) - t )) ms"
     for v in raw untrimmed default aggressive; do
         case $v in
             raw) a="--raw-memory --after resume" ;;

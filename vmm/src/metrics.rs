@@ -2,7 +2,9 @@
 //!
 //! Benchmarks and `GET /` read it; `--metrics-file` writes it at exit.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -25,6 +27,9 @@ pub struct BootTimeline {
     first_kvm_run_us: AtomicU64,
     first_console_us: AtomicU64,
     ready_us: AtomicU64,
+    /// Named milestones (restore phases, console input, trimmer notification): ms since start,
+    /// the first time each was reached.
+    phases: Mutex<BTreeMap<&'static str, f64>>,
 }
 
 /// The timeline in milliseconds, for JSON output.
@@ -36,6 +41,9 @@ pub struct BootTimings {
     pub first_console_ms: Option<f64>,
     /// Process start → the readiness marker on the console.
     pub ready_ms: Option<f64>,
+    /// Named milestones, ms since process start (see [`BootTimeline::mark_phase`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub phases: BTreeMap<&'static str, f64>,
 }
 
 impl BootTimeline {
@@ -46,6 +54,27 @@ impl BootTimeline {
             first_kvm_run_us: AtomicU64::new(0),
             first_console_us: AtomicU64::new(0),
             ready_us: AtomicU64::new(0),
+            phases: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The instant the clock started at.
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// Records that milestone `name` was reached now (later calls for the same name are
+    /// ignored) and logs it at debug level: the restore's timeline, phase by phase.
+    pub fn mark_phase(&self, name: &'static str) {
+        self.mark_phase_at(name, self.start.elapsed().as_secs_f64() * 1e3);
+    }
+
+    /// Records milestone `name` at `ms` since the start (first value wins).
+    pub fn mark_phase_at(&self, name: &'static str, ms: f64) {
+        let mut phases = self.phases.lock().unwrap_or_else(|p| p.into_inner());
+        if !phases.contains_key(name) {
+            phases.insert(name, ms);
+            tracing::debug!(milestone = name, since_start_ms = ms, "timeline milestone");
         }
     }
 
@@ -89,6 +118,11 @@ impl BootTimeline {
             setup_ms: ms(&self.first_kvm_run_us),
             first_console_ms: ms(&self.first_console_us),
             ready_ms: ms(&self.ready_us),
+            phases: self
+                .phases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 }
@@ -110,5 +144,18 @@ mod tests {
         timeline.mark_ready();
         assert!(timeline.is_ready());
         assert!(timeline.timings().ready_ms.unwrap() >= first);
+    }
+
+    #[test]
+    fn phases_keep_their_first_time() {
+        let timeline = BootTimeline::new(Instant::now());
+        timeline.mark_phase_at("input", 5.0);
+        timeline.mark_phase_at("input", 9.0);
+        timeline.mark_phase("answered");
+        let phases = timeline.timings().phases;
+        assert_eq!(phases["input"], 5.0);
+        assert!(phases["answered"] >= 0.0);
+        let json = serde_json::to_value(timeline.timings()).unwrap();
+        assert_eq!(json["phases"]["input"], 5.0);
     }
 }

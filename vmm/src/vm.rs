@@ -619,6 +619,7 @@ impl Vm {
         }
         let vcpu_threads = spawn_vcpus(vcpus, &control, &timeline, &events_tx)?;
         phases.mark("threads_ms");
+        phases.record_on(&timeline);
         tracing::info!(
             snapshot = %dir.display(),
             vcpus = config.machine_config.vcpu_count,

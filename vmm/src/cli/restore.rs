@@ -84,7 +84,11 @@ impl RestoredVmArgs {
     /// Tells the guest-trimmer in the background that `vm` was restored (unless turned off).
     pub fn notify_trimmer(&self, vm: &Vm) {
         if let Some(uds) = vm.vsock_uds_path().filter(|_| !self.no_after_restore) {
-            crate::pipeline::after_restore::notify_in_background(uds, self.trimmer_port);
+            crate::pipeline::after_restore::notify_in_background(
+                uds,
+                self.trimmer_port,
+                vm.timings_source(),
+            );
         }
     }
 }

@@ -220,6 +220,7 @@ pub(crate) fn serve(
             "setup_ms": timings.setup_ms,
             "first_console_ms": timings.first_console_ms,
             "ready_ms": timings.ready_ms,
+            "phases": timings.phases,
             "exit_reason": reason.name(),
             "exit_code": reason.exit_code(),
         });

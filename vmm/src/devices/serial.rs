@@ -44,6 +44,10 @@ impl ConsoleOutput {
 
     fn watch(&mut self, bytes: &[u8]) {
         self.timeline.mark_first_console();
+        if bytes.contains(&b'\n') {
+            // The first complete line: after a restore, the guest's first answer.
+            self.timeline.mark_phase("first_console_line_ms");
+        }
         if self.timeline.is_ready() {
             return;
         }
@@ -162,6 +166,7 @@ impl SerialDevice {
 
     /// Queues bytes typed on the host console for the guest to read.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.uart.writer().timeline.mark_phase("first_input_ms");
         let room = self.uart.fifo_capacity();
         let count = bytes.len().min(room);
         if count > 0 {
@@ -179,7 +184,15 @@ impl BusDevice for SerialDevice {
         // The UART's registers are bytes; wider accesses read the first and pad with zeros.
         data.fill(0);
         if let (Some(first), Ok(offset)) = (data.first_mut(), u8::try_from(offset)) {
+            let room = self.uart.fifo_capacity();
             *first = self.uart.read(offset);
+            if self.uart.fifo_capacity() > room {
+                // The guest's driver took input: when it reacted to the input interrupt.
+                self.uart
+                    .writer()
+                    .timeline
+                    .mark_phase("first_input_read_ms");
+            }
         }
     }
 
@@ -224,10 +237,36 @@ mod tests {
         assert_eq!(capture.0.lock().unwrap().as_slice(), text.as_bytes());
         let timings = timeline.timings();
         assert!(timings.first_console_ms.is_some());
+        assert!(timings.phases.contains_key("first_console_line_ms"));
         assert!(
             timings.ready_ms.is_some(),
             "marker at the start of a line is recognised"
         );
+    }
+
+    #[test]
+    fn input_milestones_mark_queued_then_read() {
+        let timeline = Arc::new(BootTimeline::new(Instant::now()));
+        let out = ConsoleOutput::new(Box::new(io::sink()), timeline.clone());
+        let mut serial = SerialDevice::new(EventFd::new(0).unwrap(), out);
+        let mut byte = [0u8];
+        serial.read(0, &mut byte);
+        assert!(
+            timeline.timings().phases.is_empty(),
+            "reading an empty FIFO is no input"
+        );
+        assert_eq!(serial.enqueue_input(b"P\n"), 2);
+        assert!(timeline.timings().phases.contains_key("first_input_ms"));
+        assert!(!timeline
+            .timings()
+            .phases
+            .contains_key("first_input_read_ms"));
+        serial.read(0, &mut byte);
+        assert_eq!(byte[0], b'P');
+        assert!(timeline
+            .timings()
+            .phases
+            .contains_key("first_input_read_ms"));
     }
 
     #[test]

@@ -189,7 +189,7 @@ mod tests {
     ) {
         let path = dir.join(name);
         let mut file = File::create_new(&path).unwrap();
-        let (index, sets) = write_memory_file_since(
+        let (index, sets, _) = write_memory_file_since(
             &mut file,
             &path,
             mem,

@@ -23,6 +23,7 @@ use super::crc32c::crc32c;
 use super::format::{MemoryHeader, MEMORY_HEADER_BYTES, PAGE_BYTES};
 use super::map::{PageClass, PageClassRuns};
 use super::state::{MemoryChunk, MemoryIndex, PageCounts};
+use super::write_pipe::{ms_since, write_and_checksum, WriteTimings};
 use super::SnapshotError;
 use crate::memory::ChangedSet;
 
@@ -179,7 +180,7 @@ pub fn write_memory_file(
         changed: None,
     };
     write_memory_file_since(file, path, mem, page_states, rules, snapshot_id)
-        .map(|(index, _)| index)
+        .map(|(index, _, _)| index)
 }
 
 /// What a diff layer's memory file leaves to its parent and what it frees.
@@ -204,7 +205,8 @@ pub struct KeepRules<'a> {
 
 /// Like [`write_memory_file`]; with `changed` (pages written since the parent) it writes a diff
 /// layer: live pages not in `changed` are left to the parent, changed pages that are now zero or
-/// not resident and pages the page-state map holds free are listed as freed ranges.
+/// not resident and pages the page-state map holds free are listed as freed ranges. Also returns
+/// where the time went (the pages are checksummed on a second thread while they are written).
 pub fn write_memory_file_since(
     file: &mut File,
     path: &Path,
@@ -212,7 +214,7 @@ pub fn write_memory_file_since(
     page_states: Option<&PageStateMap>,
     rules: KeepRules,
     snapshot_id: [u8; 16],
-) -> Result<(MemoryIndex, LayerPageSets), SnapshotError> {
+) -> Result<(MemoryIndex, LayerPageSets, WriteTimings), SnapshotError> {
     let KeepRules {
         keep_all,
         residency_known,
@@ -231,9 +233,12 @@ pub fn write_memory_file_since(
     let write_err = || SnapshotError::io("write the memory file", path);
     file.write_all(&[0u8; MEMORY_HEADER_BYTES as usize])
         .map_err(write_err())?;
+    let mut timings = WriteTimings::default();
+    let classify_start = std::time::Instant::now();
     let mut offset = MEMORY_HEADER_BYTES;
     let mut classes = PageClassRuns::default();
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut *file);
+    // The kept pieces in file order (each one chunk of the index, its checksum filled in below).
+    let mut pieces: Vec<&[u8]> = Vec::new();
     for view in &views {
         let fates = classify(view, page_states, keep_all, residency_known, changed)
             .map_err(SnapshotError::io("read page residency (mincore) for", path))?;
@@ -248,13 +253,13 @@ pub fn write_memory_file_since(
                 let end = start + run * PAGE_BYTES as usize;
                 for piece in view.bytes[start..end].chunks(CHUNK_MAX_BYTES as usize) {
                     let gpa = view.gpa + (piece.as_ptr() as u64 - view.bytes.as_ptr() as u64);
-                    out.write_all(piece).map_err(write_err())?;
                     index.chunks.push(MemoryChunk {
                         gpa,
                         len_bytes: piece.len() as u64,
                         file_offset: offset,
-                        crc32c: crc32c(piece),
+                        crc32c: 0,
                     });
+                    pieces.push(piece);
                     offset += piece.len() as u64;
                 }
             } else if fate == PageFate::Inherit {
@@ -270,8 +275,13 @@ pub fn write_memory_file_since(
             page += run;
         }
     }
-    out.flush().map_err(write_err())?;
+    timings.classify_ms = ms_since(classify_start);
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut *file);
+    let crcs = write_and_checksum(&mut out, &pieces, &mut timings).map_err(write_err())?;
     drop(out);
+    for (chunk, crc) in index.chunks.iter_mut().zip(crcs) {
+        chunk.crc32c = crc;
+    }
     index.data_bytes = offset - MEMORY_HEADER_BYTES;
     index.classes = Some(classes);
     let header = MemoryHeader {
@@ -280,7 +290,7 @@ pub fn write_memory_file_since(
     };
     file.write_all_at(&header.encode(), 0)
         .map_err(write_err())?;
-    Ok((index, sets))
+    Ok((index, sets, timings))
 }
 
 /// Checks the index against guest RAM and the file's length (a chunk past the end of the file
@@ -428,19 +438,21 @@ pub fn verify_file(
 ) -> Result<(), SnapshotError> {
     let threads = threads.clamp(1, chunks.len().max(1));
     let per_thread = chunks.len().div_ceil(threads).max(1);
-    let failed = std::sync::atomic::AtomicBool::new(false);
+    // The lowest damaged chunk found so far: a thread stops once it is past it (chunks below it
+    // must still be checked, so that the error names the lowest damaged chunk).
+    let lowest_failed = std::sync::atomic::AtomicUsize::new(usize::MAX);
     let check_run = |first: usize, run: &[MemoryChunk]| -> Result<(), SnapshotError> {
         let longest = run.iter().map(|c| c.len_bytes).max().unwrap_or(0) as usize;
         let mut buf = vec![0u8; longest];
         for (i, chunk) in run.iter().enumerate() {
-            if failed.load(std::sync::atomic::Ordering::Relaxed) {
+            if first + i > lowest_failed.load(std::sync::atomic::Ordering::Relaxed) {
                 return Ok(());
             }
             let bytes = &mut buf[..chunk.len_bytes as usize];
             file.read_exact_at(bytes, chunk.file_offset)
                 .map_err(SnapshotError::io("read the memory file", path))?;
             if crc32c(bytes) != chunk.crc32c {
-                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                lowest_failed.fetch_min(first + i, std::sync::atomic::Ordering::Relaxed);
                 return Err(SnapshotError::ChunkChecksum {
                     path: path.to_owned(),
                     index: first + i,

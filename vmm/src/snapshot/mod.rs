@@ -7,6 +7,7 @@
 //! - [`take`]: collecting the state of a paused VM;
 //! - [`restore`]: recreating a VM from a snapshot (memory mapped, not copied);
 //! - [`lazy`]: restoring memory on first touch instead (`--lazy uffd`, a userfaultfd handler);
+//! - [`write_pipe`]: writing the kept pages while a second thread checksums them;
 //! - [`writer`]: the snapshot directory, written under a temporary name, fsynced and renamed;
 //! - [`reader`]: loading and validating a snapshot for restore and `inspect`;
 //! - [`layer`], [`chain`]: diff layers, their parents, and a chain resolved into segments;
@@ -27,6 +28,7 @@ pub mod restore;
 pub mod state;
 pub mod take;
 pub mod verified;
+pub mod write_pipe;
 pub mod writer;
 
 pub use take::{take, AfterSnapshot, LiveVm, SnapshotReply, SnapshotRequest, SNAPSHOT_TIMEOUT};

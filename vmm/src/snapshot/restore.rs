@@ -68,6 +68,19 @@ impl Phases {
     pub fn marks(&self) -> &[(&'static str, f64)] {
         &self.marks
     }
+
+    /// Copies the phases onto `timeline` (as ms since its start, under their own names), so
+    /// the metrics file shows them beside the later milestones.
+    pub fn record_on(&self, timeline: &crate::metrics::BootTimeline) {
+        let offset_ms = self
+            .start
+            .saturating_duration_since(timeline.start())
+            .as_secs_f64()
+            * 1e3;
+        for &(name, ms) in &self.marks {
+            timeline.mark_phase_at(name, offset_ms + ms);
+        }
+    }
 }
 
 impl Default for Phases {

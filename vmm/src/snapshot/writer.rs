@@ -23,6 +23,7 @@ use super::crc32c::crc32c;
 use super::format::{StateHeader, MEMORY_FILE, STATE_FILE};
 use super::memory_file::write_memory_file_since;
 use super::state::{PageCounts, SnapshotState};
+use super::write_pipe::{ms_since, WriteTimings};
 use super::SnapshotError;
 
 /// What a finished snapshot reports.
@@ -42,6 +43,8 @@ pub struct SnapshotSummary {
     pub save_state_ms: f64,
     /// Time to write and fsync both files and rename the directory, in ms.
     pub write_ms: f64,
+    /// Where `write_ms` went.
+    pub write_phases_ms: WriteTimings,
     /// SHA-256 of the state file (hex): what a layer on this snapshot records as its parent.
     pub state_hash: String,
     /// For a diff layer: the parent's state hash.
@@ -188,8 +191,8 @@ pub fn write_snapshot(dir: &Path, parts: SnapshotParts) -> Result<SnapshotSummar
     let _ = std::fs::remove_dir_all(&tmp);
     remove_stale_temporaries(&parent, &name.to_string_lossy());
     std::fs::create_dir(&tmp).map_err(SnapshotError::io("create directory", &tmp))?;
-    let result =
-        write_into(&tmp, parts).and_then(|(state_bytes, memory_file_bytes, state, state_hash)| {
+    let result = write_into(&tmp, parts).and_then(
+        |(state_bytes, memory_file_bytes, state, state_hash, timings)| {
             fsync_dir(&tmp)?;
             if dir.exists() {
                 exchange(&tmp, dir).map_err(SnapshotError::io("replace the snapshot at", dir))?;
@@ -209,6 +212,7 @@ pub fn write_snapshot(dir: &Path, parts: SnapshotParts) -> Result<SnapshotSummar
                 pages: state.memory.pages,
                 save_state_ms,
                 write_ms: write_start.elapsed().as_secs_f64() * 1e3,
+                write_phases_ms: timings,
                 state_hash,
                 parent_hash: state.layer.as_ref().map(|l| l.parent.hash.clone()),
                 freed_pages: state.layer.as_ref().map_or(0, |l| {
@@ -216,19 +220,20 @@ pub fn write_snapshot(dir: &Path, parts: SnapshotParts) -> Result<SnapshotSummar
                 }),
                 inherited_pages: state.layer.as_ref().map_or(0, |l| l.inherited_pages),
             })
-        });
+        },
+    );
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
 }
 
-/// Writes both files into `tmp`, each fsynced; returns their sizes, the final state and the
-/// state file's hash.
+/// Writes both files into `tmp`, each fsynced; returns their sizes, the final state, the state
+/// file's hash and where the time went.
 fn write_into(
     tmp: &Path,
     parts: SnapshotParts,
-) -> Result<(u64, u64, SnapshotState, String), SnapshotError> {
+) -> Result<(u64, u64, SnapshotState, String, WriteTimings), SnapshotError> {
     let memory_path = tmp.join(MEMORY_FILE);
     let mut memory = OpenOptions::new()
         .write(true)
@@ -237,7 +242,7 @@ fn write_into(
         .map_err(SnapshotError::io("create", &memory_path))?;
     let mut state = parts.state;
     let changed = parts.changed.filter(|_| state.layer.is_some());
-    let (index, sets) = write_memory_file_since(
+    let (index, sets, mut timings) = write_memory_file_since(
         &mut memory,
         &memory_path,
         parts.mem,
@@ -254,9 +259,12 @@ fn write_into(
         layer.freed = sets.freed;
         layer.inherited_pages = sets.inherited_pages;
     }
+    let fsync_start = Instant::now();
     memory
         .sync_all()
         .map_err(SnapshotError::io("fsync", &memory_path))?;
+    timings.fsync_memory_ms = ms_since(fsync_start);
+    let state_start = Instant::now();
     let memory_file_bytes = super::format::MEMORY_HEADER_BYTES + state.memory.data_bytes;
 
     let state_path = tmp.join(STATE_FILE);
@@ -280,7 +288,8 @@ fn write_into(
         .map_err(SnapshotError::io("write", &state_path))?;
     let state_bytes = (header.encode().len() + body.len()) as u64;
     let hash = super::layer::hash_hex(&[&header.encode()[..], &body].concat());
-    Ok((state_bytes, memory_file_bytes, state, hash))
+    timings.state_file_ms = ms_since(state_start);
+    Ok((state_bytes, memory_file_bytes, state, hash, timings))
 }
 
 #[cfg(test)]
