@@ -36,6 +36,8 @@ ONLY=${SUITE_ONLY:-}
 # Our VMM runs with its seccomp filters, as users run it; SUITE_SECCOMP=0 turns them off.
 SECCOMP=""
 [ "${SUITE_SECCOMP:-1}" = 0 ] && SECCOMP=--no-seccomp
+PREFAULT=""
+[ "${SUITE_NO_PREFAULT:-0}" = 1 ] && PREFAULT=--no-prefault
 QEMU="./lib/ld-linux-x86-64.so.2 --library-path ./lib ./qemu-system-x86_64 -L ./fw ${SUITE_QEMU_ACCEL:--enable-kvm -cpu host} \
 -M microvm,acpi=on -m 512 -smp 2 -nodefaults -no-user-config -display none -serial stdio \
 -no-reboot -kernel vmlinuz -initrd initrd \
@@ -80,7 +82,7 @@ restore_ours() {
     t0=$(now_ms)
     # The timeline milestones (metrics.rs) log at debug level.
     VMM_LOG=${SUITE_RESTORE_LOG:-info,vmm::metrics=debug} \
-    ./vmm restore $SECCOMP --snapshot "$W/$v" --serial "$con" --api-sock $W/rs.sock --metrics-file $W/rm.json \
+    ./vmm restore $SECCOMP $PREFAULT --snapshot "$W/$v" --serial "$con" --api-sock $W/rs.sock --metrics-file $W/rm.json \
         <$W/in-$v >$W/restore-$v.log 2>&1 &
     R=$!
     ok=true; err=""

@@ -48,6 +48,11 @@ pub struct RestoredVmArgs {
     /// (by default a file is checked once per host and version: see `snapshot/verified.rs`).
     #[arg(long, conflicts_with = "skip_memory_verify")]
     pub reverify: bool,
+    /// Do not populate the mapped guest memory from the memory file in the background (by
+    /// default a thread maps every kept page read-only right away, so the clone's first
+    /// touches do not each take a host page fault; see `snapshot/prefault.rs`).
+    #[arg(long)]
+    pub no_prefault: bool,
     /// Write timings and the exit reason as JSON to this file when the VM ends.
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
@@ -78,6 +83,7 @@ impl RestoredVmArgs {
             lazy,
             track_dirty_pages,
             start_paused,
+            no_prefault: self.no_prefault,
         }
     }
 

@@ -23,6 +23,7 @@ pub mod layer;
 pub mod lazy;
 pub mod map;
 pub mod memory_file;
+pub mod prefault;
 pub mod reader;
 pub mod restore;
 pub mod state;

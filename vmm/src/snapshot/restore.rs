@@ -40,6 +40,8 @@ pub struct RestoreOptions {
     /// Leave the vCPUs parked (the VM paused) until resumed (`PUT /snapshot/load` without
     /// `resume_vm`): the guest does not run a single instruction before that.
     pub start_paused: bool,
+    /// Do not populate the mapped memory in the background (see [`super::prefault`]).
+    pub no_prefault: bool,
 }
 
 /// Time since the restore began at each phase's end, for the log and the benchmark.
@@ -183,6 +185,10 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
                 super::verified::record_known_good(path);
             }
             phases.mark("verify_memory_ms");
+            if !options.no_prefault {
+                let guest = chunks.iter().map(|c| (c.gpa, c.len_bytes));
+                super::prefault::spawn(super::prefault::host_ranges(&mem, guest));
+            }
             (mmaps, chunks.len(), None)
         }
         LazyMode::Off => {
@@ -197,6 +203,14 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
                 chain.verify_files(options.reverify)?;
             }
             phases.mark("verify_memory_ms");
+            if !options.no_prefault {
+                let guest = chain
+                    .file_runs(&segments)
+                    .into_iter()
+                    .flatten()
+                    .map(|c| (c.gpa, c.len_bytes));
+                super::prefault::spawn(super::prefault::host_ranges(&mem, guest));
+            }
             (mmaps, segments.len(), None)
         }
     };
