@@ -37,7 +37,7 @@ ONLY=${SUITE_ONLY:-}
 SECCOMP=""
 [ "${SUITE_SECCOMP:-1}" = 0 ] && SECCOMP=--no-seccomp
 PREFAULT=""
-[ "${SUITE_NO_PREFAULT:-0}" = 1 ] && PREFAULT=--no-prefault
+[ "${SUITE_PREFAULT:-0}" = 1 ] && PREFAULT=--prefault
 QEMU="./lib/ld-linux-x86-64.so.2 --library-path ./lib ./qemu-system-x86_64 -L ./fw ${SUITE_QEMU_ACCEL:--enable-kvm -cpu host} \
 -M microvm,acpi=on -m 512 -smp 2 -nodefaults -no-user-config -display none -serial stdio \
 -no-reboot -kernel vmlinuz -initrd initrd \

@@ -51,10 +51,10 @@ pub struct SuiteArgs {
     /// fetched when missing; the host's QEMU if that fails].
     #[arg(long)]
     pub qemu: Option<PathBuf>,
-    /// Restore our clones with `--no-prefault` (to measure what populating the mapped memory
-    /// in the background does).
+    /// Restore our clones with `--prefault` (to measure what populating the mapped memory in
+    /// the background does).
     #[arg(long)]
-    pub no_prefault: bool,
+    pub prefault: bool,
     /// Development: run only `ours` or only `qemu`.
     #[arg(long, value_parser = ["ours", "qemu"])]
     pub only: Option<String>,
@@ -226,10 +226,10 @@ pub fn run(args: SuiteArgs) -> anyhow::Result<i32> {
             .map_or_else(|e| e.clone(), |()| "yes".into())
     ));
     let env = format!(
-        "SUITE_COLD_WAIT_S={}\nSUITE_ONLY={}\nSUITE_NO_PREFAULT={}\nSUITE_QEMU_MAPPED_RAM={}\nSUITE_QEMU_MAPPED_RAM_WHY={}\n",
+        "SUITE_COLD_WAIT_S={}\nSUITE_ONLY={}\nSUITE_PREFAULT={}\nSUITE_QEMU_MAPPED_RAM={}\nSUITE_QEMU_MAPPED_RAM_WHY={}\n",
         args.cold_wait_s,
         args.only.as_deref().unwrap_or(""),
-        u8::from(args.no_prefault),
+        u8::from(args.prefault),
         u8::from(q.mapped_ram.is_ok()),
         sh_quote(q.mapped_ram.as_ref().err().map_or("", String::as_str)),
     );

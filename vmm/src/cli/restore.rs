@@ -48,11 +48,12 @@ pub struct RestoredVmArgs {
     /// (by default a file is checked once per host and version: see `snapshot/verified.rs`).
     #[arg(long, conflicts_with = "skip_memory_verify")]
     pub reverify: bool,
-    /// Do not populate the mapped guest memory from the memory file in the background (by
-    /// default a thread maps every kept page read-only right away, so the clone's first
-    /// touches do not each take a host page fault; see `snapshot/prefault.rs`).
+    /// Populate the mapped guest memory from the memory file in the background: a thread maps
+    /// every kept page read-only right away, so the clone's first touches take no host page
+    /// fault. Off by default: it needs a spare CPU, and the clone's RSS then counts every kept
+    /// page (see `snapshot/prefault.rs` for what it measured).
     #[arg(long)]
-    pub no_prefault: bool,
+    pub prefault: bool,
     /// Write timings and the exit reason as JSON to this file when the VM ends.
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
@@ -83,7 +84,7 @@ impl RestoredVmArgs {
             lazy,
             track_dirty_pages,
             start_paused,
-            no_prefault: self.no_prefault,
+            prefault: self.prefault,
         }
     }
 

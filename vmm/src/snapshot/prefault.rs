@@ -10,6 +10,13 @@
 //! Why: the suite showed a clone's first request (re-reading its 32 MiB hot set) 3-5x slower
 //! than QEMU's, whose `-incoming` reads all memory in before the guest runs; the restore
 //! timeline put the time in the clone's first touches, one host fault each.
+//!
+//! Opt-in (`vmm restore --prefault`), because measured in the nested rig (one vCPU, loaded
+//! host; `bench suite --only ours [--prefault]`, the same hour) it did not pay: with no spare
+//! CPU the thread competes with the VMM's set-up and the vCPUs (untrimmed: vCPUs running 407
+//! vs 307 ms, first answer 1510 vs 1270 ms, first request 3079 vs 2670 ms), and the clone's
+//! RSS counts every kept page it maps (511 vs 71 MiB; shared page cache, but charged to it).
+//! A host with idle cores may see the opposite; measure there.
 
 use std::thread::JoinHandle;
 use std::time::Instant;

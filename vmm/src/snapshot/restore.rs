@@ -40,8 +40,8 @@ pub struct RestoreOptions {
     /// Leave the vCPUs parked (the VM paused) until resumed (`PUT /snapshot/load` without
     /// `resume_vm`): the guest does not run a single instruction before that.
     pub start_paused: bool,
-    /// Do not populate the mapped memory in the background (see [`super::prefault`]).
-    pub no_prefault: bool,
+    /// Populate the mapped memory in the background (see [`super::prefault`]).
+    pub prefault: bool,
 }
 
 /// Time since the restore began at each phase's end, for the log and the benchmark.
@@ -185,7 +185,7 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
                 super::verified::record_known_good(path);
             }
             phases.mark("verify_memory_ms");
-            if !options.no_prefault {
+            if options.prefault {
                 let guest = chunks.iter().map(|c| (c.gpa, c.len_bytes));
                 super::prefault::spawn(super::prefault::host_ranges(&mem, guest));
             }
@@ -203,7 +203,7 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
                 chain.verify_files(options.reverify)?;
             }
             phases.mark("verify_memory_ms");
-            if !options.no_prefault {
+            if options.prefault {
                 let guest = chain
                     .file_runs(&segments)
                     .into_iter()
