@@ -25,6 +25,7 @@ mod console;
 mod crash;
 mod driver;
 mod host;
+mod host_io;
 mod layers;
 mod protocol;
 mod qemu;
@@ -76,6 +77,8 @@ enum Cmd {
     Soak(soak::SoakArgs),
     /// Layered snapshots: storage and write time against full snapshots, chain restore (in the rig).
     Layers(layers::LayersArgs),
+    /// The snapshot writer and the restore's memory mapping on this host's CPU and disk (no VM).
+    HostIo(host_io::HostIoArgs),
     /// Draw a results file's figures as bar charts (SVG).
     Chart(chart::ChartArgs),
     /// The suite: ours (raw, compact, trimmed) and QEMU (plain, mapped-ram) on S512 (in the rig).
@@ -99,6 +102,7 @@ fn main() {
         Cmd::Hardening(args) => crash::run_hardening(args),
         Cmd::Soak(args) => soak::run(args),
         Cmd::Layers(args) => layers::run(args),
+        Cmd::HostIo(args) => host_io::run(args),
         Cmd::Chart(args) => chart::run(args),
         Cmd::Suite(args) => suite::run(args),
         Cmd::RigQmp(args) => suite::rig_qmp(args),
