@@ -81,22 +81,24 @@ const GUEST_RAM_BYTES: f64 = 512.0 * 1048576.0;
 /// summary. Unreclaimable too, but not in /proc/meminfo, so shown as a second floor. A few of
 /// these pages are zero (skipped by ours), so it slightly overstates what a snapshot must hold.
 pub fn kernel_image_bytes(snapshot: &Value) -> Option<f64> {
+    let total_kib = trim_after(snapshot)?["total_kib"].as_f64()?;
+    Some((GUEST_RAM_BYTES - total_kib * 1024.0).max(0.0))
+}
+
+/// The guest's memory figures after the trim (`/proc/meminfo`, as the trimmer measured them),
+/// from a trimmed snapshot's summary.
+fn trim_after(snapshot: &Value) -> Option<&Value> {
     let trim = snapshot["steps"]
         .as_array()?
         .iter()
         .find(|s| s["step"] == "trim")?;
-    let total_kib = trim["detail"]["report"]["after"]["total_kib"].as_f64()?;
-    Some((GUEST_RAM_BYTES - total_kib * 1024.0).max(0.0))
+    Some(&trim["detail"]["report"]["after"])
 }
 
 /// The live floor of a trimmed snapshot's summary: anonymous memory + the kernel's
 /// unreclaimable memory after the trim (as the trimmer measured it in the guest) + the hot set.
 pub fn live_floor_bytes(snapshot: &Value) -> Option<f64> {
-    let trim = snapshot["steps"]
-        .as_array()?
-        .iter()
-        .find(|s| s["step"] == "trim")?;
-    let after = &trim["detail"]["report"]["after"];
+    let after = trim_after(snapshot)?;
     let kib = |k: &str| after[k].as_f64().map(|v| v * 1024.0);
     Some(kib("anon_kib")? + kib("kernel_unreclaimable_kib")? + HOT_SET_BYTES)
 }
@@ -203,20 +205,15 @@ pub fn summarise(p: &Parsed) -> Value {
         let s = default_snapshot(r)?;
         Some(live_floor_bytes(s)? + kernel_image_bytes(s)?)
     };
-    let floor = t.median_of(|r| live_floor_bytes(default_snapshot(r)?));
+    let floor_only = |r: u64| live_floor_bytes(default_snapshot(r)?);
+    let floor = t.median_of(floor_only);
     let floor_image = t.median_of(floor_with_image);
-    let floor_ratio = t.median_of(|r| {
-        ratio(
-            t.get(r, "default", "snapshot_alloc_bytes"),
-            live_floor_bytes(default_snapshot(r)?),
-        )
-    });
-    let floor_image_ratio = t.median_of(|r| {
-        ratio(
-            t.get(r, "default", "snapshot_alloc_bytes"),
-            floor_with_image(r),
-        )
-    });
+    // default.json's snapshot on disk over a floor, per run, then the median.
+    let over_floor = |floor_of: &dyn Fn(u64) -> Option<f64>| {
+        t.median_of(|r| ratio(t.get(r, "default", "snapshot_alloc_bytes"), floor_of(r)))
+    };
+    let floor_ratio = over_floor(&floor_only);
+    let floor_image_ratio = over_floor(&floor_with_image);
     // QEMU / ours: how many times smaller / faster ours is.
     let times = |ours: &str, q: Option<&str>, f: &str| {
         t.median_of(|r| {

@@ -30,6 +30,17 @@ pub struct ConsoleOutput {
     timeline: Arc<BootTimeline>,
     /// The current line, up to the marker's length (enough to recognise it).
     line: Vec<u8>,
+    /// Serial milestones already on the timeline: the vCPU exit path then takes the timeline's
+    /// lock once per milestone, not on every line written or register read.
+    marked: Marked,
+}
+
+/// Which serial milestones were recorded.
+#[derive(Default)]
+struct Marked {
+    line: bool,
+    input: bool,
+    input_read: bool,
 }
 
 impl ConsoleOutput {
@@ -39,13 +50,15 @@ impl ConsoleOutput {
             sink,
             timeline,
             line: Vec::with_capacity(READY_MARKER.len()),
+            marked: Marked::default(),
         }
     }
 
     fn watch(&mut self, bytes: &[u8]) {
         self.timeline.mark_first_console();
-        if bytes.contains(&b'\n') {
+        if !self.marked.line && bytes.contains(&b'\n') {
             // The first complete line: after a restore, the guest's first answer.
+            self.marked.line = true;
             self.timeline.mark_phase("first_console_line_ms");
         }
         if self.timeline.is_ready() {
@@ -166,7 +179,11 @@ impl SerialDevice {
 
     /// Queues bytes typed on the host console for the guest to read.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
-        self.uart.writer().timeline.mark_phase("first_input_ms");
+        let out = self.uart.writer_mut();
+        if !out.marked.input {
+            out.marked.input = true;
+            out.timeline.mark_phase("first_input_ms");
+        }
         let room = self.uart.fifo_capacity();
         let count = bytes.len().min(room);
         if count > 0 {
@@ -184,14 +201,17 @@ impl BusDevice for SerialDevice {
         // The UART's registers are bytes; wider accesses read the first and pad with zeros.
         data.fill(0);
         if let (Some(first), Ok(offset)) = (data.first_mut(), u8::try_from(offset)) {
-            let room = self.uart.fifo_capacity();
-            *first = self.uart.read(offset);
-            if self.uart.fifo_capacity() > room {
-                // The guest's driver took input: when it reacted to the input interrupt.
-                self.uart
-                    .writer()
-                    .timeline
-                    .mark_phase("first_input_read_ms");
+            if self.uart.writer().marked.input_read {
+                *first = self.uart.read(offset);
+            } else {
+                let room = self.uart.fifo_capacity();
+                *first = self.uart.read(offset);
+                if self.uart.fifo_capacity() > room {
+                    // The guest's driver took input: when it reacted to the input interrupt.
+                    let out = self.uart.writer_mut();
+                    out.marked.input_read = true;
+                    out.timeline.mark_phase("first_input_read_ms");
+                }
             }
         }
     }

@@ -279,12 +279,7 @@ impl Chain {
     /// host wrote or verified before, as they are now (all of them with `reverify`).
     pub fn verify_files(&self, reverify: bool) -> Result<(), SnapshotError> {
         self.links.iter().try_for_each(|l| {
-            let path = &l.loaded.memory_path;
-            if reverify || !super::verified::is_known_good(path) {
-                l.loaded.verify_file()?;
-                super::verified::record_known_good(path);
-            }
-            Ok(())
+            super::verified::check_once(&l.loaded.memory_path, reverify, || l.loaded.verify_file())
         })
     }
 }

@@ -178,11 +178,10 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
             let mmaps = map_into_guest(&mem, &loaded.memory, &loaded.memory_path, chunks)?;
             phases.mark("map_memory_ms");
             let path = &loaded.memory_path;
-            if !options.skip_memory_verify
-                && (options.reverify || !super::verified::is_known_good(path))
-            {
-                verify_mapped(&mem, chunks, path)?;
-                super::verified::record_known_good(path);
+            if !options.skip_memory_verify {
+                super::verified::check_once(path, options.reverify, || {
+                    verify_mapped(&mem, chunks, path)
+                })?;
             }
             phases.mark("verify_memory_ms");
             if options.prefault {
@@ -193,10 +192,10 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         }
         LazyMode::Off => {
             let segments = chain.segments();
+            let file_runs = chain.file_runs(&segments);
             let mut mmaps = 0;
-            for (link, runs) in chain.links.iter().zip(chain.file_runs(&segments)) {
-                mmaps +=
-                    map_into_guest(&mem, &link.loaded.memory, &link.loaded.memory_path, &runs)?;
+            for (link, runs) in chain.links.iter().zip(&file_runs) {
+                mmaps += map_into_guest(&mem, &link.loaded.memory, &link.loaded.memory_path, runs)?;
             }
             phases.mark("map_memory_ms");
             if !options.skip_memory_verify {
@@ -204,11 +203,7 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
             }
             phases.mark("verify_memory_ms");
             if options.prefault {
-                let guest = chain
-                    .file_runs(&segments)
-                    .into_iter()
-                    .flatten()
-                    .map(|c| (c.gpa, c.len_bytes));
+                let guest = file_runs.iter().flatten().map(|c| (c.gpa, c.len_bytes));
                 super::prefault::spawn(super::prefault::host_ranges(&mem, guest));
             }
             (mmaps, segments.len(), None)

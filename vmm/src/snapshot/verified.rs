@@ -42,6 +42,30 @@ pub fn record_known_good(path: &Path) {
     record_known_good_in(&records_dir(), path);
 }
 
+/// Runs `check` on the memory file at `path` unless this host already knows the file, as it is
+/// now, to be good (always with `reverify`); records it after a passing check. The one place
+/// restores decide whether to read a memory file's checksums.
+pub fn check_once<E>(
+    path: &Path,
+    reverify: bool,
+    check: impl FnOnce() -> Result<(), E>,
+) -> Result<(), E> {
+    check_once_in(&records_dir(), path, reverify, check)
+}
+
+fn check_once_in<E>(
+    dir: &Path,
+    path: &Path,
+    reverify: bool,
+    check: impl FnOnce() -> Result<(), E>,
+) -> Result<(), E> {
+    if reverify || !is_known_good_in(dir, path) {
+        check()?;
+        record_known_good_in(dir, path);
+    }
+    Ok(())
+}
+
 fn is_known_good_in(dir: &Path, path: &Path) -> bool {
     record_name(path).is_some_and(|name| dir.join(name).is_file())
 }
@@ -74,5 +98,28 @@ mod tests {
         std::fs::write(&file, b"chunK").unwrap();
         assert!(!is_known_good_in(&records, &file));
         assert!(!is_known_good_in(&records, &tmp.path().join("absent")));
+    }
+
+    #[test]
+    fn check_once_checks_until_a_check_passes_then_only_with_reverify() {
+        let tmp = tempfile::tempdir().unwrap();
+        let records = tmp.path().join("records");
+        let file = tmp.path().join("memory");
+        std::fs::write(&file, b"chunk").unwrap();
+        let mut checks = 0;
+        let failing = check_once_in(&records, &file, false, || Err::<(), _>("damaged"));
+        assert_eq!(failing, Err("damaged"));
+        assert!(
+            !is_known_good_in(&records, &file),
+            "a failed check records nothing"
+        );
+        for reverify in [false, false, true] {
+            check_once_in(&records, &file, reverify, || {
+                checks += 1;
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        }
+        assert_eq!(checks, 2, "checked once, then again only with reverify");
     }
 }
