@@ -210,7 +210,7 @@ fn measure(args: &HostIoArgs) -> anyhow::Result<(Value, String)> {
          | **write rate of kept data, durable (fsync included), GiB/s** (goal ≥ 1) | **{:.2}** |\n\
          | write rate of kept data into the page cache (before fsync), GiB/s | {:.2} |\n\
          | restore: map the memory file over guest memory, ms ({} mmap calls) | {} |\n\
-         | restore: check every chunk's CRC-32C (first restore of a file on a host), ms | {} |\n",
+         | restore: check every chunk's checksum (first restore of a file on a host), ms | {} |\n",
         args.dir.display(),
         args.mem_mib,
         args.kept_mib,

@@ -15,6 +15,7 @@ use vmm::snapshot::reader::parse_state;
 fn state_file(body: &[u8]) -> Vec<u8> {
     let header = StateHeader {
         body_bytes: body.len() as u64,
+        format_version: vmm::snapshot::format::FORMAT_VERSION,
         body_crc32c: crc32c(body),
     };
     let mut file = header.encode().to_vec();

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use super::CliResult;
-use crate::snapshot::format::{id_hex, FORMAT_VERSION, PAGE_BYTES};
+use crate::snapshot::format::{id_hex, StateHeader, PAGE_BYTES, STATE_HEADER_BYTES};
 use crate::snapshot::reader::load;
 
 /// Arguments of `vmm inspect`.
@@ -28,9 +28,26 @@ fn disk_bytes(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
 }
 
+/// The format version in the header of the state file at `path` (already checked by
+/// [`load`]); `None` if it cannot be read again.
+fn file_format_version(path: &Path) -> Option<u32> {
+    let mut header = [0u8; STATE_HEADER_BYTES];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut header))
+        .ok()?;
+    StateHeader::decode(&header).ok().map(|h| h.format_version)
+}
+
 /// Loads, verifies and describes the snapshot. Exits 1 when it does not verify.
 pub fn run(args: InspectArgs) -> CliResult {
     let loaded = load(&args.dir)?;
+    let format_version = file_format_version(&loaded.state_path);
+    let chunk_checksum = loaded
+        .state
+        .memory
+        .chunks
+        .first()
+        .map(|c| c.sum.algorithm());
     let verified = loaded.verify_file();
     let state = &loaded.state;
     let pages = state.memory.pages;
@@ -49,7 +66,7 @@ pub fn run(args: InspectArgs) -> CliResult {
             Err(err) => json!({"ok": false, "error": crate::devices::virtio::error_chain(err)}),
         },
         "path": args.dir,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "snapshot_id": id_hex(&state.snapshot_id),
         "vmm_version": state.vmm_version,
         "created_unix_ms": state.created_unix_ms,
@@ -64,6 +81,7 @@ pub fn run(args: InspectArgs) -> CliResult {
             "kept_bytes": pages.kept * PAGE_BYTES,
             "skipped_bytes": pages.skipped() * PAGE_BYTES,
             "classes_recorded": state.memory.classes.is_some(),
+            "chunk_checksum": chunk_checksum,
         },
         "files": {
             "state_bytes": loaded.state_file_bytes,
@@ -81,7 +99,8 @@ pub fn run(args: InspectArgs) -> CliResult {
         let mib = |pages: u64| (pages * PAGE_BYTES) as f64 / (1 << 20) as f64;
         println!("snapshot {}", args.dir.display());
         println!(
-            "  format version {FORMAT_VERSION}, id {}, written by vmm {}",
+            "  format version {}, id {}, written by vmm {}",
+            format_version.map_or("?".to_string(), |v| v.to_string()),
             id_hex(&state.snapshot_id),
             state.vmm_version
         );
@@ -125,8 +144,9 @@ pub fn run(args: InspectArgs) -> CliResult {
         }
         match &verified {
             Ok(()) => println!(
-                "  checksums: ok (state and {} memory chunks)",
-                state.memory.chunks.len()
+                "  checksums: ok (state and {} memory chunks, {})",
+                state.memory.chunks.len(),
+                chunk_checksum.unwrap_or("none stored")
             ),
             Err(err) => println!(
                 "  checksums: FAILED: {}",

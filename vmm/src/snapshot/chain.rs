@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::checksum::ChunkSum;
 use super::format::PAGE_BYTES;
 use super::layer::{resolve_parent_path, LayerError, LayerInfo, MAX_CHAIN_DEPTH};
 use super::reader::{load, LoadedSnapshot};
@@ -255,7 +256,7 @@ impl Chain {
         resolve(&self.top().state.memory.regions, &layers)
     }
 
-    /// Each layer's `File` segments as mappable chunks (CRC unused), per layer.
+    /// Each layer's `File` segments as mappable chunks (checksum unused), per layer.
     pub fn file_runs(&self, segments: &[Segment]) -> Vec<Vec<MemoryChunk>> {
         let mut runs = vec![Vec::new(); self.links.len()];
         for s in segments {
@@ -268,7 +269,7 @@ impl Chain {
                     gpa: s.gpa,
                     len_bytes: s.len,
                     file_offset: offset,
-                    crc32c: 0,
+                    sum: ChunkSum::PENDING,
                 });
             }
         }
@@ -297,7 +298,7 @@ mod tests {
             gpa,
             len_bytes: len,
             file_offset: off,
-            crc32c: 0,
+            sum: ChunkSum::PENDING,
         }
     }
 

@@ -7,7 +7,8 @@
 //! - `memory` — a 4 KiB header (magic `VMMSNAPM`, format version, the snapshot ID the state
 //!   file names, data length, CRC-32C of the header) followed by the kept guest pages, each
 //!   kept range at a page-aligned offset so it can be mapped straight into guest memory. The
-//!   state file's index says where each range goes and holds a CRC-32C per chunk.
+//!   state file's index says where each range goes and holds a checksum per chunk (XXH64 from
+//!   format 4 on, CRC-32C before).
 
 use super::crc32c::crc32c;
 
@@ -20,8 +21,9 @@ pub const STATE_MAGIC: [u8; 8] = *b"VMMSNAPS";
 /// First bytes of a memory file.
 pub const MEMORY_MAGIC: [u8; 8] = *b"VMMSNAPM";
 /// The format this VMM writes (2: the state may describe a diff layer; 3: the memory index
-/// records every page's class, `memory.classes`).
-pub const FORMAT_VERSION: u32 = 3;
+/// records every page's class, `memory.classes`; 4: memory chunks carry XXH64 instead of
+/// CRC-32C, see [`super::checksum`]).
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format this VMM reads (1: full snapshots only; each format's layout is a subset
 /// of the next one's, so older snapshots load).
 pub const MIN_FORMAT_VERSION: u32 = 1;
@@ -62,6 +64,8 @@ pub enum HeaderError {
 /// The state file's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StateHeader {
+    /// The file's format version ([`FORMAT_VERSION`] when this VMM writes it).
+    pub format_version: u32,
     /// Bytes of JSON after the header.
     pub body_bytes: u64,
     /// CRC-32C of those bytes.
@@ -73,7 +77,7 @@ impl StateHeader {
     pub fn encode(&self) -> [u8; STATE_HEADER_BYTES] {
         let mut out = [0u8; STATE_HEADER_BYTES];
         out[..8].copy_from_slice(&STATE_MAGIC);
-        out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out[8..12].copy_from_slice(&self.format_version.to_le_bytes());
         out[16..24].copy_from_slice(&self.body_bytes.to_le_bytes());
         out[24..28].copy_from_slice(&self.body_crc32c.to_le_bytes());
         let crc = crc32c(&out[..28]);
@@ -102,6 +106,7 @@ impl StateHeader {
             return Err(HeaderError::TooLong(body_bytes));
         }
         Ok(Self {
+            format_version: found,
             body_bytes,
             body_crc32c: u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes")),
         })
@@ -165,6 +170,7 @@ mod tests {
     #[test]
     fn headers_round_trip_and_reject_damage() {
         let state = StateHeader {
+            format_version: FORMAT_VERSION,
             body_bytes: 1234,
             body_crc32c: 0xdead_beef,
         };

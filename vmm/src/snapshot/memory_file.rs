@@ -19,7 +19,7 @@ use std::path::Path;
 use balloon::{PageState, PageStateMap};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::crc32c::crc32c;
+use super::checksum::ChunkSum;
 use super::format::{MemoryHeader, MEMORY_HEADER_BYTES, PAGE_BYTES};
 use super::map::{PageClass, PageClassRuns};
 use super::state::{MemoryChunk, MemoryIndex, PageCounts};
@@ -257,7 +257,7 @@ pub fn write_memory_file_since(
                         gpa,
                         len_bytes: piece.len() as u64,
                         file_offset: offset,
-                        crc32c: 0,
+                        sum: ChunkSum::PENDING,
                     });
                     pieces.push(piece);
                     offset += piece.len() as u64;
@@ -277,10 +277,10 @@ pub fn write_memory_file_since(
     }
     timings.classify_ms = ms_since(classify_start);
     let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut *file);
-    let crcs = write_and_checksum(&mut out, &pieces, &mut timings).map_err(write_err())?;
+    let sums = write_and_checksum(&mut out, &pieces, &mut timings).map_err(write_err())?;
     drop(out);
-    for (chunk, crc) in index.chunks.iter_mut().zip(crcs) {
-        chunk.crc32c = crc;
+    for (chunk, sum) in index.chunks.iter_mut().zip(sums) {
+        chunk.sum = sum;
     }
     index.data_bytes = offset - MEMORY_HEADER_BYTES;
     index.classes = Some(classes);
@@ -411,7 +411,7 @@ pub fn verify_chunks<'a>(
 ) -> Result<(), SnapshotError> {
     for (index, chunk) in chunks.iter().enumerate() {
         let bytes = read(chunk)?;
-        if crc32c(bytes) != chunk.crc32c {
+        if !chunk.sum.matches(bytes) {
             return Err(SnapshotError::ChunkChecksum {
                 path: path.to_owned(),
                 index,
@@ -451,7 +451,7 @@ pub fn verify_file(
             let bytes = &mut buf[..chunk.len_bytes as usize];
             file.read_exact_at(bytes, chunk.file_offset)
                 .map_err(SnapshotError::io("read the memory file", path))?;
-            if crc32c(bytes) != chunk.crc32c {
+            if !chunk.sum.matches(bytes) {
                 lowest_failed.fetch_min(first + i, std::sync::atomic::Ordering::Relaxed);
                 return Err(SnapshotError::ChunkChecksum {
                     path: path.to_owned(),
@@ -593,7 +593,7 @@ mod tests {
         );
         // A flipped byte is found and named.
         let mut bad = index.chunks.clone();
-        bad[1].crc32c ^= 1;
+        bad[1].sum = bad[1].sum.flipped();
         let err = verify_mapped(&restored, &bad, &path).unwrap_err();
         assert!(err.to_string().contains("chunk 1"), "{err}");
         // Copy-on-write: writing the clone does not change the file.
@@ -654,8 +654,8 @@ mod tests {
         for threads in [1, 2, 3, 8] {
             verify_file(&file, &index.chunks, &path, threads).unwrap();
             let mut bad = index.chunks.clone();
-            bad[2].crc32c ^= 1;
-            bad[3].crc32c ^= 1;
+            bad[2].sum = bad[2].sum.flipped();
+            bad[3].sum = bad[3].sum.flipped();
             let err = verify_file(&file, &bad, &path, threads).unwrap_err();
             assert!(err.to_string().contains("chunk 2"), "{threads}: {err}");
         }

@@ -12,9 +12,11 @@
 //! - [`reader`]: loading and validating a snapshot for restore and `inspect`;
 //! - [`layer`], [`chain`]: diff layers, their parents, and a chain resolved into segments;
 //! - [`map`]: every page's class and the picture of guest memory `vmm inspect --map` draws;
-//! - [`crc32c`]: the checksum.
+//! - [`checksum`]: the memory chunks' checksum (XXH64; CRC-32C in older formats);
+//! - [`crc32c`]: the checksum of the state file and the headers.
 
 pub mod chain;
+pub mod checksum;
 pub mod crc32c;
 pub mod devices;
 pub mod flatten;

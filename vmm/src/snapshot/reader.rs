@@ -143,26 +143,16 @@ pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
 }
 
 impl LoadedSnapshot {
-    /// Verifies every chunk by reading the memory file (for `inspect`; restore verifies through
-    /// the mapping instead).
+    /// Verifies every chunk by reading the memory file, on as many threads as there are CPUs
+    /// (for `inspect` and layered restores; a single snapshot's restore verifies through the
+    /// mapping instead).
     pub fn verify_file(&self) -> Result<(), SnapshotError> {
-        let mut buf = Vec::new();
-        let chunks = &self.state.memory.chunks;
-        for (i, chunk) in chunks.iter().enumerate() {
-            buf.resize(chunk.len_bytes as usize, 0);
-            self.memory
-                .read_exact_at(&mut buf, chunk.file_offset)
-                .map_err(SnapshotError::io("read", &self.memory_path))?;
-            if crc32c(&buf) != chunk.crc32c {
-                return Err(SnapshotError::ChunkChecksum {
-                    path: self.memory_path.clone(),
-                    index: i,
-                    gpa: chunk.gpa,
-                    len_bytes: chunk.len_bytes,
-                    file_offset: chunk.file_offset,
-                });
-            }
-        }
-        Ok(())
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        super::memory_file::verify_file(
+            &self.memory,
+            &self.state.memory.chunks,
+            &self.memory_path,
+            threads,
+        )
     }
 }

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::checksum::ChunkSum;
+
 pub use super::devices::DeviceState;
 use crate::config::VmConfig;
 use crate::devices::serial::SavedSerial;
@@ -56,7 +58,7 @@ pub struct MemoryIndex {
 
 /// One stored piece of guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "StoredChunk", into = "StoredChunk")]
 pub struct MemoryChunk {
     /// Guest physical address of its first byte.
     pub gpa: u64,
@@ -64,8 +66,67 @@ pub struct MemoryChunk {
     pub len_bytes: u64,
     /// Where it starts in the memory file (page aligned, past the header).
     pub file_offset: u64,
-    /// CRC-32C of its bytes.
-    pub crc32c: u32,
+    /// Checksum of its bytes (XXH64; CRC-32C in snapshots of formats 1 to 3).
+    pub sum: ChunkSum,
+}
+
+/// A [`MemoryChunk`] as the state file spells it: the checksum under its algorithm's name
+/// (`"xxh64"`, or `"crc32c"` in formats 1 to 3), exactly one of them.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredChunk {
+    gpa: u64,
+    len_bytes: u64,
+    file_offset: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    crc32c: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    xxh64: Option<u64>,
+}
+
+impl TryFrom<StoredChunk> for MemoryChunk {
+    type Error = String;
+
+    fn try_from(c: StoredChunk) -> Result<Self, String> {
+        let sum = match (c.crc32c, c.xxh64) {
+            (None, Some(sum)) => ChunkSum::Xxh64(sum),
+            (Some(sum), None) => ChunkSum::Crc32c(sum),
+            (None, None) => {
+                return Err(format!(
+                    "memory chunk at gpa {:#x} has no checksum (expected \"xxh64\" or \"crc32c\")",
+                    c.gpa
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "memory chunk at gpa {:#x} has two checksums (expected one of \"xxh64\" and \"crc32c\")",
+                    c.gpa
+                ))
+            }
+        };
+        Ok(Self {
+            gpa: c.gpa,
+            len_bytes: c.len_bytes,
+            file_offset: c.file_offset,
+            sum,
+        })
+    }
+}
+
+impl From<MemoryChunk> for StoredChunk {
+    fn from(c: MemoryChunk) -> Self {
+        let (crc32c, xxh64) = match c.sum {
+            ChunkSum::Crc32c(sum) => (Some(sum), None),
+            ChunkSum::Xxh64(sum) => (None, Some(sum)),
+        };
+        Self {
+            gpa: c.gpa,
+            len_bytes: c.len_bytes,
+            file_offset: c.file_offset,
+            crc32c,
+            xxh64,
+        }
+    }
 }
 
 /// How many pages the memory file keeps, and why the others were left out.
@@ -94,5 +155,49 @@ impl PageCounts {
             + self.skipped_hinted
             + self.skipped_never_touched
             + self.skipped_zero
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_spell_their_checksum_by_algorithm_and_need_exactly_one() {
+        let chunk = MemoryChunk {
+            gpa: 0x1000,
+            len_bytes: 4096,
+            file_offset: 4096,
+            sum: ChunkSum::Xxh64(u64::MAX - 1),
+        };
+        let json = serde_json::to_string(&chunk).unwrap();
+        assert_eq!(
+            json,
+            r#"{"gpa":4096,"len_bytes":4096,"file_offset":4096,"xxh64":18446744073709551614}"#
+        );
+        assert_eq!(serde_json::from_str::<MemoryChunk>(&json).unwrap(), chunk);
+        // Formats 1 to 3 wrote CRC-32C: still read.
+        let old = r#"{"gpa":0,"len_bytes":4096,"file_offset":4096,"crc32c":7}"#;
+        assert_eq!(
+            serde_json::from_str::<MemoryChunk>(old).unwrap().sum,
+            ChunkSum::Crc32c(7)
+        );
+        for (bad, expected) in [
+            (
+                r#"{"gpa":8192,"len_bytes":4096,"file_offset":4096}"#,
+                "gpa 0x2000 has no checksum",
+            ),
+            (
+                r#"{"gpa":0,"len_bytes":4096,"file_offset":4096,"crc32c":1,"xxh64":2}"#,
+                "has two checksums",
+            ),
+            (
+                r#"{"gpa":0,"len_bytes":4096,"file_offset":4096,"sha":1}"#,
+                "unknown field `sha`",
+            ),
+        ] {
+            let err = serde_json::from_str::<MemoryChunk>(bad).unwrap_err();
+            assert!(err.to_string().contains(expected), "{bad}: {err}");
+        }
     }
 }

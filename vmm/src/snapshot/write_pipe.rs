@@ -1,5 +1,5 @@
 //! Writing the memory file's pieces and checksumming them at the same time: where the process may
-//! run on more than one CPU, the CRC-32C of every piece is computed on a second thread while the
+//! run on more than one CPU, the checksum of every piece is computed on a second thread while the
 //! calling thread writes the pieces in order, so a save costs about max(write, checksum) instead
 //! of their sum. Both threads only read guest memory (the vCPUs are paused). On one CPU (or
 //! where the thread cannot be started) a second thread would only take turns with the first and
@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::crc32c::crc32c;
+use super::checksum::ChunkSum;
 
 /// Where writing a snapshot spent its time, in ms (`vmm snapshot --json`: `write_phases_ms`).
 /// `write_ms` and `checksum_ms` overlap (two threads).
@@ -55,13 +55,13 @@ fn thread_cpu_ms() -> f64 {
     ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
 }
 
-/// Writes `pieces` to `out` in order (then flushes) and returns each piece's CRC-32C (see the
+/// Writes `pieces` to `out` in order (then flushes) and returns each piece's checksum (see the
 /// module documentation for how); records the times in `timings`.
 pub fn write_and_checksum<W: Write>(
     out: &mut W,
     pieces: &[&[u8]],
     timings: &mut WriteTimings,
-) -> std::io::Result<Vec<u32>> {
+) -> std::io::Result<Vec<ChunkSum>> {
     let parallel = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
     write_and_checksum_with(out, pieces, timings, parallel)
 }
@@ -73,7 +73,7 @@ fn write_and_checksum_with<W: Write>(
     pieces: &[&[u8]],
     timings: &mut WriteTimings,
     parallel: bool,
-) -> std::io::Result<Vec<u32>> {
+) -> std::io::Result<Vec<ChunkSum>> {
     let started = Instant::now();
     let crcs = if parallel {
         write_while_checksumming(out, pieces, timings)?
@@ -89,11 +89,11 @@ fn checksum_then_write_each<W: Write>(
     out: &mut W,
     pieces: &[&[u8]],
     timings: &mut WriteTimings,
-) -> std::io::Result<Vec<u32>> {
+) -> std::io::Result<Vec<ChunkSum>> {
     let mut crcs = Vec::with_capacity(pieces.len());
     for piece in pieces {
         let (t, cpu) = (Instant::now(), thread_cpu_ms());
-        crcs.push(crc32c(piece));
+        crcs.push(ChunkSum::of(piece));
         let (t2, cpu2) = (Instant::now(), thread_cpu_ms());
         timings.checksum_ms += (t2 - t).as_secs_f64() * 1e3;
         timings.checksum_cpu_ms += cpu2 - cpu;
@@ -113,15 +113,15 @@ fn write_while_checksumming<W: Write>(
     out: &mut W,
     pieces: &[&[u8]],
     timings: &mut WriteTimings,
-) -> std::io::Result<Vec<u32>> {
+) -> std::io::Result<Vec<ChunkSum>> {
     let checksum = || {
         let (t, cpu) = (Instant::now(), thread_cpu_ms());
-        let crcs: Vec<u32> = pieces.iter().map(|p| crc32c(p)).collect();
+        let crcs: Vec<ChunkSum> = pieces.iter().map(|p| ChunkSum::of(p)).collect();
         (crcs, (ms_since(t), thread_cpu_ms() - cpu))
     };
     let (written, (crcs, (checksum_ms, checksum_cpu_ms))) = std::thread::scope(|scope| {
         let helper = std::thread::Builder::new()
-            .name("snapshot-crc".into())
+            .name("snapshot-sum".into())
             .spawn_scoped(scope, checksum);
         let (t, cpu) = (Instant::now(), thread_cpu_ms());
         let written = pieces
@@ -166,7 +166,10 @@ mod tests {
                 [&a[..], &b[..], &c[..]].concat(),
                 "parallel {parallel}"
             );
-            assert_eq!(crcs, vec![crc32c(&a), crc32c(&b), crc32c(&c)]);
+            assert_eq!(
+                crcs,
+                vec![ChunkSum::of(&a), ChunkSum::of(&b), ChunkSum::of(&c)]
+            );
             assert!(timings.write_and_checksum_ms >= timings.write_ms);
         }
     }

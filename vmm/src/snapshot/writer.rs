@@ -275,6 +275,7 @@ fn write_into(
     })?;
     let header = StateHeader {
         body_bytes: body.len() as u64,
+        format_version: super::format::FORMAT_VERSION,
         body_crc32c: crc32c(&body),
     };
     let mut file = OpenOptions::new()

@@ -9,7 +9,7 @@
 use super::*;
 use vmm::api::client::{request_with_timeout, ApiResponse};
 
-/// A load verifies every memory chunk's CRC: slow under TCG.
+/// A load verifies every memory chunk's checksum.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// One API request to `sock`.

@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::segments::{SegmentMap, Source};
 use super::uffd::{Event, Uffd};
 use super::{LazyError, LazyStats, BATCH_BYTES};
-use crate::snapshot::crc32c::crc32c;
+use crate::snapshot::checksum::ChunkSum;
 use crate::snapshot::format::PAGE_BYTES;
 use crate::snapshot::SnapshotError;
 
@@ -259,7 +259,7 @@ impl Handler {
                 file,
                 offset,
                 chunk,
-                crc32c: expected,
+                sum: expected,
             } if !zero => {
                 self.verify(
                     file,
@@ -342,13 +342,13 @@ impl Handler {
         offset: u64,
         gpa: u64,
         len_bytes: u64,
-        expected: u32,
+        expected: ChunkSum,
     ) -> Result<(), LazyError> {
         if self.verified[file].get(chunk).copied().unwrap_or(true) {
             return Ok(());
         }
         let map = &self.files[file];
-        if crc32c(map.slice(offset, len_bytes)) != expected {
+        if !expected.matches(map.slice(offset, len_bytes)) {
             return Err(SnapshotError::ChunkChecksum {
                 path: map.path.clone(),
                 index: chunk,

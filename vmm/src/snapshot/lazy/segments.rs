@@ -3,6 +3,7 @@
 //! binary search. A layered snapshot resolves its chain to the same list (one file per layer,
 //! hence the file index in [`Source::File`]).
 
+use crate::snapshot::checksum::ChunkSum;
 use crate::snapshot::state::MemoryIndex;
 
 /// Where a segment's bytes come from.
@@ -14,11 +15,11 @@ pub enum Source {
         file: usize,
         /// Byte offset in that file (page aligned).
         offset: u64,
-        /// The checksummed chunk these bytes are (index in the file's chunk list, and its
-        /// CRC-32C), verified once, the first time one of its pages is served.
+        /// The checksummed chunk these bytes are (index in the file's chunk list), verified
+        /// once, the first time one of its pages is served.
         chunk: usize,
-        /// CRC-32C of the whole segment.
-        crc32c: u32,
+        /// Checksum of the whole segment.
+        sum: ChunkSum,
     },
     /// Zero pages (skipped when the snapshot was written).
     Zero,
@@ -98,7 +99,7 @@ impl SegmentMap {
                         file,
                         offset: chunk.file_offset,
                         chunk: i,
-                        crc32c: chunk.crc32c,
+                        sum: chunk.sum,
                     },
                 });
                 at = chunk_end;
@@ -146,7 +147,7 @@ mod tests {
             gpa,
             len_bytes,
             file_offset,
-            crc32c: gpa as u32,
+            sum: ChunkSum::Xxh64(gpa),
         }
     }
 
@@ -187,7 +188,7 @@ mod tests {
                 file: 2,
                 offset: 4096,
                 chunk: 0,
-                crc32c: 0
+                sum: ChunkSum::Xxh64(0)
             }
         );
         assert_eq!(map.find(8192).unwrap().source, Source::Zero);

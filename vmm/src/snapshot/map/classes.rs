@@ -363,7 +363,7 @@ mod tests {
             gpa,
             len_bytes,
             file_offset: 4096,
-            crc32c: 0,
+            sum: crate::snapshot::checksum::ChunkSum::PENDING,
         };
         let index = MemoryIndex {
             regions: vec![(0, 2 * MIB), (4 * MIB, MIB)],

@@ -413,7 +413,7 @@ mod tests {
                 gpa: 4096,
                 len_bytes: 4096,
                 file_offset: 4096,
-                crc32c: 0,
+                sum: crate::snapshot::checksum::ChunkSum::PENDING,
             }],
             ..MemoryIndex::default()
         };
