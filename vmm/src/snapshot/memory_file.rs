@@ -276,9 +276,7 @@ pub fn write_memory_file_since(
         }
     }
     timings.classify_ms = ms_since(classify_start);
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut *file);
-    let sums = write_and_checksum(&mut out, &pieces, &mut timings).map_err(write_err())?;
-    drop(out);
+    let sums = write_and_checksum(&mut *file, &pieces, &mut timings).map_err(write_err())?;
     for (chunk, sum) in index.chunks.iter_mut().zip(sums) {
         chunk.sum = sum;
     }
