@@ -130,6 +130,7 @@ pub fn all() -> Vec<Scenario> {
         sc("snapshot_with_vsock", 400, snapshot::with_vsock),
         sc("snapshot_lazy_uffd", 400, snapshot::lazy_uffd),
         sc("snapshot_serve_load", 300, snapshot::serve_load),
+        sc("snapshot_working_set", 400, snapshot::working_set),
         // Crash safety and soak (src/scenarios/{crash,soak}.rs).
         sc("crash_kill_while_writing", 240, crash::kill_while_writing),
         sc("soak_short", 360, soak::short),

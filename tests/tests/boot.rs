@@ -66,6 +66,7 @@ scenario_tests!(
     snapshot_with_vsock,
     snapshot_lazy_uffd,
     snapshot_serve_load,
+    snapshot_working_set,
     layers_chain,
     block_bad_disk_path,
     block_disks,

@@ -336,6 +336,8 @@ pub struct Vm {
     hinting_was_running: bool,
     /// Diff-layer bookkeeping, with `track_dirty_pages`.
     layering: Option<crate::snapshot::layer::Layering>,
+    /// A working-set recording still to take (`vmm restore --record-working-set-ms`).
+    working_set_recording: Option<crate::snapshot::working_set::Recording>,
     vm_fd: Arc<VmFd>,
     _kvm: Kvm,
     /// MSRs a snapshot saves (`KVM_GET_MSR_INDEX_LIST`).
@@ -347,6 +349,37 @@ pub struct Vm {
     state: VmState,
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
+}
+
+/// Brings in the working set recorded for the snapshot in `dir`, if any, through the first
+/// vCPU (before any vCPU runs); a bad record is logged and ignored.
+fn bring_in_working_set(
+    dir: &std::path::Path,
+    snapshot_id: &[u8; 16],
+    mem: &GuestMemoryMmap,
+    vcpus: &[Vcpu],
+    phases: &mut crate::snapshot::restore::Phases,
+) {
+    use crate::snapshot::working_set;
+    let Some(vcpu) = vcpus.first() else { return };
+    match working_set::load(dir, snapshot_id) {
+        Ok(None) => {}
+        Ok(Some(set)) => {
+            let report = working_set::prefetch(mem, vcpu, &set.ranges);
+            phases.mark("working_set_ms");
+            tracing::info!(
+                pages = report.pages,
+                ranges = report.ranges,
+                populate_ms = report.populate_ms,
+                kvm_pre_fault_ms = ?report.kvm_pre_fault_ms,
+                "working set brought in"
+            );
+        }
+        Err(err) => tracing::warn!(
+            error = %crate::devices::virtio::error_chain(&err),
+            "working set ignored"
+        ),
+    }
 }
 
 fn open_serial_sink(output: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>, BootError> {
@@ -497,6 +530,7 @@ impl Vm {
             dirty_sync_interval,
             hinting_was_running: false,
             layering,
+            working_set_recording: None,
             vm_fd,
             _kvm: kvm,
             msr_indices: Arc::from(msr_list.as_slice()),
@@ -532,6 +566,7 @@ impl Vm {
             lazy,
             lineage,
         } = restored;
+        let snapshot_id = lineage.snapshot_id;
         let layering = new_layering(&config, ram.memory(), Some(lineage));
         let dirty_sync_interval = upkeep_interval(&config);
         let state_path = dir.join(crate::snapshot::format::STATE_FILE);
@@ -601,6 +636,9 @@ impl Vm {
             );
         }
         phases.mark("vmgenid_ms");
+        if !options.ignore_working_set && options.record_working_set_ms.is_none() {
+            bring_in_working_set(dir, &snapshot_id, ram.memory(), &vcpus, &mut phases);
+        }
         tracing::debug!(
             vmgenid = %crate::snapshot::format::id_hex(&generation),
             "new VM generation ID, guest notified"
@@ -619,6 +657,15 @@ impl Vm {
         }
         let vcpu_threads = spawn_vcpus(vcpus, &control, &timeline, &events_tx)?;
         phases.mark("threads_ms");
+        let working_set_recording =
+            options
+                .record_working_set_ms
+                .map(|after_ms| crate::snapshot::working_set::Recording {
+                    at: Instant::now() + Duration::from_millis(after_ms),
+                    after_ms,
+                    dir: dir.to_owned(),
+                    snapshot_id,
+                });
         phases.record_on(&timeline);
         tracing::info!(
             snapshot = %dir.display(),
@@ -639,6 +686,7 @@ impl Vm {
             dirty_sync_interval,
             hinting_was_running: false,
             layering,
+            working_set_recording,
             vm_fd,
             _kvm: kvm,
             msr_indices,
@@ -850,12 +898,53 @@ impl Vm {
         Ok(None)
     }
 
+    /// How long the event loop may wait for an event before it has upkeep to do (`None`:
+    /// indefinitely).
+    fn event_wait(&self) -> Option<Duration> {
+        let dirty = self.dirty.is_some().then_some(self.dirty_sync_interval);
+        let recording = self
+            .working_set_recording
+            .as_ref()
+            .map(|r| r.at.saturating_duration_since(Instant::now()));
+        match (dirty, recording) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Takes the working-set recording once it is due (`vmm restore --record-working-set-ms`).
+    fn working_set_upkeep(&mut self) {
+        let due = self
+            .working_set_recording
+            .as_ref()
+            .is_some_and(|r| Instant::now() >= r.at);
+        if !due {
+            return;
+        }
+        let Some(recording) = self.working_set_recording.take() else {
+            return;
+        };
+        match recording.take(self.ram.memory()) {
+            Ok((path, pages)) => tracing::info!(
+                path = %path.display(),
+                pages,
+                after_ms = recording.after_ms,
+                "working set recorded"
+            ),
+            Err(err) => tracing::warn!(
+                error = %virtio::error_chain(&err),
+                "cannot record the working set"
+            ),
+        }
+    }
+
     /// Serves events until the VM ends, then stops the vCPUs and returns why it ended.
     pub fn run(mut self) -> ExitReason {
         let reason = loop {
             self.dirty_upkeep();
-            let event = if self.dirty.is_some() {
-                match self.events_rx.recv_timeout(self.dirty_sync_interval) {
+            self.working_set_upkeep();
+            let event = if let Some(timeout) = self.event_wait() {
+                match self.events_rx.recv_timeout(timeout) {
                     Ok(event) => event,
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => {

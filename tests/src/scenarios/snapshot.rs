@@ -7,8 +7,10 @@
 
 mod lazy;
 mod load;
+mod working_set;
 pub use lazy::lazy_uffd;
 pub use load::serve_load;
+pub use working_set::working_set;
 
 use super::{ensure, no_panic, Ctx, Outcome, READY_MARKER, READY_TIMEOUT};
 use crate::proc::{describe, Proc};

@@ -54,6 +54,15 @@ pub struct RestoredVmArgs {
     /// page (see `snapshot/prefault.rs` for what it measured).
     #[arg(long)]
     pub prefault: bool,
+    /// Do not bring in the snapshot's recorded working set (`working-set.json`, see
+    /// `snapshot/working_set.rs`). By default a restore maps those pages and builds KVM's page
+    /// tables for them before the vCPUs run.
+    #[arg(long)]
+    pub no_working_set: bool,
+    /// Record the guest pages this clone touches in its first MS milliseconds into the
+    /// snapshot's `working-set.json`, for later restores to bring in.
+    #[arg(long, value_name = "MS", conflicts_with = "prefault")]
+    pub record_working_set_ms: Option<u64>,
     /// Write timings and the exit reason as JSON to this file when the VM ends.
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
@@ -85,6 +94,8 @@ impl RestoredVmArgs {
             track_dirty_pages,
             start_paused,
             prefault: self.prefault,
+            ignore_working_set: self.no_working_set,
+            record_working_set_ms: self.record_working_set_ms,
         }
     }
 

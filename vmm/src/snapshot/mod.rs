@@ -13,6 +13,8 @@
 //! - [`layer`], [`chain`]: diff layers, their parents, and a chain resolved into segments;
 //! - [`map`]: every page's class and the picture of guest memory `vmm inspect --map` draws;
 //! - [`checksum`]: the memory chunks' checksum (XXH64; CRC-32C in older formats);
+//! - [`working_set`]: the pages a clone touches first, recorded once and brought in by later
+//!   restores;
 //! - [`crc32c`]: the checksum of the state file and the headers.
 
 pub mod chain;
@@ -31,6 +33,7 @@ pub mod restore;
 pub mod state;
 pub mod take;
 pub mod verified;
+pub mod working_set;
 pub mod write_pipe;
 pub mod writer;
 

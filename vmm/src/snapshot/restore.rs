@@ -42,6 +42,11 @@ pub struct RestoreOptions {
     pub start_paused: bool,
     /// Populate the mapped memory in the background (see [`super::prefault`]).
     pub prefault: bool,
+    /// Do not bring in the snapshot's recorded working set (see [`super::working_set`]).
+    pub ignore_working_set: bool,
+    /// Record the working set this many ms after the vCPUs start (verification then reads
+    /// the memory file instead of the mapping, which would touch every page).
+    pub record_working_set_ms: Option<u64>,
 }
 
 /// Time since the restore began at each phase's end, for the log and the benchmark.
@@ -180,7 +185,12 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
             let path = &loaded.memory_path;
             if !options.skip_memory_verify {
                 super::verified::check_once(path, options.reverify, || {
-                    verify_mapped(&mem, chunks, path)
+                    if options.record_working_set_ms.is_some() {
+                        // Reading through the mapping would make every kept page "touched".
+                        loaded.verify_file()
+                    } else {
+                        verify_mapped(&mem, chunks, path)
+                    }
                 })?;
             }
             phases.mark("verify_memory_ms");
@@ -229,7 +239,7 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         .as_slice()
         .into();
     phases.mark("kvm_vm_ms");
-    tracing::debug!(
+    tracing::info!(
         mmaps,
         chunks,
         layers = chain.links.len() + 1,

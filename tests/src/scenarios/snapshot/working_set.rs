@@ -1,0 +1,92 @@
+//! Working set (`vmm restore --record-working-set-ms`): a clone records the guest pages it
+//! touched in its first seconds into the snapshot's `working-set.json`; a later restore brings
+//! those pages in (host page tables and KVM's nested ones) before its vCPUs run, and its guest
+//! still re-hashes the 64 MiB buffer to the original's hash.
+
+use super::*;
+
+/// Waits for `line` in the stderr of `p` (the VMM's log).
+fn wait_log(p: &mut Proc, line: &str, timeout: Duration) -> Result<String, String> {
+    let found = p.pump_until(timeout, |p| p.stderr_text().contains(line));
+    ensure(found, || {
+        format!("no {line:?} in the VMM's log; {}", p.context())
+    })?;
+    Ok(crate::proc::strip_ansi(&p.stderr_text())
+        .lines()
+        .find(|l| l.contains(line))
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// The number after `key=` in a log line.
+fn field(line: &str, key: &str) -> Option<f64> {
+    let at = line.find(&format!("{key}="))? + key.len() + 1;
+    let rest = line[at..].trim_start_matches("Some(");
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Record with one clone, bring in with the next.
+pub fn working_set(ctx: &Ctx) -> Outcome {
+    let mut vm = boot_hash_vm(ctx, "", 256, 1)?;
+    let dir = ctx.work.join("snap-ws");
+    snapshot(ctx, &vm.sock, &dir, "pause")?;
+    let last_uptime = hashes(&vm.p).last().map(|h| h.1).unwrap_or(0.0);
+    vm.p.signal(libc::SIGKILL);
+    vm.p.wait_exit(Duration::from_secs(10))?;
+
+    let args = |extra: &[&str]| {
+        let mut a = vec!["restore".to_string(), "--snapshot".to_string()];
+        a.push(dir.display().to_string());
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let mut recorder = ctx.vmm(
+        "ws-record",
+        &args(&["--record-working-set-ms", "3000"]),
+        &[],
+    )?;
+    check_restored(&mut recorder, &vm.hash0, last_uptime)?;
+    let recorded = wait_log(
+        &mut recorder,
+        "working set recorded",
+        Duration::from_secs(120),
+    )?;
+    stop_clone(&mut recorder)?;
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("working-set.json"))
+            .map_err(|e| format!("reading working-set.json: {e} (log: {recorded})"))?,
+    )
+    .map_err(|e| format!("decoding working-set.json: {e}"))?;
+    let pages = record.get("pages").and_then(|v| v.as_u64()).unwrap_or(0);
+    // The guest re-hashes its 64 MiB buffer in a loop: at least those pages were touched; and
+    // far from all of the 256 MiB guest.
+    ensure((16384..49152).contains(&pages), || {
+        format!("the record holds {pages} pages: expected the 64 MiB buffer (16384) and well under the guest's 65536; {record}")
+    })?;
+
+    let mut clone = ctx.vmm("ws-clone", &args(&[]), &[])?;
+    let brought = wait_log(
+        &mut clone,
+        "working set brought in",
+        Duration::from_secs(120),
+    )?;
+    check_restored(&mut clone, &vm.hash0, last_uptime)?;
+    stop_clone(&mut clone)?;
+    let got = field(&brought, "pages").unwrap_or(0.0) as u64;
+    ensure(got == pages, || {
+        format!("the clone brought in {got} pages, the record has {pages}: {brought}")
+    })?;
+    let kvm_ms = field(&brought, "kvm_pre_fault_ms");
+    ensure(kvm_ms.is_some(), || {
+        format!("KVM_PRE_FAULT_MEMORY did not run (the rig's kernel has it since 6.10): {brought}")
+    })?;
+    let populate_ms = field(&brought, "populate_ms").unwrap_or(0.0);
+    Ok(format!(
+        "recorded {pages} pages after 3 s; the next clone brought them in (populate {populate_ms:.0} ms, KVM pre-fault {:.0} ms) and re-hashed {}…",
+        kvm_ms.unwrap_or(0.0),
+        &vm.hash0[..12]
+    ))
+}

@@ -1,0 +1,321 @@
+//! A snapshot's working set: the guest pages a clone touched in its first moments, recorded
+//! once, then brought in before the vCPUs of later clones run.
+//!
+//! Why: a clone maps its memory file and faults each page in on first touch. Every such touch
+//! is a nested page fault (an exit to KVM) plus a host fault on the file mapping; the suite
+//! measured a clone's first request 3-5x slower than QEMU's, whose `-incoming` reads all
+//! memory in before the guest runs. Reading everything in would copy guest memory and make the
+//! restore as slow as QEMU's. Instead one clone records which pages it touched
+//! (`vmm restore --record-working-set-ms N`: after N ms, every page present in the VMM's page
+//! tables, from `/proc/self/pagemap`), and later restores of the same snapshot map those pages
+//! (`MADV_POPULATE_READ`, nothing copied: still the shared page cache) and build KVM's nested
+//! page tables for them (`KVM_PRE_FAULT_MEMORY`, Linux 6.10+), one call per range, before the
+//! vCPUs start. This is the record-and-prefetch idea of REAP (Ustiugov et al., ASPLOS '21).
+//!
+//! The record is `working-set.json` in the snapshot directory. It is an optimisation only: a
+//! missing record changes nothing, and a damaged one or one of another snapshot is reported
+//! in the log and ignored.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::format::{id_hex, PAGE_BYTES};
+use super::prefault::{host_ranges, populate};
+use crate::kvm::vcpu::Vcpu;
+
+/// Name of the record inside a snapshot directory.
+pub const WORKING_SET_FILE: &str = "working-set.json";
+/// Largest record read (a guest of 64 GiB fragmented page by page needs less).
+const MAX_RECORD_BYTES: u64 = 64 << 20;
+/// Pagemap entries read per `pread` (8 bytes each).
+const PAGEMAP_BATCH: usize = 8192;
+/// Pagemap bit: the page is present in RAM.
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+
+/// What went wrong recording or reading a working set.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkingSetError {
+    /// A file operation failed.
+    #[error("cannot {operation} {path}")]
+    Io {
+        /// What was being done.
+        operation: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The record is not a working set of this snapshot.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn io_err(operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WorkingSetError {
+    let path = path.to_owned();
+    move |source| WorkingSetError::Io {
+        operation,
+        path,
+        source,
+    }
+}
+
+/// The record on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkingSet {
+    /// The snapshot the pages belong to (hex, as `vmm inspect` shows it).
+    pub snapshot_id: String,
+    /// How long the recording clone ran before its pages were read, ms.
+    pub recorded_after_ms: u64,
+    /// Pages in `ranges`.
+    pub pages: u64,
+    /// Touched guest memory, `(gpa, len_bytes)`, page aligned, in address order.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// The guest pages present in this process's page tables, as merged `(gpa, len_bytes)` ranges
+/// (from `/proc/self/pagemap`; a page is present once the guest or the VMM touched it).
+pub fn record(mem: &GuestMemoryMmap) -> Result<Vec<(u64, u64)>, WorkingSetError> {
+    let path = Path::new("/proc/self/pagemap");
+    let pagemap = File::open(path).map_err(io_err("open", path))?;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut entries = vec![0u8; PAGEMAP_BATCH * 8];
+    for region in mem.iter() {
+        let host = region.as_ptr() as u64;
+        let pages = region.len() / PAGE_BYTES;
+        let mut page = 0u64;
+        while page < pages {
+            let batch = (pages - page).min(PAGEMAP_BATCH as u64) as usize;
+            let bytes = &mut entries[..batch * 8];
+            pagemap
+                .read_exact_at(bytes, (host / PAGE_BYTES + page) * 8)
+                .map_err(io_err("read", path))?;
+            for (i, entry) in bytes.chunks_exact(8).enumerate() {
+                let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
+                if entry & PAGEMAP_PRESENT == 0 {
+                    continue;
+                }
+                let gpa = region.start_addr().0 + (page + i as u64) * PAGE_BYTES;
+                match ranges.last_mut() {
+                    Some(last) if last.0 + last.1 == gpa => last.1 += PAGE_BYTES,
+                    _ => ranges.push((gpa, PAGE_BYTES)),
+                }
+            }
+            page += batch as u64;
+        }
+    }
+    Ok(ranges)
+}
+
+/// Writes the record into `dir` (a temporary file renamed into place, so a reader never sees
+/// half a record).
+pub fn save(dir: &Path, set: &WorkingSet) -> Result<PathBuf, WorkingSetError> {
+    let path = dir.join(WORKING_SET_FILE);
+    let tmp = dir.join(format!(".{WORKING_SET_FILE}.tmp-{}", std::process::id()));
+    let body = serde_json::to_vec(set).map_err(|e| WorkingSetError::Io {
+        operation: "encode",
+        path: path.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    let written = File::create(&tmp)
+        .and_then(|mut f| f.write_all(&body).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(source) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(WorkingSetError::Io {
+            operation: "write",
+            path,
+            source,
+        });
+    }
+    Ok(path)
+}
+
+/// Reads the record of the snapshot `snapshot_id` in `dir`: `Ok(None)` when there is none.
+pub fn load(dir: &Path, snapshot_id: &[u8; 16]) -> Result<Option<WorkingSet>, WorkingSetError> {
+    let path = dir.join(WORKING_SET_FILE);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("open", &path)(e)),
+    };
+    let len = file.metadata().map_err(io_err("stat", &path))?.len();
+    if len > MAX_RECORD_BYTES {
+        return Err(WorkingSetError::Invalid {
+            path,
+            reason: format!("{len} bytes, more than a record can be ({MAX_RECORD_BYTES})"),
+        });
+    }
+    let set: WorkingSet = serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| {
+        WorkingSetError::Invalid {
+            path: path.clone(),
+            reason: format!("not a working-set record: {e}"),
+        }
+    })?;
+    let expected = id_hex(snapshot_id);
+    if set.snapshot_id != expected {
+        return Err(WorkingSetError::Invalid {
+            path,
+            reason: format!(
+                "recorded for snapshot {}, this snapshot is {expected}",
+                set.snapshot_id
+            ),
+        });
+    }
+    if let Some(&(gpa, len)) = set
+        .ranges
+        .iter()
+        .find(|(gpa, len)| gpa % PAGE_BYTES != 0 || len % PAGE_BYTES != 0 || *len == 0)
+    {
+        return Err(WorkingSetError::Invalid {
+            path,
+            reason: format!("range {gpa:#x}+{len:#x} is not whole pages"),
+        });
+    }
+    Ok(Some(set))
+}
+
+/// What bringing a working set in did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PrefetchReport {
+    /// Pages in the record that lie in guest RAM.
+    pub pages: u64,
+    /// Ranges asked for.
+    pub ranges: usize,
+    /// Host page tables filled (`MADV_POPULATE_READ`), ms.
+    pub populate_ms: f64,
+    /// KVM's nested page tables built (`KVM_PRE_FAULT_MEMORY`), ms; `None` when the kernel
+    /// does not offer it (the guest then takes one nested fault per page, no host fault).
+    pub kvm_pre_fault_ms: Option<f64>,
+}
+
+/// Brings `ranges` in: host page tables first, then KVM's through `vcpu` (which must not run
+/// yet). Failures are not errors: the guest faults what is missing in itself.
+pub fn prefetch(mem: &GuestMemoryMmap, vcpu: &Vcpu, ranges: &[(u64, u64)]) -> PrefetchReport {
+    let host = host_ranges(mem, ranges.iter().copied());
+    let mut report = PrefetchReport {
+        pages: host.iter().map(|r| r.len as u64 / PAGE_BYTES).sum(),
+        ranges: host.len(),
+        ..PrefetchReport::default()
+    };
+    let t0 = Instant::now();
+    if let Err(e) = populate(&host) {
+        tracing::warn!(error = %e, "working set: populating host page tables stopped");
+    }
+    report.populate_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t1 = Instant::now();
+    let mut supported = true;
+    for &(gpa, len) in ranges {
+        match vcpu.pre_fault_memory(gpa, len) {
+            Ok(()) => {}
+            Err(e) if matches!(e.errno(), libc::ENOTTY | libc::EINVAL | libc::EOPNOTSUPP) => {
+                tracing::info!(error = %e, "KVM_PRE_FAULT_MEMORY is not available: the guest builds its nested page tables on first touch");
+                supported = false;
+                break;
+            }
+            Err(e) => {
+                // A range outside every memory slot (ENOENT) or a signal: skip the range.
+                tracing::debug!(error = %e, gpa, len, "KVM_PRE_FAULT_MEMORY refused a range");
+            }
+        }
+    }
+    report.kvm_pre_fault_ms = supported.then(|| t1.elapsed().as_secs_f64() * 1e3);
+    report
+}
+
+/// A recording the event loop takes when it is due (`vmm restore --record-working-set-ms`).
+#[derive(Debug, Clone)]
+pub struct Recording {
+    /// When to read the page tables.
+    pub at: Instant,
+    /// How long after the vCPUs started that is, ms (kept in the record).
+    pub after_ms: u64,
+    /// The snapshot directory the record goes into.
+    pub dir: PathBuf,
+    /// The snapshot's ID.
+    pub snapshot_id: [u8; 16],
+}
+
+impl Recording {
+    /// Records the pages present now and writes the record; returns its path and page count.
+    pub fn take(&self, mem: &GuestMemoryMmap) -> Result<(PathBuf, u64), WorkingSetError> {
+        let ranges = record(mem)?;
+        let pages = ranges.iter().map(|r| r.1 / PAGE_BYTES).sum();
+        let set = WorkingSet {
+            snapshot_id: id_hex(&self.snapshot_id),
+            recorded_after_ms: self.after_ms,
+            pages,
+            ranges,
+        };
+        Ok((save(&self.dir, &set)?, pages))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn record_finds_the_touched_pages_and_the_record_round_trips() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 64 * 4096),
+            (GuestAddress(1 << 20), 16 * 4096),
+        ])
+        .unwrap();
+        for page in [3u64, 4, 5, 40] {
+            mem.write_obj(1u8, GuestAddress(page * 4096)).unwrap();
+        }
+        mem.write_obj(1u8, GuestAddress((1 << 20) + 2 * 4096))
+            .unwrap();
+        let ranges = record(&mem).unwrap();
+        assert_eq!(
+            ranges,
+            vec![
+                (3 * 4096, 3 * 4096),
+                (40 * 4096, 4096),
+                ((1 << 20) + 2 * 4096, 4096)
+            ]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let id = [0xab; 16];
+        assert_eq!(load(dir.path(), &id).unwrap(), None);
+        let set = WorkingSet {
+            snapshot_id: id_hex(&id),
+            recorded_after_ms: 1000,
+            pages: 5,
+            ranges,
+        };
+        save(dir.path(), &set).unwrap();
+        assert_eq!(load(dir.path(), &id).unwrap(), Some(set.clone()));
+        let err = load(dir.path(), &[0xcd; 16]).unwrap_err();
+        assert!(
+            err.to_string().contains("recorded for snapshot abab"),
+            "{err}"
+        );
+        let path = dir.path().join(WORKING_SET_FILE);
+        std::fs::write(&path, b"{\"snapshot_id\":1}").unwrap();
+        let err = load(dir.path(), &id).unwrap_err();
+        assert!(
+            err.to_string().contains("not a working-set record"),
+            "{err}"
+        );
+        let mut odd = set;
+        odd.ranges = vec![(4096, 100)];
+        save(dir.path(), &odd).unwrap();
+        let err = load(dir.path(), &id).unwrap_err();
+        assert!(err.to_string().contains("not whole pages"), "{err}");
+    }
+}
