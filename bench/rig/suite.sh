@@ -75,9 +75,27 @@ hot_request() {
 emit() { echo "SUITE-BENCH {\"run\":$run,\"variant\":\"$1\",$2}"; }
 fail() { emit "$1" "\"ok\":false,\"error\":\"$2\""; }
 
+# record_working_set VARIANT: an unmeasured clone of $W/$VARIANT answers, serves a first request
+# and records the guest pages it touched in its first SUITE_RECORD_MS ms (working-set.json in the
+# snapshot), which the measured restore then brings in before its vCPUs run.
+record_working_set() {
+    rcon=$W/reccon-$1.log; rm -f "$rcon" $W/rec.sock
+    open_fifo $W/rin-$1
+    ./vmm restore $SECCOMP --record-working-set-ms "${SUITE_RECORD_MS:-15000}" --snapshot "$W/$1" --serial "$rcon" \
+        --api-sock $W/rec.sock <$W/rin-$1 >$W/rec-$1.log 2>&1 &
+    RR=$!
+    ping_guest "$rcon" 120 && hot_request "$rcon"
+    wait_for "grep -q 'working set recorded' $W/rec-$1.log" 120
+    grep -a "working set" $W/rec-$1.log | sed "s/^/SUITE-LOG $1 record: /"
+    ./vmm stop --api-sock $W/rec.sock >/dev/null 2>&1 || kill -TERM $RR
+    wait $RR
+    close_fifo
+}
+
 # restore_ours VARIANT: restores $W/$VARIANT, first answer, first request, RSS; one result line.
 restore_ours() {
     v=$1; con=$W/con-$v.log; rm -f "$con" $W/rm.json $W/rs.sock
+    [ "${SUITE_WORKING_SET:-0}" = 1 ] && record_working_set "$v"
     open_fifo $W/in-$v
     t0=$(now_ms)
     # The timeline milestones (metrics.rs) log at debug level.
@@ -99,7 +117,7 @@ restore_ours() {
     close_fifo
     running=$(json_num $W/rm.json setup_ms)
     echo "SUITE-LOG $v restore timeline (ms since process start): $(tr -d ' \n' < $W/rm.json)"
-    grep -a -E 'milestone|vsock|after.restore|restored' $W/restore-$v.log | sed "s/^/SUITE-LOG $v restore: /"
+    grep -a -E 'milestone|vsock|after.restore|restored|working set|memory ready' $W/restore-$v.log | sed "s/^/SUITE-LOG $v restore: /"
     set -- $(disk_bytes "$W/$v")
     emit "$v" "\"ok\":$ok,\"error\":\"$err\",\"boot_ms\":$boot_ms,\"snapshot_ms\":${snap_ms_of_v:-null},\"snapshot_wall_ms\":${snap_wall_of_v:-null},\"snapshot_alloc_bytes\":$1,\"snapshot_apparent_bytes\":$2,\"restore_running_ms\":${running:-null},\"restore_answer_ms\":$answer_ms,\"first_request_ms\":$hot_guest_ms,\"first_request_wall_ms\":$hot_wall_ms,\"rss_kib\":${rss:-null},\"rss_anon_kib\":${anon:-null},\"rss_file_kib\":${file:-null}"
     rm -rf "${W:?}/$v"

@@ -55,6 +55,11 @@ pub struct SuiteArgs {
     /// the background does).
     #[arg(long)]
     pub prefault: bool,
+    /// Before each measured restore of ours, let one unmeasured clone answer, serve the first
+    /// request and record its working set (`vmm restore --record-working-set-ms`), which the
+    /// measured restore then brings in.
+    #[arg(long)]
+    pub working_set: bool,
     /// Development: run only `ours` or only `qemu`.
     #[arg(long, value_parser = ["ours", "qemu"])]
     pub only: Option<String>,
@@ -259,10 +264,11 @@ pub fn run(args: SuiteArgs) -> anyhow::Result<i32> {
             .map_or_else(|e| e.clone(), |()| "yes".into())
     ));
     let env = format!(
-        "SUITE_COLD_WAIT_S={}\nSUITE_ONLY={}\nSUITE_PREFAULT={}\nSUITE_QEMU_MAPPED_RAM={}\nSUITE_QEMU_MAPPED_RAM_WHY={}\n",
+        "SUITE_COLD_WAIT_S={}\nSUITE_ONLY={}\nSUITE_PREFAULT={}\nSUITE_WORKING_SET={}\nSUITE_QEMU_MAPPED_RAM={}\nSUITE_QEMU_MAPPED_RAM_WHY={}\n",
         args.cold_wait_s,
         args.only.as_deref().unwrap_or(""),
         u8::from(args.prefault),
+        u8::from(args.working_set),
         u8::from(q.mapped_ram.is_ok()),
         sh_quote(q.mapped_ram.as_ref().err().map_or("", String::as_str)),
     );
@@ -301,8 +307,17 @@ pub fn run(args: SuiteArgs) -> anyhow::Result<i32> {
          Medians over runs; snapshot time = pause → written; restore → running = process start → \
          vCPUs running (ours: the VMM's own measure; QEMU: `cont` done after `migrate-incoming`); \
          first answer = the guest's reply on its console; first request = the guest re-reading the \
-         32 MiB hot set (guest clock); clone RSS = VmRSS after that request.",
-        if args.quick { " --quick" } else { "" },
+         32 MiB hot set (guest clock); clone RSS = VmRSS after that request.{}",
+        [
+            (args.quick, " --quick".to_string()),
+            (!args.quick, format!(" --runs {runs}")),
+            (args.rig_qemu10, " --rig-qemu10".into()),
+            (args.working_set, " --working-set".into()),
+            (args.prefault, " --prefault".into()),
+        ]
+        .into_iter()
+        .filter_map(|(on, flag)| on.then_some(flag))
+        .collect::<String>(),
         if args.rig_qemu10 {
             "the rig under QEMU 10 with 2 vCPUs, `--rig-qemu10`"
         } else {
@@ -315,6 +330,13 @@ pub fn run(args: SuiteArgs) -> anyhow::Result<i32> {
         q.mapped_ram
             .as_ref()
             .map_or_else(|e| format!("unavailable: {e}"), |()| "yes".into()),
+        if args.working_set {
+            " Ours with `--working-set`: before each measured restore, one unmeasured clone \
+             answered, served the first request and recorded the pages it touched in 15 s; the \
+             measured restore brought them in before its vCPUs ran."
+        } else {
+            ""
+        },
     );
     let md = summary::markdown(&s, &header);
     let snapshots: Vec<Value> = parsed

@@ -61,10 +61,11 @@ pub fn working_set(ctx: &Ctx) -> Outcome {
     )
     .map_err(|e| format!("decoding working-set.json: {e}"))?;
     let pages = record.get("pages").and_then(|v| v.as_u64()).unwrap_or(0);
-    // The guest re-hashes its 64 MiB buffer in a loop: at least those pages were touched; and
-    // far from all of the 256 MiB guest.
-    ensure((16384..49152).contains(&pages), || {
-        format!("the record holds {pages} pages: expected the 64 MiB buffer (16384) and well under the guest's 65536; {record}")
+    // The guest ran 3 s (kernel, shell, part of its 64 MiB buffer): some thousands of pages,
+    // far from all 65536 of the guest (verification read the file, not the mapping, so it
+    // touched none).
+    ensure((1000..49152).contains(&pages), || {
+        format!("the record holds {pages} pages: expected what 3 s of the guest touched, well under the guest's 65536; {record}")
     })?;
 
     let mut clone = ctx.vmm("ws-clone", &args(&[]), &[])?;
