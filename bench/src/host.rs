@@ -199,6 +199,11 @@ pub(crate) fn build(root: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     if !rig::is_static_executable(&vmm).with_context(|| format!("checking {}", vmm.display()))? {
         bail!("{} is not statically linked", vmm.display());
     }
+    Ok((vmm, build_static_bench(root)?))
+}
+
+/// Builds the static `bench` binary (the in-rig driver) and returns its path.
+pub(crate) fn build_static_bench(root: &Path) -> anyhow::Result<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .filter(|d| !d.is_empty())
         .map(|d| PathBuf::from(d).join("static"))
@@ -209,11 +214,10 @@ pub(crate) fn build(root: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     ));
     let built =
         rig::build_static(root, &["bench"], &target).context("building the static bench")?;
-    let bench = built
+    built
         .into_iter()
         .find(|p| p.file_name().is_some_and(|f| f == "bench"))
-        .context("cargo built no bench binary")?;
-    Ok((vmm, bench))
+        .context("cargo built no bench binary")
 }
 
 /// The size of `vmm`, and of a stripped copy.

@@ -19,6 +19,7 @@
 
 mod block;
 mod chart;
+mod checksums;
 mod clock;
 mod cmdline;
 mod console;
@@ -79,6 +80,8 @@ enum Cmd {
     Layers(layers::LayersArgs),
     /// The snapshot writer and the restore's memory mapping on this host's CPU and disk (no VM).
     HostIo(host_io::HostIoArgs),
+    /// Memory chunk checksums on this host's CPU and (with `--rig`) the rig's emulated one.
+    Checksums(checksums::ChecksumsArgs),
     /// Draw a results file's figures as bar charts (SVG).
     Chart(chart::ChartArgs),
     /// The suite: ours (raw, compact, trimmed) and QEMU (plain, mapped-ram) on S512 (in the rig).
@@ -103,6 +106,7 @@ fn main() {
         Cmd::Soak(args) => soak::run(args),
         Cmd::Layers(args) => layers::run(args),
         Cmd::HostIo(args) => host_io::run(args),
+        Cmd::Checksums(args) => checksums::run(args),
         Cmd::Chart(args) => chart::run(args),
         Cmd::Suite(args) => suite::run(args),
         Cmd::RigQmp(args) => suite::rig_qmp(args),

@@ -4,10 +4,10 @@
 //! Why XXH64: a save checksums every kept page and the first restore of a file on a host checks
 //! them all again, so the checksum is on both hot paths. XXH64 is plain 64-bit integer
 //! arithmetic. CRC-32C's fast path is SSE4.2's `crc32` instruction, which some CPUs and all
-//! emulators run slowly. Measured with the same 32 MiB buffer (`hashbench`, 2026-11-27): on this
-//! host XXH64 6.6 GiB/s, CRC-32C 6.4 GiB/s; in the nested rig (TCG) XXH64 1.94 GiB/s, CRC-32C
-//! 0.11 GiB/s, XXH3 (SSE2) 0.51 GiB/s. The state file and the headers keep CRC-32C: they are
-//! a few KiB.
+//! emulators run slowly. Measured (`cargo run --release -p bench -- checksums --rig`,
+//! 2026-11-27): on this host XXH64 6.4 GiB/s, CRC-32C 6.2 GiB/s; in the nested rig (TCG) XXH64
+//! 1.98 GiB/s, CRC-32C 0.11 GiB/s, XXH3 (SSE2) 0.50 GiB/s. The state file and the headers keep
+//! CRC-32C: they are a few KiB.
 
 use super::crc32c::crc32c;
 
