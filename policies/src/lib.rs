@@ -82,6 +82,17 @@ pub struct Policy {
     /// from a snapshot (`after_restore` request): reseed randomness, reconnect...
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after_restore: Vec<String>,
+    /// DAMON's aggregation interval while the trim runs (kdamond 0's monitoring attributes are
+    /// updated online when the trim starts and put back when it ends). Shorter intervals make
+    /// DAMOS apply the pageout scheme and answer requests sooner; Linux rescales the regions'
+    /// ages to the new interval, so coldness measured since boot is kept. `None`: the
+    /// daemon's idle intervals throughout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trim_aggregation_ms: Option<u64>,
+    /// DAMON's sampling interval while the trim runs, with `trim_aggregation_ms`; `None`:
+    /// a twentieth of the trim's aggregation interval (the daemon's idle ratio).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trim_sampling_us: Option<u64>,
 }
 
 /// One step of the pipeline. In JSON, an object with exactly one key naming the step, e.g.
@@ -639,6 +650,14 @@ impl Policy {
     /// Checks the policy's semantic rules; see [`validate::validate`].
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         validate::validate(self)
+    }
+
+    /// DAMON's (sampling, aggregation) intervals in µs for the trim's duration, if the policy
+    /// asks for trim intervals.
+    pub fn trim_intervals_us(&self) -> Option<(u64, u64)> {
+        let aggr_us = self.trim_aggregation_ms?.saturating_mul(1000);
+        let sample_us = self.trim_sampling_us.unwrap_or(aggr_us / 20).max(1);
+        Some((sample_us, aggr_us))
     }
 
     /// Cold age in force for a step that may override [`Policy::cold_age_ms`].
