@@ -6,10 +6,11 @@
 #   payload = static vmm + vmlinuz + initramfs.cpio + data.ext4 (from `vmm image build`) + lib.sh + this script
 #   cargo run --release -p bench -- trim [--runs N]   (or by hand:)
 #   flock /tmp/kvm-rig.lock ../shared/kvm-rig/run.sh --timeout 1200 PAYLOAD -- sh trim.sh [RUNS]
-# Each run boots one guest per variant (TRIM_BENCH_VARIANTS, default both): `trim-intervals`
-# (the policy as shipped: DAMON switched to short intervals for the trim) and `idle-intervals`
-# (`trim --idle-intervals`: the daemon's idle intervals throughout), so both compare in one rig
-# boot. Each guest also times fixed CPU loops (`guest-trimmer cpu-calibrate`) after the trim,
+# Each run boots one guest per variant (TRIM_BENCH_VARIANTS): `trim-intervals` (s512 as
+# shipped: DAMON switched to short intervals for the trim), `idle-intervals` (s512 with
+# `trim --idle-intervals`: the daemon's idle intervals throughout) and `fast` (fast.json: no
+# compaction, no reporting wait; the runtime registers its release hook, which every policy's
+# hooks step runs), so they compare in one rig boot. Each guest also times fixed CPU loops (`guest-trimmer cpu-calibrate`) after the trim,
 # for scaling its CPU time to the host's.
 # Guest: 512 MiB, 2 vCPUs, `quiet`, balloon with free page reporting, the S512 data disk
 # read-only. Workload (the standard scenario S512): a runtime with a 64 MiB heap cache released
@@ -26,16 +27,17 @@ SOCK=/tmp/tb.sock
 CON=/tmp/tb-console.log
 MEM_MIB=512
 BALLOON=amount_mib=0,free_page_reporting=true
-# Guest script (kernel command line: no double quotes; `@` becomes `"` through `j`); $1: trim flags.
+# Guest script (kernel command line: no double quotes; `@` becomes `"` through `j`); $1: trim
+# arguments.
 guest_script() {
     printf %s "set -f; j(){ printf '%s\\n' \$1 | tr @ '\\042'; }; G=guest-trimmer; C=/run/guest-trimmer.sock; \
 i=0; while [ ! -S \$C ] && [ \$i -lt 300 ]; do sleep 0.1; i=\$((i+1)); done; \
-\$G workload runtime --mib 64 --pid-file /run/rt.pid --socket /run/rt.sock & \
+\$G workload runtime --mib 64 --pid-file /run/rt.pid --socket /run/rt.sock --register-hook-in /run/guest-trimmer/hooks.d & \
 \$G workload live-anon --mib 64 --check-file /run/chk & sleep 5; \
 \$G workload cold-read /mnt/data/cold; \$G workload hot-loop /mnt/data/hot --until-file /run/stophot & \
 echo TB-IDLE0 \$(cat /proc/uptime) \$(\$G ctl --unix \$C \$(j {@op@:@stats@})); sleep $IDLE_S; \
 echo TB-IDLE1 \$(cat /proc/uptime) \$(\$G ctl --unix \$C \$(j {@op@:@stats@})); \
-echo TB-GO; sleep 2; echo TB-TRIM \$(\$G trim --builtin s512 $1 --unix \$C --json); touch /run/stophot; \
+echo TB-GO; sleep 2; echo TB-TRIM \$(\$G trim $1 --unix \$C --json); touch /run/stophot; \
 \$G workload mincore /mnt/data/cold --label cold; \$G workload mincore /mnt/data/hot --label hot; \
 touch /run/chk; sleep 1; echo TB-CAL \$(\$G cpu-calibrate); echo TB-DONE; sleep 3600"
 }
@@ -46,8 +48,9 @@ run=1
 while [ "$run" -le "$RUNS" ]; do
   for variant in $VARIANTS; do
     case $variant in
-        trim-intervals) flags="" ;;
-        idle-intervals) flags="--idle-intervals" ;;
+        trim-intervals) flags="--builtin s512" ;;
+        idle-intervals) flags="--builtin s512 --idle-intervals" ;;
+        fast) flags="--builtin fast" ;;
         *) echo "trim.sh: unknown variant $variant" >&2; exit 2 ;;
     esac
     rm -f "$SOCK" "$CON"

@@ -27,8 +27,9 @@ pub struct TrimArgs {
     /// stays untouched before the trim: past the policy's 20 s cold age).
     #[arg(long, default_value_t = 40)]
     pub idle_s: u32,
-    /// Variants, in rig order: `trim-intervals` (the policy as shipped: short DAMON intervals
-    /// for the trim), `idle-intervals` (the daemon's idle intervals throughout).
+    /// Variants, in rig order: `trim-intervals` (s512 as shipped: short DAMON intervals for
+    /// the trim), `idle-intervals` (s512 at the daemon's idle intervals throughout), `fast`
+    /// (fast.json: no compaction, no reporting wait).
     #[arg(long, value_delimiter = ',', default_values_t = [String::from(PRIMARY), String::from("idle-intervals")])]
     pub variants: Vec<String>,
     /// Rig wall-clock limit, s.
@@ -47,9 +48,9 @@ pub fn run(args: TrimArgs) -> anyhow::Result<i32> {
     if let Some(v) = args
         .variants
         .iter()
-        .find(|v| !matches!(v.as_str(), "trim-intervals" | "idle-intervals"))
+        .find(|v| !matches!(v.as_str(), "trim-intervals" | "idle-intervals" | "fast"))
     {
-        bail!("unknown variant {v:?}: trim-intervals or idle-intervals");
+        bail!("unknown variant {v:?}: trim-intervals, idle-intervals or fast");
     }
     let outcome = run_script(ScriptRun {
         scripts: vec![Script {
@@ -260,7 +261,7 @@ pub fn summarize(samples: &[Value], idle_s: u32, where_: &str, host: &Calibratio
         "command": "cargo run --release -p bench -- trim (bench/rig/trim.sh in the rig)",
         "where": where_,
         "guest": {"mem_mib": 512, "vcpus": 2, "cmdline": "quiet", "balloon": "free_page_reporting",
-                  "workload": "S512: runtime with a 64 MiB heap cache (released by its hook), 64 MiB live anonymous data, 256 MiB of files read once (cold) and 32 MiB re-read in a loop (hot) from the data disk; policy s512 (default.json + the runtime hook)"},
+                  "workload": "S512: runtime with a 64 MiB heap cache (released by its hook), 64 MiB live anonymous data, 256 MiB of files read once (cold) and 32 MiB re-read in a loop (hot) from the data disk; policy s512 (default.json + the runtime hook; variant fast: fast.json, the runtime's hook registered)"},
         "damon": {"sample_us": attrs.sample_us, "aggr_us": attrs.aggr_us, "update_us": attrs.update_us, "min_nr_regions": attrs.min_nr_regions, "max_nr_regions": attrs.max_nr_regions,
                   "trim_sample_us": trim_intervals.map(|t| t.0), "trim_aggr_us": trim_intervals.map(|t| t.1)},
         "hardware_estimate": "per step: (wall - CPU work) + CPU work / factor, where CPU work = the trimmer's and kdamond 0's CPU time during the step (/proc/PID/stat) and factor = the smallest of the guest/host time ratios of guest-trimmer cpu-calibrate's three loops (arithmetic, page faults, dependent loads), run in the same guest after the trim and on this host; the trim's estimate adds the DAMON interval switches (waits) and leaves out wait_reported",
@@ -413,7 +414,8 @@ pub fn markdown(r: &Value) -> String {
         "# Trim benchmark\n\n{} ({}), {}. Guest: 512 MiB, 2 vCPUs; {}.\n\n\
          DAMON idle intervals: sampling {} us, aggregation {} us; during the trim \
          (`trim-intervals`): sampling {} us, aggregation {} us. `idle-intervals` runs the same \
-         policy with `trim --idle-intervals`.\n\n\
+         policy with `trim --idle-intervals`; `fast` runs fast.json (no compaction, no reporting wait; \
+         the runtime's release hook registered).\n\n\
          Hardware estimate: {}.\n\n\
          Medians (min-max) over the runs of each variant.\n\n| figure |",
         r["date"].as_str().unwrap_or(""),

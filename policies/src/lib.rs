@@ -37,9 +37,12 @@ pub const AGGRESSIVE_POLICY_JSON: &str = include_str!("../aggressive.json");
 pub const RUNTIME_HOOKS_POLICY_JSON: &str = include_str!("../runtime-hooks.json");
 /// `s512.json`: the standard benchmark scenario's policy (`vmm demo`, the benchmarks).
 pub const S512_POLICY_JSON: &str = include_str!("../s512.json");
+/// `fast.json`: hooks and DAMON pageout only, no compaction and no reporting wait.
+pub const FAST_POLICY_JSON: &str = include_str!("../fast.json");
 
 /// Names of the policies built into this crate, for [`Policy::builtin`].
-pub const BUILTIN_POLICY_NAMES: [&str; 4] = ["default", "aggressive", "runtime-hooks", "s512"];
+pub const BUILTIN_POLICY_NAMES: [&str; 5] =
+    ["default", "aggressive", "runtime-hooks", "s512", "fast"];
 
 /// A trim policy: what `guest-trimmer` does, in order, before a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -632,6 +635,7 @@ impl Policy {
             "aggressive" => AGGRESSIVE_POLICY_JSON,
             "runtime-hooks" => RUNTIME_HOOKS_POLICY_JSON,
             "s512" => S512_POLICY_JSON,
+            "fast" => FAST_POLICY_JSON,
             _ => {
                 return Err(PolicyError::UnknownBuiltin {
                     name: name.to_string(),

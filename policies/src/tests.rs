@@ -48,6 +48,7 @@ fn shipped_policies_parse_and_validate() {
         ("aggressive", AGGRESSIVE_POLICY_JSON),
         ("runtime-hooks", RUNTIME_HOOKS_POLICY_JSON),
         ("s512", S512_POLICY_JSON),
+        ("fast", FAST_POLICY_JSON),
     ] {
         let p = Policy::from_json_str(text).unwrap_or_else(|e| panic!("{}", error_chain(&e)));
         assert_eq!(p.name, name);
