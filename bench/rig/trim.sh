@@ -6,7 +6,7 @@
 #   payload = static vmm + vmlinuz + initramfs.cpio + data.ext4 (from `vmm image build`) + lib.sh + this script
 #   cargo run --release -p bench -- trim [--runs N]   (or by hand:)
 #   flock /tmp/kvm-rig.lock ../shared/kvm-rig/run.sh --timeout 1200 PAYLOAD -- sh trim.sh [RUNS]
-# Each run boots one guest per variant (TRIM_BENCH_VARIANTS): `trim-intervals` (s512 as
+# Each run boots one guest per variant (TRIM_BENCH_VARIANTS, comma-separated): `trim-intervals` (s512 as
 # shipped: DAMON switched to short intervals for the trim), `idle-intervals` (s512 with
 # `trim --idle-intervals`: the daemon's idle intervals throughout) and `fast` (fast.json: no
 # compaction, no reporting wait; the runtime registers its release hook, which every policy's
@@ -22,7 +22,7 @@ set -u
 POLL_S=0.1
 RUNS=${1:-3}
 IDLE_S=${TRIM_BENCH_IDLE_S:-40}
-VARIANTS=${TRIM_BENCH_VARIANTS:-trim-intervals idle-intervals}
+VARIANTS=$(echo "${TRIM_BENCH_VARIANTS:-trim-intervals,idle-intervals}" | tr , ' ')
 SOCK=/tmp/tb.sock
 CON=/tmp/tb-console.log
 MEM_MIB=512

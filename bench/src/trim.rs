@@ -60,7 +60,7 @@ pub fn run(args: TrimArgs) -> anyhow::Result<i32> {
         }],
         env: vec![
             format!("TRIM_BENCH_IDLE_S={}", args.idle_s),
-            format!("TRIM_BENCH_VARIANTS='{}'", args.variants.join(" ")),
+            format!("TRIM_BENCH_VARIANTS={}", args.variants.join(",")),
         ],
         timeout_s: args.rig_timeout,
         data_disk: true,
