@@ -35,6 +35,10 @@ pub struct TrimArgs {
     /// Rig wall-clock limit, s.
     #[arg(long, default_value_t = 1500)]
     pub rig_timeout: u64,
+    /// No rig: summarize again the runs (and host calibration) recorded in this results file,
+    /// e.g. bench-results/trim.json after the summary changed.
+    #[arg(long)]
+    pub resummarize: Option<std::path::PathBuf>,
 }
 
 /// The variant the top-level figures (and the README) are about.
@@ -42,6 +46,9 @@ const PRIMARY: &str = "trim-intervals";
 
 /// Runs the benchmark; returns the exit code (1 when a run failed).
 pub fn run(args: TrimArgs) -> anyhow::Result<i32> {
+    if let Some(path) = &args.resummarize {
+        return resummarize(path);
+    }
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
@@ -70,16 +77,41 @@ pub fn run(args: TrimArgs) -> anyhow::Result<i32> {
     // The same loops on this host, after the rig has finished (median of three).
     let host = host_calibration();
     let result = summarize(&samples, args.idle_s, outcome.where_, &host);
-    let md = markdown(&result);
-    write_results("trim", &result, &md)?;
+    write_all(&result)?;
+    let failed = samples.iter().filter(|s| s["ok"] != true).count();
+    Ok(i32::from(failed > 0))
+}
+
+/// `--resummarize FILE`: the recorded runs summarized again (date and place kept).
+fn resummarize(path: &std::path::Path) -> anyhow::Result<i32> {
+    use anyhow::Context;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let old: Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let samples = old["runs"]
+        .as_array()
+        .cloned()
+        .context("no \"runs\" in the results file")?;
+    let host: Calibration = serde_json::from_value(old["host_calibration"].clone())
+        .context("no \"host_calibration\" in the results file")?;
+    let idle_s = old["idle_s"].as_u64().unwrap_or(0) as u32;
+    let mut result = summarize(&samples, idle_s, old["where"].as_str().unwrap_or(""), &host);
+    result["date"] = old["date"].clone();
+    write_all(&result)?;
+    Ok(0)
+}
+
+/// Writes bench-results/trim.{json,md,svg}.
+fn write_all(result: &Value) -> anyhow::Result<()> {
+    let md = markdown(result);
+    write_results("trim", result, &md)?;
     let charts: Vec<Chart> = serde_json::from_value(result["charts"].clone())?;
     write_svg(
         &results_dir()?.join("trim.svg"),
         "bench-results/trim",
         &charts,
-    )?;
-    let failed = samples.iter().filter(|s| s["ok"] != true).count();
-    Ok(i32::from(failed > 0))
+    )
 }
 
 /// The calibration loops on this host: the run with the median arithmetic time of three.
@@ -97,12 +129,22 @@ fn med(values: impl IntoIterator<Item = Option<f64>>) -> Value {
     Summary::of_some(values).map_or(Value::Null, |s| json!(s))
 }
 
-/// How much slower the guest's CPU was than the host's in `sample` (the smallest of the
-/// loops' factors: the most conservative hardware estimate).
-fn slowdown(sample: &Value, host: &Calibration) -> Option<f64> {
+/// How much slower the guest's CPU was than the host's in `sample`: the smallest of the
+/// loops' factors (the most conservative hardware estimate), or the largest when `!smallest`.
+fn slowdown_by(sample: &Value, host: &Calibration, smallest: bool) -> Option<f64> {
     let guest: Calibration = serde_json::from_value(sample["calibration"].clone()).ok()?;
-    let f = SlowdownFactors::of(&guest, host).smallest();
+    let factors = SlowdownFactors::of(&guest, host);
+    let f = if smallest {
+        factors.smallest()
+    } else {
+        factors.largest()
+    };
     (f.is_finite() && f > 0.0).then_some(f)
+}
+
+/// The smallest slowdown factor of `sample` (see [`slowdown_by`]).
+fn slowdown(sample: &Value, host: &Calibration) -> Option<f64> {
+    slowdown_by(sample, host, true)
 }
 
 /// A step's (or a whole trim's) time on hardware, estimated from its emulated wall time and
@@ -207,6 +249,8 @@ fn variant_summary(samples: &[&Value], host: &Calibration) -> Value {
             "trim_guest_busy_ms": med(samples.iter().map(|s| num(&report(s)["cpu"]["guest_busy_ms"]))),
             "cpu_slowdown_factor": med(samples.iter().map(|s| slowdown(s, host))),
             "hardware_trim_ms": med(samples.iter().map(|s| hardware_trim_ms(s, slowdown(s, host)?))),
+            "cpu_slowdown_factor_largest": med(samples.iter().map(|s| slowdown_by(s, host, false))),
+            "hardware_trim_ms_low": med(samples.iter().map(|s| hardware_trim_ms(s, slowdown_by(s, host, false)?))),
             "intervals_switch_ms": intervals("switch_ms"),
             "intervals_restore_ms": intervals("restore_ms"),
             "freed_mib": med(samples.iter().map(|s| num(&report(s)["freed_kib"]).map(|k| k / 1024.0))),
@@ -264,7 +308,7 @@ pub fn summarize(samples: &[Value], idle_s: u32, where_: &str, host: &Calibratio
                   "workload": "S512: runtime with a 64 MiB heap cache (released by its hook), 64 MiB live anonymous data, 256 MiB of files read once (cold) and 32 MiB re-read in a loop (hot) from the data disk; policy s512 (default.json + the runtime hook; variant fast: fast.json, the runtime's hook registered)"},
         "damon": {"sample_us": attrs.sample_us, "aggr_us": attrs.aggr_us, "update_us": attrs.update_us, "min_nr_regions": attrs.min_nr_regions, "max_nr_regions": attrs.max_nr_regions,
                   "trim_sample_us": trim_intervals.map(|t| t.0), "trim_aggr_us": trim_intervals.map(|t| t.1)},
-        "hardware_estimate": "per step: (wall - CPU work) + CPU work / factor, where CPU work = the trimmer's and kdamond 0's CPU time during the step (/proc/PID/stat) and factor = the smallest of the guest/host time ratios of guest-trimmer cpu-calibrate's three loops (arithmetic, page faults, dependent loads), run in the same guest after the trim and on this host; the trim's estimate adds the DAMON interval switches (waits) and leaves out wait_reported",
+        "hardware_estimate": "per step: (wall - CPU work) + CPU work / factor, where CPU work = the trimmer's and kdamond 0's CPU time during the step (/proc/PID/stat) and factor = the smallest of the guest/host time ratios of guest-trimmer cpu-calibrate's three loops (arithmetic, page faults, dependent loads), run in the same guest after the trim and on this host (hardware_trim_ms_low: the largest factor instead, the optimistic end); the trim's estimate adds the DAMON interval switches (waits) and leaves out wait_reported",
         "host_calibration": host,
         "median": primary["median"],
         "steps": primary["steps"],
@@ -363,7 +407,7 @@ fn cell(v: &Value) -> String {
 }
 
 /// The figures of the main table: (label, key in `median`).
-const FIGURES: [(&str, &str); 19] = [
+const FIGURES: [(&str, &str); 21] = [
     ("whole trim, ms", "total_ms"),
     ("trim without the reporting wait, ms", "trim_ms"),
     (
@@ -374,13 +418,15 @@ const FIGURES: [(&str, &str); 19] = [
     ("  DAMON intervals switch / back, ms", "intervals_switch_ms"),
     ("", "intervals_restore_ms"),
     (
-        "guest CPU slowdown vs this host (cpu-calibrate)",
+        "guest CPU slowdown vs this host (cpu-calibrate), smallest loop factor",
         "cpu_slowdown_factor",
     ),
+    ("  largest loop factor", "cpu_slowdown_factor_largest"),
     (
-        "**estimated trim on hardware (without the reporting wait), ms**",
+        "**estimated trim on hardware (without the reporting wait), ms, by the smallest factor**",
         "hardware_trim_ms",
     ),
+    ("  by the largest factor, ms", "hardware_trim_ms_low"),
     ("memory freed in the guest, MiB", "freed_mib"),
     (
         "guest used (MemTotal - MemFree) before, MiB",
@@ -538,7 +584,13 @@ mod tests {
         assert_eq!(r["median"]["hot_cached_percent"]["median"], 100.0);
         assert_eq!(r["median"]["cold_cached_percent"]["median"], 0.0);
         // The smallest factor (20x): hooks 20 ms wall + 20 ms CPU -> 1 ms; wait_reported is
-        // left out of the trim; the interval switches (300 ms) are waits.
+        // left out of the trim; the interval switches (300 ms) are waits. The largest (30x):
+        // 20 + 20/30 + 300.
+        assert_eq!(r["median"]["cpu_slowdown_factor_largest"]["median"], 30.0);
+        let low = r["median"]["hardware_trim_ms_low"]["median"]
+            .as_f64()
+            .unwrap();
+        assert!((low - (320.0 + 20.0 / 30.0)).abs() < 1e-9, "{low}");
         assert_eq!(r["median"]["cpu_slowdown_factor"]["median"], 20.0);
         assert_eq!(r["steps"][0]["hardware_ms"]["median"], 21.0);
         assert_eq!(r["median"]["hardware_trim_ms"]["median"], 321.0);

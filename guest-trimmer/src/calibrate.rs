@@ -69,13 +69,21 @@ impl SlowdownFactors {
         }
     }
 
-    /// The smallest factor: scaling CPU time by it gives the largest (most conservative)
-    /// hardware estimate.
-    pub fn smallest(&self) -> f64 {
+    fn valid(&self) -> impl Iterator<Item = f64> {
         [self.alu, self.fault, self.chase]
             .into_iter()
             .filter(|f| f.is_finite() && *f > 0.0)
-            .fold(f64::NAN, f64::min)
+    }
+
+    /// The smallest factor: scaling CPU time by it gives the largest (most conservative)
+    /// hardware estimate.
+    pub fn smallest(&self) -> f64 {
+        self.valid().fold(f64::NAN, f64::min)
+    }
+
+    /// The largest factor: scaling CPU time by it gives the smallest hardware estimate.
+    pub fn largest(&self) -> f64 {
+        self.valid().fold(f64::NAN, f64::max)
     }
 }
 
@@ -154,5 +162,6 @@ mod tests {
         };
         let f = SlowdownFactors::of(&slow, &c);
         assert!((f.alu - 30.0).abs() < 1e-9 && (f.smallest() - 10.0).abs() < 1e-9);
+        assert!((f.largest() - 30.0).abs() < 1e-9);
     }
 }
