@@ -490,8 +490,10 @@ fn damon_pass(
 fn achieved_paddr_aggr_us(env: &TrimEnv, attrs: &MonitoringAttrs) -> Option<u64> {
     let started = env.monitoring_started?;
     // The kernel refills the region list at the kdamond's next aggregation; right after another
-    // request it can come back empty: ask again a few times.
-    for _ in 0..3 {
+    // request (or with a kdamond lagging behind its intervals) it can come back empty: ask
+    // again a few times. Without ages the configured interval is used, and on a loaded guest
+    // nothing then looks old enough (seen in the rig): worth a few more round trips.
+    for _ in 0..6 {
         match env.damon.tried_regions(pageout::PADDR_KDAMOND, 0) {
             Ok(regions) if !regions.is_empty() => {
                 return pageout::achieved_aggr_us(
@@ -500,7 +502,7 @@ fn achieved_paddr_aggr_us(env: &TrimEnv, attrs: &MonitoringAttrs) -> Option<u64>
                     attrs.aggr_us,
                 );
             }
-            Ok(_) => std::thread::sleep(Duration::from_micros(attrs.aggr_us)),
+            Ok(_) => std::thread::sleep(Duration::from_micros(attrs.aggr_us.max(200_000))),
             Err(e) => {
                 tracing::warn!(
                     "cannot read DAMON's region ages, converting cold ages with the configured interval: {}",

@@ -500,3 +500,28 @@ fn trim_intervals_are_switched_for_damon_steps_and_put_back() {
     // Every step reports its CPU time (the fake tree has no /proc/stat or self).
     assert_eq!(r.steps[0].cpu.guest_busy_ms, None);
 }
+
+#[test]
+fn zero_counters_are_not_convergence_until_an_apply_pass_ran() {
+    let f = fake();
+    // The pageout scheme's counters stay zero and the base stat scheme never moves: the
+    // kdamond has not applied the scheme yet, so the pass waits to its bound.
+    let stats = "sys/kernel/mm/damon/admin/kdamonds/0/contexts/0/schemes/1/stats";
+    for c in [
+        "nr_tried",
+        "sz_tried",
+        "nr_applied",
+        "sz_applied",
+        "qt_exceeds",
+    ] {
+        put(f.dir.path(), &format!("{stats}/{c}"), "0\n");
+    }
+    let p = policy(
+        r#"{"name": "cold", "cold_age_ms": 1000,
+            "steps": [{"damon_pageout": {"max_duration_ms": 300}}]}"#,
+    );
+    let r = run(&f.env, &p);
+    assert!(r.ok, "{r:#?}");
+    assert_eq!(r.steps[0].detail["converged"], false, "{r:#?}");
+    assert!(r.steps[0].duration_ms >= 300, "{r:#?}");
+}
