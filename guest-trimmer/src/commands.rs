@@ -90,6 +90,10 @@ pub struct TrimArgs {
     /// Print the whole report as one JSON line.
     #[arg(long)]
     pub json: bool,
+    /// Run at DAMON's idle intervals: drop the policy's `trim_aggregation_ms` and
+    /// `trim_sampling_us` (to compare the two in one boot).
+    #[arg(long)]
+    pub idle_intervals: bool,
 }
 
 /// `guest-trimmer ctl`.
@@ -201,6 +205,15 @@ pub fn trim(args: &TrimArgs, proc_root: &Path, sys_root: &Path) -> Result<(), Co
         (None, None) => unreachable!("clap requires --policy or --builtin"),
     }
     .map_err(CommandError::Policy)?;
+    let policy = if args.idle_intervals {
+        Policy {
+            trim_aggregation_ms: None,
+            trim_sampling_us: None,
+            ..policy
+        }
+    } else {
+        policy
+    };
     let reply: Value = if !args.local && args.unix.exists() {
         let req = serde_json::json!({"op": "trim", "policy": policy});
         let text =

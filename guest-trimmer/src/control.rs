@@ -386,16 +386,8 @@ pub fn region_summary(regions: &[TriedRegion], aggr_us: u64) -> Value {
 pub fn proc_usage(proc_root: &std::path::Path, pid: &str) -> Value {
     let dir = proc_root.join(pid);
     let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-    // Fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15.
-    let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    // SAFETY: sysconf only reads a configuration value.
-    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
-    let cpu_ms = match (ticks(11), ticks(12)) {
-        (Some(u), Some(s)) => Some((u + s) * 1000 / ticks_per_s),
-        _ => None,
-    };
+    let cpu_ms =
+        trim::cpu::parse_pid_stat_ticks(&stat, false).map(|t| t * 1000 / trim::cpu::ticks_per_s());
     let rss_kib = std::fs::read_to_string(dir.join("status"))
         .ok()
         .and_then(|s| {

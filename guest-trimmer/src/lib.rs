@@ -11,8 +11,10 @@
 //! - [`trim`]: the trim pipeline (hooks, pageout, drop caches, compaction, reporting wait);
 //! - [`control`]: the JSON-lines control protocol the daemon serves;
 //! - [`unix_server`]: that protocol on a unix socket;
+//! - [`calibrate`]: fixed CPU loops to compare a guest's CPU speed with a host's;
 //! - [`workload`]: test loads (cold/hot file reads, live anonymous data, a runtime cache).
 
+pub mod calibrate;
 pub mod control;
 pub mod damon;
 pub mod meminfo;

@@ -81,6 +81,10 @@ enum Command {
     /// Test loads for the trim scenarios.
     #[command(subcommand, hide = true)]
     Workload(commands::WorkloadCmd),
+    /// Time fixed CPU loops (prints `CPU-CALIBRATE {json}`): the trim benchmark runs them in
+    /// the guest and on the host to scale CPU time between the two.
+    #[command(hide = true)]
+    CpuCalibrate,
 }
 
 #[derive(Debug, Args)]
@@ -213,6 +217,12 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Ctl(args) => commands::ctl(args).map_err(CliError::Ctl),
         Command::Hostile(args) => hostile::run(args).map_err(CliError::Hostile),
         Command::Workload(cmd) => commands::workload(cmd).map_err(CliError::Workload),
+        Command::CpuCalibrate => {
+            let c = guest_trimmer::calibrate::run(Default::default());
+            let text = serde_json::to_string(&c).map_err(CliError::Json)?;
+            println!("CPU-CALIBRATE {text}");
+            Ok(())
+        }
         Command::DamonMonitor(args) => {
             let damon = DamonSysfs::detect(g.damon_root())
                 .map_err(CliError::DamonMonitor)?

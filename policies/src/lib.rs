@@ -37,9 +37,12 @@ pub const AGGRESSIVE_POLICY_JSON: &str = include_str!("../aggressive.json");
 pub const RUNTIME_HOOKS_POLICY_JSON: &str = include_str!("../runtime-hooks.json");
 /// `s512.json`: the standard benchmark scenario's policy (`vmm demo`, the benchmarks).
 pub const S512_POLICY_JSON: &str = include_str!("../s512.json");
+/// `fast.json`: hooks and DAMON pageout only, no compaction and no reporting wait.
+pub const FAST_POLICY_JSON: &str = include_str!("../fast.json");
 
 /// Names of the policies built into this crate, for [`Policy::builtin`].
-pub const BUILTIN_POLICY_NAMES: [&str; 4] = ["default", "aggressive", "runtime-hooks", "s512"];
+pub const BUILTIN_POLICY_NAMES: [&str; 5] =
+    ["default", "aggressive", "runtime-hooks", "s512", "fast"];
 
 /// A trim policy: what `guest-trimmer` does, in order, before a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +85,17 @@ pub struct Policy {
     /// from a snapshot (`after_restore` request): reseed randomness, reconnect...
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after_restore: Vec<String>,
+    /// DAMON's aggregation interval while the trim runs (kdamond 0's monitoring attributes are
+    /// updated online when the trim starts and put back when it ends). Shorter intervals make
+    /// DAMOS apply the pageout scheme and answer requests sooner; Linux rescales the regions'
+    /// ages to the new interval, so coldness measured since boot is kept. `None`: the
+    /// daemon's idle intervals throughout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trim_aggregation_ms: Option<u64>,
+    /// DAMON's sampling interval while the trim runs, with `trim_aggregation_ms`; `None`:
+    /// a twentieth of the trim's aggregation interval (the daemon's idle ratio).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trim_sampling_us: Option<u64>,
 }
 
 /// One step of the pipeline. In JSON, an object with exactly one key naming the step, e.g.
@@ -621,6 +635,7 @@ impl Policy {
             "aggressive" => AGGRESSIVE_POLICY_JSON,
             "runtime-hooks" => RUNTIME_HOOKS_POLICY_JSON,
             "s512" => S512_POLICY_JSON,
+            "fast" => FAST_POLICY_JSON,
             _ => {
                 return Err(PolicyError::UnknownBuiltin {
                     name: name.to_string(),
@@ -639,6 +654,14 @@ impl Policy {
     /// Checks the policy's semantic rules; see [`validate::validate`].
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         validate::validate(self)
+    }
+
+    /// DAMON's (sampling, aggregation) intervals in µs for the trim's duration, if the policy
+    /// asks for trim intervals.
+    pub fn trim_intervals_us(&self) -> Option<(u64, u64)> {
+        let aggr_us = self.trim_aggregation_ms?.saturating_mul(1000);
+        let sample_us = self.trim_sampling_us.unwrap_or(aggr_us / 20).max(1);
+        Some((sample_us, aggr_us))
     }
 
     /// Cold age in force for a step that may override [`Policy::cold_age_ms`].

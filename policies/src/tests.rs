@@ -48,6 +48,7 @@ fn shipped_policies_parse_and_validate() {
         ("aggressive", AGGRESSIVE_POLICY_JSON),
         ("runtime-hooks", RUNTIME_HOOKS_POLICY_JSON),
         ("s512", S512_POLICY_JSON),
+        ("fast", FAST_POLICY_JSON),
     ] {
         let p = Policy::from_json_str(text).unwrap_or_else(|e| panic!("{}", error_chain(&e)));
         assert_eq!(p.name, name);
@@ -552,6 +553,43 @@ fn runtime_hooks_policy_has_jvm_python_and_after_restore_hooks() {
             registered: true,
         })
     );
+}
+
+#[test]
+fn trim_intervals_rules_and_defaults() {
+    let mut p = full();
+    assert_eq!(p.trim_intervals_us(), None);
+    p.trim_aggregation_ms = Some(100);
+    assert_eq!(p.trim_intervals_us(), Some((5_000, 100_000)));
+    p.trim_sampling_us = Some(2_000);
+    assert_eq!(p.trim_intervals_us(), Some((2_000, 100_000)));
+    assert_eq!(errors(&p), Vec::<String>::new());
+    p.trim_aggregation_ms = Some(1);
+    assert_eq!(
+        errors(&p),
+        [
+            "trim_aggregation_ms: must be between 10 and 10000, got 1",
+            "trim_sampling_us: must be at most trim_aggregation_ms (1 ms = 1000 us), got 2000",
+        ]
+    );
+    p.trim_aggregation_ms = None;
+    p.trim_sampling_us = Some(50);
+    assert_eq!(
+        errors(&p),
+        [
+            "trim_sampling_us: must be between 100 and 1000000, got 50",
+            "trim_sampling_us: needs trim_aggregation_ms (the trim's intervals are set together)",
+        ]
+    );
+    // Round trip through JSON, units in the names.
+    let text = FULL.replacen(
+        "\"require_trim\"",
+        "\"trim_aggregation_ms\": 50, \"trim_sampling_us\": 2500, \"require_trim\"",
+        1,
+    );
+    let p = Policy::from_json_str(&text).unwrap();
+    assert_eq!(p.trim_intervals_us(), Some((2_500, 50_000)));
+    assert_eq!(Policy::from_json_str(&p.to_json_pretty()).unwrap(), p);
 }
 
 #[test]

@@ -38,6 +38,10 @@ pub const MAX_PAGE_REPORTING_ORDER: u32 = 10;
 pub const MAX_TIME_BUDGET_MS: u64 = 900_000;
 /// Largest `keep_hot_mib` (1 TiB).
 pub const MAX_KEEP_HOT_MIB: u64 = 1 << 20;
+/// Shortest and longest `trim_aggregation_ms`.
+pub const TRIM_AGGREGATION_MS_RANGE: (u64, u64) = (10, 10_000);
+/// Shortest and longest `trim_sampling_us`.
+pub const TRIM_SAMPLING_US_RANGE: (u64, u64) = (100, 1_000_000);
 /// Most pid files of a `damon_pageout` step (DAMON vaddr targets).
 pub const MAX_PID_FILES: usize = 16;
 
@@ -147,6 +151,34 @@ impl Checker {
     }
 }
 
+/// `trim_aggregation_ms` and `trim_sampling_us`: in range, sampling only with aggregation,
+/// and sampling no longer than aggregation (DAMON's own rule).
+fn check_trim_intervals(c: &mut Checker, policy: &Policy) {
+    let (amin, amax) = TRIM_AGGREGATION_MS_RANGE;
+    let (smin, smax) = TRIM_SAMPLING_US_RANGE;
+    if let Some(a) = policy.trim_aggregation_ms {
+        c.range("trim_aggregation_ms", a, amin, amax);
+    }
+    let Some(s) = policy.trim_sampling_us else {
+        return;
+    };
+    c.range("trim_sampling_us", s, smin, smax);
+    match policy.trim_aggregation_ms {
+        None => c.error(
+            "trim_sampling_us",
+            "needs trim_aggregation_ms (the trim's intervals are set together)",
+        ),
+        Some(a) if s > a.saturating_mul(1000) => c.error(
+            "trim_sampling_us",
+            format!(
+                "must be at most trim_aggregation_ms ({a} ms = {} us), got {s}",
+                a * 1000
+            ),
+        ),
+        Some(_) => {}
+    }
+}
+
 /// Checks every rule and returns all broken ones.
 ///
 /// Rules: `name` is an identifier; ranges of every number (see the `MAX_*` constants); hook
@@ -183,6 +215,7 @@ pub fn validate(policy: &Policy) -> Result<(), ValidationErrors> {
     if let Some(keep) = policy.keep_hot_mib {
         c.range("keep_hot_mib", keep, 0, MAX_KEEP_HOT_MIB);
     }
+    check_trim_intervals(&mut c, policy);
 
     check_hooks(&mut c, policy);
     check_steps(&mut c, policy);

@@ -149,6 +149,7 @@ pub fn all() -> Vec<Scenario> {
         sc("vsock_bulk_both_ways", 400, vsock::bulk_both_ways),
         // Trimmer (src/scenarios/trim.rs).
         sc("trim_default_keeps_hot", 400, trim::default_keeps_hot),
+        sc("trim_fast_keeps_hot", 400, trim::fast_keeps_hot),
         sc("trim_aggressive_drops_hot", 400, trim::aggressive_drops_hot),
         sc("trim_pipeline", 400, trim::pipeline),
         // Trim-then-snapshot pipeline (src/scenarios/pipeline.rs).

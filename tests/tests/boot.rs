@@ -74,6 +74,7 @@ scenario_tests!(
     vsock_bulk_both_ways,
     trim_pipeline,
     trim_default_keeps_hot,
+    trim_fast_keeps_hot,
     trim_aggressive_drops_hot,
     pipeline_trim_then_snapshot,
 );

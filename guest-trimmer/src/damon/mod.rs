@@ -1,6 +1,7 @@
 //! The DAMON driver: monitoring physical memory access and, later, the pageout schemes the trim
 //! pipeline applies to cold regions.
 
+pub mod intervals;
 pub mod scheme;
 pub mod sysfs;
 

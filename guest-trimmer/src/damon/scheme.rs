@@ -347,8 +347,13 @@ impl DamonSysfs {
 
     /// Asks the kernel to refresh, then reads, scheme `scheme`'s counters.
     pub fn scheme_stats(&self, kdamond: u64, scheme: u64) -> Result<SchemeStats, DamonError> {
-        const OP: &str = "read DAMOS scheme stats";
         self.kdamond_command(kdamond, "update_schemes_stats")?;
+        self.read_scheme_stats(kdamond, scheme)
+    }
+
+    /// Reads scheme `scheme`'s counters as the last refresh (of all schemes) left them.
+    pub fn read_scheme_stats(&self, kdamond: u64, scheme: u64) -> Result<SchemeStats, DamonError> {
+        const OP: &str = "read DAMOS scheme stats";
         let dir = format!("{}/schemes/{scheme}/stats", ctx_dir(kdamond));
         Ok(SchemeStats {
             nr_tried: self.read_u64(OP, &format!("{dir}/nr_tried"))?,

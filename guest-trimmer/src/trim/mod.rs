@@ -12,7 +12,9 @@
 //! how long it waited and how much free memory was reportable; the host confirms with
 //! `vmm balloon` statistics.
 
+pub mod cpu;
 pub mod hooks;
+pub mod intervals;
 pub mod kernel;
 pub mod pageout;
 pub mod report;
@@ -30,6 +32,7 @@ use serde_json::json;
 use crate::damon::{DamonSysfs, MonitoringAttrs, Scheme};
 use crate::meminfo::{MemInfo, ProcFs};
 use hooks::{run_hook, HookReport, HookStatus};
+use intervals::TrimIntervals;
 pub use kernel::KernelKnobs;
 use kernel::DEFAULT_PAGE_REPORTING_ORDER;
 use pageout::{pageout_pass, PageoutParams};
@@ -63,15 +66,19 @@ pub struct TrimEnv {
     pub monitoring_started: Option<std::time::Instant>,
     /// Where applications register their hooks ([`policies::registered::HOOKS_DIR`]).
     pub hooks_dir: std::path::PathBuf,
+    /// CPU time counters, read around every step.
+    pub cpu: cpu::CpuProbe,
 }
 
 impl TrimEnv {
     /// The real guest's environment below `proc_root` and `sys_root`.
     pub fn new(proc_root: &Path, sys_root: &Path, attrs: MonitoringAttrs) -> Self {
+        let damon_root = sys_root.join("kernel/mm/damon/admin");
         TrimEnv {
+            cpu: cpu::CpuProbe::new(proc_root, &damon_root),
             procfs: ProcFs::new(proc_root),
             knobs: KernelKnobs::new(proc_root, sys_root),
-            damon: DamonSysfs::new(sys_root.join("kernel/mm/damon/admin"))
+            damon: DamonSysfs::new(damon_root)
                 .with_iomem_path(proc_root.join("iomem"))
                 .with_spare_kdamonds(1),
             attrs,
@@ -213,9 +220,29 @@ pub fn run(env: &TrimEnv, policy: &Policy) -> TrimReport {
         None => None,
     };
 
+    // Short DAMON intervals for the trim, if the policy asks and a step uses DAMON.
+    let uses_damon = policy.steps.iter().any(|s| match s {
+        Step::DamonPageout(_) => true,
+        Step::DropCaches(d) => d.page_cache == PageCacheDrop::Cold,
+        _ => false,
+    });
+    let intervals =
+        policy
+            .trim_intervals_us()
+            .filter(|_| uses_damon)
+            .map(|(sample_us, aggr_us)| {
+                TrimIntervals::switch(&env.damon, env.attrs, sample_us, aggr_us)
+            });
+    let attrs = intervals.as_ref().map_or(env.attrs, |i| i.attrs);
+
     let mut steps = Vec::with_capacity(policy.steps.len());
     let mut failed_required = false;
     let mut trim_time = Duration::ZERO;
+    let mut cpu_total = cpu::StepCpu {
+        trimmer_ms: Some(0),
+        kdamond_ms: Some(0),
+        guest_busy_ms: Some(0),
+    };
     for (index, step) in policy.steps.iter().enumerate() {
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let skip = if failed_required {
@@ -232,6 +259,7 @@ pub fn run(env: &TrimEnv, policy: &Policy) -> TrimReport {
                 kind: step.kind(),
                 status: StepStatus::Skipped,
                 duration_ms: 0,
+                cpu: cpu::StepCpu::default(),
                 freed_kib: 0,
                 file_cache_dropped_kib: 0,
                 slab_dropped_kib: 0,
@@ -242,9 +270,12 @@ pub fn run(env: &TrimEnv, policy: &Policy) -> TrimReport {
         }
         let remaining = remaining.unwrap_or(Duration::MAX);
         let m0 = env.mem();
+        let c0 = env.cpu.sample();
         let s0 = Instant::now();
-        let result = run_step(env, policy, step, remaining, m0.as_ref());
+        let result = run_step(env, &attrs, policy, step, remaining, m0.as_ref());
         let elapsed = s0.elapsed();
+        let step_cpu = c0.until(&env.cpu.sample());
+        cpu_total = cpu_total.add(&step_cpu);
         if !matches!(step, Step::WaitReported(_)) {
             trim_time += elapsed;
         }
@@ -269,6 +300,7 @@ pub fn run(env: &TrimEnv, policy: &Policy) -> TrimReport {
             kind = step.kind(),
             ?status,
             duration_ms = ms(elapsed),
+            cpu_ms = step_cpu.work_ms(),
             freed_kib = freed,
             "step done"
         );
@@ -277,6 +309,7 @@ pub fn run(env: &TrimEnv, policy: &Policy) -> TrimReport {
             kind: step.kind(),
             status,
             duration_ms: ms(elapsed),
+            cpu: step_cpu,
             freed_kib: freed,
             file_cache_dropped_kib: files,
             slab_dropped_kib: slab,
@@ -285,6 +318,10 @@ pub fn run(env: &TrimEnv, policy: &Policy) -> TrimReport {
         });
     }
 
+    let damon_intervals = intervals.map(TrimIntervals::restore);
+    if let Some(i) = &damon_intervals {
+        trim_time += Duration::from_millis(i.switch_ms + i.restore_ms);
+    }
     if let Some(old) = restore_order {
         if let Err(e) = env.knobs.set_page_reporting_order(old) {
             warnings.push(format!(
@@ -301,6 +338,8 @@ pub fn run(env: &TrimEnv, policy: &Policy) -> TrimReport {
         ready: !failed_required,
         total_ms: ms(t0.elapsed()),
         trim_ms: ms(trim_time),
+        cpu: cpu_total,
+        damon_intervals,
         freed_kib: match (&before, &after) {
             (Some(a), Some(b)) => report::delta(b.mem_free_kib, a.mem_free_kib),
             _ => 0,
@@ -315,6 +354,7 @@ pub fn run(env: &TrimEnv, policy: &Policy) -> TrimReport {
 
 fn run_step(
     env: &TrimEnv,
+    attrs: &MonitoringAttrs,
     policy: &Policy,
     step: &Step,
     remaining: Duration,
@@ -372,6 +412,7 @@ fn run_step(
                 .map(|per_s| (per_s, 1000));
             damon_pass(
                 env,
+                attrs,
                 policy,
                 mem,
                 policy.effective_cold_age_ms(s.cold_age_ms),
@@ -382,7 +423,7 @@ fn run_step(
                 pids,
             )
         }
-        Step::DropCaches(s) => drop_caches(env, policy, mem, s, remaining),
+        Step::DropCaches(s) => drop_caches(env, attrs, policy, mem, s, remaining),
         Step::CompactMemory(_) => env
             .knobs
             .compact_memory()
@@ -395,6 +436,7 @@ fn run_step(
 #[allow(clippy::too_many_arguments)]
 fn damon_pass(
     env: &TrimEnv,
+    attrs: &MonitoringAttrs,
     policy: &Policy,
     mem: Option<&MemInfo>,
     cold_age_ms: u64,
@@ -423,7 +465,7 @@ fn damon_pass(
         reset_interval_ms = window_ms;
     }
     let achieved_aggr_us = if pids.is_empty() {
-        achieved_paddr_aggr_us(env)
+        achieved_paddr_aggr_us(env, attrs)
     } else {
         None
     };
@@ -437,27 +479,30 @@ fn damon_pass(
         max_duration: max,
         pids,
     };
-    pageout_pass(&env.damon, &env.attrs, &env.base_schemes, &params)
+    pageout_pass(&env.damon, attrs, &env.base_schemes, &params)
         .map(|o| serde_json::to_value(o).unwrap_or_default())
         .map_err(|e| (crate::error_chain(&e), serde_json::Value::Null))
 }
 
 /// kdamond 0's achieved aggregation interval (see [`pageout::achieved_aggr_us`]), from the
-/// base `stat` scheme's regions; `None` (configured interval) when unknown.
-fn achieved_paddr_aggr_us(env: &TrimEnv) -> Option<u64> {
+/// base `stat` scheme's regions; `None` (configured interval) when unknown. With the trim's
+/// intervals in force the kernel has rescaled the ages to them, so the same formula holds.
+fn achieved_paddr_aggr_us(env: &TrimEnv, attrs: &MonitoringAttrs) -> Option<u64> {
     let started = env.monitoring_started?;
     // The kernel refills the region list at the kdamond's next aggregation; right after another
-    // request it can come back empty: ask again a few times.
-    for _ in 0..3 {
+    // request (or with a kdamond lagging behind its intervals) it can come back empty: ask
+    // again a few times. Without ages the configured interval is used, and on a loaded guest
+    // nothing then looks old enough (seen in the rig): worth a few more round trips.
+    for _ in 0..6 {
         match env.damon.tried_regions(pageout::PADDR_KDAMOND, 0) {
             Ok(regions) if !regions.is_empty() => {
                 return pageout::achieved_aggr_us(
                     regions.iter().map(|r| r.age_aggr),
                     ms(started.elapsed()),
-                    env.attrs.aggr_us,
+                    attrs.aggr_us,
                 );
             }
-            Ok(_) => std::thread::sleep(Duration::from_micros(env.attrs.aggr_us)),
+            Ok(_) => std::thread::sleep(Duration::from_micros(attrs.aggr_us.max(200_000))),
             Err(e) => {
                 tracing::warn!(
                     "cannot read DAMON's region ages, converting cold ages with the configured interval: {}",
@@ -473,6 +518,7 @@ fn achieved_paddr_aggr_us(env: &TrimEnv) -> Option<u64> {
 
 fn drop_caches(
     env: &TrimEnv,
+    attrs: &MonitoringAttrs,
     policy: &Policy,
     mem: Option<&MemInfo>,
     s: &DropCachesStep,
@@ -483,6 +529,7 @@ fn drop_caches(
         let max = Duration::from_millis(DEFAULT_DAMON_PAGEOUT_MAX_DURATION_MS).min(remaining);
         let cold = damon_pass(
             env,
+            attrs,
             policy,
             mem,
             policy.effective_cold_age_ms(s.cold_age_ms),

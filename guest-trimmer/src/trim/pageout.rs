@@ -160,6 +160,7 @@ pub fn pageout_pass(
             p.aggr_us(attrs),
             p.max_duration,
             0,
+            Some(0),
         );
         let restored = damon
             .set_schemes(PADDR_KDAMOND, base)
@@ -189,6 +190,7 @@ pub fn pageout_pass(
             p.aggr_us(attrs),
             p.max_duration,
             min_wait_ms,
+            None,
         );
         let stopped = damon.stop_kdamond(VADDR_KDAMOND);
         let (stats, converged, polls) = result?;
@@ -209,6 +211,13 @@ pub fn pageout_pass(
 /// aggregation intervals), or `max`. The kernel refreshes the counters at the kdamond's next
 /// aggregation, so each poll takes about one aggregation interval by itself; the sleep between
 /// polls is short. `aggr_us` is the kdamond's achieved aggregation interval.
+///
+/// Counters that never left zero prove nothing by standing still: the kdamond may not have
+/// applied the scheme yet (a loaded kdamond runs aggregations late, and the scheme is removed
+/// at the next aggregation boundary before that boundary's apply). With `base` (the index of a
+/// scheme that matches every region, the daemon's `stat` scheme), zero counters count as
+/// converged only once `base` was tried again after the scheme was installed: an apply pass
+/// ran and nothing matched.
 fn watch(
     damon: &DamonSysfs,
     kdamond: u64,
@@ -216,11 +225,17 @@ fn watch(
     aggr_us: u64,
     max: Duration,
     min_wait_ms: u64,
+    base: Option<u64>,
 ) -> Result<(SchemeStats, bool, u32), DamonError> {
     let t0 = Instant::now();
     let poll = Duration::from_micros(aggr_us).max(Duration::from_millis(10));
     let min_wait = (poll * 2).max(Duration::from_millis(min_wait_ms));
     let mut last = damon.scheme_stats(kdamond, index)?;
+    let base_tried = |d: &DamonSysfs| -> Result<Option<u64>, DamonError> {
+        base.map(|b| d.read_scheme_stats(kdamond, b).map(|s| s.nr_tried))
+            .transpose()
+    };
+    let base0 = base_tried(damon)?;
     let (mut stable, mut polls) = (0u32, 0u32);
     loop {
         let left = max.saturating_sub(t0.elapsed());
@@ -235,7 +250,8 @@ fn watch(
             || now.nr_tried != last.nr_tried;
         stable = if moved { 0 } else { stable + 1 };
         last = now;
-        if stable >= STABLE_POLLS && t0.elapsed() >= min_wait {
+        let applied = last.nr_tried > 0 || base_tried(damon)? != base0;
+        if stable >= STABLE_POLLS && t0.elapsed() >= min_wait && applied {
             return Ok((last, true, polls));
         }
     }

@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use crate::meminfo::MemInfo;
+use crate::trim::cpu::StepCpu;
 
 /// The memory figures a report shows, in KiB.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -61,6 +62,8 @@ pub struct StepReport {
     pub status: StepStatus,
     /// Wall-clock time.
     pub duration_ms: u64,
+    /// CPU time spent meanwhile (the trimmer, kdamond 0, all CPUs).
+    pub cpu: StepCpu,
     /// `MemFree` after minus before (negative when memory was taken).
     pub freed_kib: i64,
     /// File page cache before minus after.
@@ -86,8 +89,14 @@ pub struct TrimReport {
     pub ready: bool,
     /// Wall-clock time of the run.
     pub total_ms: u64,
-    /// Time of the steps that free memory (everything except `wait_reported`).
+    /// Time of the steps that free memory (everything except `wait_reported`), plus switching
+    /// DAMON's intervals for the trim and back.
     pub trim_ms: u64,
+    /// CPU time spent during the steps, summed.
+    pub cpu: StepCpu,
+    /// DAMON's intervals during the trim, when the policy sets them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub damon_intervals: Option<crate::trim::intervals::IntervalsReport>,
     /// `MemFree` after minus before, KiB.
     pub freed_kib: i64,
     /// The policy's budget, if any.

@@ -449,3 +449,79 @@ fn achieved_aggregation_interval_follows_the_oldest_region() {
     assert_eq!(achieved_aggr_us([0, 0], 60_000, 100_000), None);
     assert_eq!(achieved_aggr_us([], 60_000, 100_000), None);
 }
+
+#[test]
+fn trim_intervals_are_switched_for_damon_steps_and_put_back() {
+    let f = fake();
+    let dir = "sys/kernel/mm/damon/admin/kdamonds/0/contexts/0/monitoring_attrs/intervals";
+    // A vaddr pass (kdamond 1): the fake's kdamond 0 `state` keeps the last command written,
+    // where a kernel reads back "on", so a paddr pass after a commit cannot run here.
+    let pid_file = f.path("p.pid");
+    std::fs::write(&pid_file, format!("{}\n", std::process::id())).unwrap();
+    let p = policy(&format!(
+        r#"{{"name": "fast", "cold_age_ms": 100, "trim_aggregation_ms": 20, "trim_sampling_us": 2000,
+            "steps": [{{"damon_pageout": {{"pid_files": ["{}"], "max_duration_ms": 1000}}}}]}}"#,
+        pid_file.display()
+    ));
+    let r = run(&f.env, &p);
+    assert!(r.ok, "{r:#?}");
+    let i = r.damon_intervals.as_ref().expect("intervals switched");
+    assert_eq!((i.sample_us, i.aggr_us), (2_000, 20_000));
+    assert_eq!((i.idle_sample_us, i.idle_aggr_us), (1_000, 10_000));
+    assert_eq!(i.error, None, "{r:#?}");
+    // The pass ran with the trim's intervals: 100 ms is 5 aggregations of 20 ms.
+    assert_eq!(r.steps[0].detail["age_min_aggr"], 5, "{r:#?}");
+    assert_eq!(
+        f.read(
+            "sys/kernel/mm/damon/admin/kdamonds/1/contexts/0/monitoring_attrs/intervals/aggr_us"
+        ),
+        "20000"
+    );
+    // kdamond 0's idle intervals are back.
+    assert_eq!(f.read(&format!("{dir}/sample_us")), "1000");
+    assert_eq!(f.read(&format!("{dir}/aggr_us")), "10000");
+    let journal = f.env.damon.journal();
+    let aggr: Vec<&str> = journal
+        .iter()
+        .filter(|(rel, _)| {
+            rel == &format!("{}/aggr_us", &dir["sys/kernel/mm/damon/admin/".len()..])
+        })
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(aggr, ["20000", "10000"]);
+
+    // No DAMON step: the intervals are left alone.
+    let p = policy(
+        r#"{"name": "nodamon", "cold_age_ms": 0, "trim_aggregation_ms": 20,
+            "steps": [{"compact_memory": {}}]}"#,
+    );
+    let r = run(&f.env, &p);
+    assert!(r.damon_intervals.is_none());
+    // Every step reports its CPU time (the fake tree has no /proc/stat or self).
+    assert_eq!(r.steps[0].cpu.guest_busy_ms, None);
+}
+
+#[test]
+fn zero_counters_are_not_convergence_until_an_apply_pass_ran() {
+    let f = fake();
+    // The pageout scheme's counters stay zero and the base stat scheme never moves: the
+    // kdamond has not applied the scheme yet, so the pass waits to its bound.
+    let stats = "sys/kernel/mm/damon/admin/kdamonds/0/contexts/0/schemes/1/stats";
+    for c in [
+        "nr_tried",
+        "sz_tried",
+        "nr_applied",
+        "sz_applied",
+        "qt_exceeds",
+    ] {
+        put(f.dir.path(), &format!("{stats}/{c}"), "0\n");
+    }
+    let p = policy(
+        r#"{"name": "cold", "cold_age_ms": 1000,
+            "steps": [{"damon_pageout": {"max_duration_ms": 300}}]}"#,
+    );
+    let r = run(&f.env, &p);
+    assert!(r.ok, "{r:#?}");
+    assert_eq!(r.steps[0].detail["converged"], false, "{r:#?}");
+    assert!(r.steps[0].duration_ms >= 300, "{r:#?}");
+}
