@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use super::CliResult;
-use crate::snapshot::format::{id_hex, StateHeader, PAGE_BYTES, STATE_HEADER_BYTES};
+use crate::snapshot::format::{id_hex, PAGE_BYTES};
 use crate::snapshot::reader::load;
 
 /// Arguments of `vmm inspect`.
@@ -28,20 +28,9 @@ fn disk_bytes(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
 }
 
-/// The format version in the header of the state file at `path` (already checked by
-/// [`load`]); `None` if it cannot be read again.
-fn file_format_version(path: &Path) -> Option<u32> {
-    let mut header = [0u8; STATE_HEADER_BYTES];
-    std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut header))
-        .ok()?;
-    StateHeader::decode(&header).ok().map(|h| h.format_version)
-}
-
 /// Loads, verifies and describes the snapshot. Exits 1 when it does not verify.
 pub fn run(args: InspectArgs) -> CliResult {
     let loaded = load(&args.dir)?;
-    let format_version = file_format_version(&loaded.state_path);
     let chunk_checksum = loaded
         .state
         .memory
@@ -66,7 +55,7 @@ pub fn run(args: InspectArgs) -> CliResult {
             Err(err) => json!({"ok": false, "error": crate::devices::virtio::error_chain(err)}),
         },
         "path": args.dir,
-        "format_version": format_version,
+        "format_version": loaded.format_version,
         "snapshot_id": id_hex(&state.snapshot_id),
         "vmm_version": state.vmm_version,
         "created_unix_ms": state.created_unix_ms,
@@ -100,7 +89,7 @@ pub fn run(args: InspectArgs) -> CliResult {
         println!("snapshot {}", args.dir.display());
         println!(
             "  format version {}, id {}, written by vmm {}",
-            format_version.map_or("?".to_string(), |v| v.to_string()),
+            loaded.format_version,
             id_hex(&state.snapshot_id),
             state.vmm_version
         );

@@ -28,22 +28,50 @@ pub struct LoadedSnapshot {
     pub memory_file_bytes: u64,
     /// The state file's length in bytes.
     pub state_file_bytes: u64,
+    /// The state file's format version.
+    pub format_version: u32,
+}
+
+/// A state file read and checked.
+pub struct StateFile {
+    /// The decoded state.
+    pub state: SnapshotState,
+    /// Its path.
+    pub path: PathBuf,
+    /// Its length in bytes.
+    pub bytes: u64,
+    /// The format version in its header.
+    pub format_version: u32,
 }
 
 /// Reads and checks the state file of `dir`.
-pub fn read_state(dir: &Path) -> Result<(SnapshotState, PathBuf, u64), SnapshotError> {
+pub fn read_state(dir: &Path) -> Result<StateFile, SnapshotError> {
     let path = dir.join(STATE_FILE);
     let mut file = File::open(&path).map_err(SnapshotError::io("open", &path))?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)
         .map_err(SnapshotError::io("read", &path))?;
-    let state = parse_state(&bytes, &path)?;
-    Ok((state, path, bytes.len() as u64))
+    let (state, header) = parse_state_and_header(&bytes, &path)?;
+    let format_version = header.format_version;
+    Ok(StateFile {
+        state,
+        path,
+        bytes: bytes.len() as u64,
+        format_version,
+    })
 }
 
 /// Checks and decodes the bytes of a state file (`path` names it in errors): header, length,
 /// checksum, JSON body, vCPU count.
 pub fn parse_state(bytes: &[u8], path: &Path) -> Result<SnapshotState, SnapshotError> {
+    parse_state_and_header(bytes, path).map(|(state, _)| state)
+}
+
+/// [`parse_state`], also returning the checked header.
+fn parse_state_and_header(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<(SnapshotState, StateHeader), SnapshotError> {
     let path = path.to_owned();
     let header = StateHeader::decode(bytes).map_err(|source| SnapshotError::Header {
         path: path.clone(),
@@ -93,12 +121,17 @@ pub fn parse_state(bytes: &[u8], path: &Path) -> Result<SnapshotState, SnapshotE
             reason: "the vCPU states do not match the configured vCPU count".into(),
         });
     }
-    Ok(state)
+    Ok((state, header))
 }
 
 /// Loads `dir`: the state file, then the memory file, checked against each other.
 pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
-    let (state, state_path, state_file_bytes) = read_state(dir)?;
+    let StateFile {
+        state,
+        path: state_path,
+        bytes: state_file_bytes,
+        format_version,
+    } = read_state(dir)?;
     let memory_path = dir.join(MEMORY_FILE);
     let memory = File::open(&memory_path).map_err(SnapshotError::io("open", &memory_path))?;
     let memory_file_bytes = memory
@@ -139,6 +172,7 @@ pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
         memory_path,
         memory_file_bytes,
         state_file_bytes,
+        format_version,
     })
 }
 

@@ -27,6 +27,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::format::{id_hex, PAGE_BYTES};
 use super::prefault::{host_ranges, populate};
+use super::SnapshotError;
 use crate::kvm::vcpu::Vcpu;
 
 /// Name of the record inside a snapshot directory.
@@ -37,39 +38,6 @@ const MAX_RECORD_BYTES: u64 = 64 << 20;
 const PAGEMAP_BATCH: usize = 8192;
 /// Pagemap bit: the page is present in RAM.
 const PAGEMAP_PRESENT: u64 = 1 << 63;
-
-/// What went wrong recording or reading a working set.
-#[derive(Debug, thiserror::Error)]
-pub enum WorkingSetError {
-    /// A file operation failed.
-    #[error("cannot {operation} {path}")]
-    Io {
-        /// What was being done.
-        operation: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The record is not a working set of this snapshot.
-    #[error("{path}: {reason}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-}
-
-fn io_err(operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WorkingSetError {
-    let path = path.to_owned();
-    move |source| WorkingSetError::Io {
-        operation,
-        path,
-        source,
-    }
-}
 
 /// The record on disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,9 +55,9 @@ pub struct WorkingSet {
 
 /// The guest pages present in this process's page tables, as merged `(gpa, len_bytes)` ranges
 /// (from `/proc/self/pagemap`; a page is present once the guest or the VMM touched it).
-pub fn record(mem: &GuestMemoryMmap) -> Result<Vec<(u64, u64)>, WorkingSetError> {
+pub fn record(mem: &GuestMemoryMmap) -> Result<Vec<(u64, u64)>, SnapshotError> {
     let path = Path::new("/proc/self/pagemap");
-    let pagemap = File::open(path).map_err(io_err("open", path))?;
+    let pagemap = File::open(path).map_err(SnapshotError::io("open", path))?;
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     let mut entries = vec![0u8; PAGEMAP_BATCH * 8];
     for region in mem.iter() {
@@ -101,7 +69,7 @@ pub fn record(mem: &GuestMemoryMmap) -> Result<Vec<(u64, u64)>, WorkingSetError>
             let bytes = &mut entries[..batch * 8];
             pagemap
                 .read_exact_at(bytes, (host / PAGE_BYTES + page) * 8)
-                .map_err(io_err("read", path))?;
+                .map_err(SnapshotError::io("read", path))?;
             for (i, entry) in bytes.chunks_exact(8).enumerate() {
                 let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
                 if entry & PAGEMAP_PRESENT == 0 {
@@ -121,10 +89,10 @@ pub fn record(mem: &GuestMemoryMmap) -> Result<Vec<(u64, u64)>, WorkingSetError>
 
 /// Writes the record into `dir` (a temporary file renamed into place, so a reader never sees
 /// half a record).
-pub fn save(dir: &Path, set: &WorkingSet) -> Result<PathBuf, WorkingSetError> {
+pub fn save(dir: &Path, set: &WorkingSet) -> Result<PathBuf, SnapshotError> {
     let path = dir.join(WORKING_SET_FILE);
     let tmp = dir.join(format!(".{WORKING_SET_FILE}.tmp-{}", std::process::id()));
-    let body = serde_json::to_vec(set).map_err(|e| WorkingSetError::Io {
+    let body = serde_json::to_vec(set).map_err(|e| SnapshotError::Io {
         operation: "encode",
         path: path.clone(),
         source: std::io::Error::other(e),
@@ -134,7 +102,7 @@ pub fn save(dir: &Path, set: &WorkingSet) -> Result<PathBuf, WorkingSetError> {
         .and_then(|()| std::fs::rename(&tmp, &path));
     if let Err(source) = written {
         let _ = std::fs::remove_file(&tmp);
-        return Err(WorkingSetError::Io {
+        return Err(SnapshotError::Io {
             operation: "write",
             path,
             source,
@@ -144,29 +112,32 @@ pub fn save(dir: &Path, set: &WorkingSet) -> Result<PathBuf, WorkingSetError> {
 }
 
 /// Reads the record of the snapshot `snapshot_id` in `dir`: `Ok(None)` when there is none.
-pub fn load(dir: &Path, snapshot_id: &[u8; 16]) -> Result<Option<WorkingSet>, WorkingSetError> {
+pub fn load(dir: &Path, snapshot_id: &[u8; 16]) -> Result<Option<WorkingSet>, SnapshotError> {
     let path = dir.join(WORKING_SET_FILE);
     let file = match File::open(&path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("open", &path)(e)),
+        Err(e) => return Err(SnapshotError::io("open", &path)(e)),
     };
-    let len = file.metadata().map_err(io_err("stat", &path))?.len();
+    let len = file
+        .metadata()
+        .map_err(SnapshotError::io("stat", &path))?
+        .len();
     if len > MAX_RECORD_BYTES {
-        return Err(WorkingSetError::Invalid {
+        return Err(SnapshotError::Invalid {
             path,
             reason: format!("{len} bytes, more than a record can be ({MAX_RECORD_BYTES})"),
         });
     }
     let set: WorkingSet = serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| {
-        WorkingSetError::Invalid {
+        SnapshotError::Invalid {
             path: path.clone(),
             reason: format!("not a working-set record: {e}"),
         }
     })?;
     let expected = id_hex(snapshot_id);
     if set.snapshot_id != expected {
-        return Err(WorkingSetError::Invalid {
+        return Err(SnapshotError::Invalid {
             path,
             reason: format!(
                 "recorded for snapshot {}, this snapshot is {expected}",
@@ -179,7 +150,7 @@ pub fn load(dir: &Path, snapshot_id: &[u8; 16]) -> Result<Option<WorkingSet>, Wo
         .iter()
         .find(|(gpa, len)| gpa % PAGE_BYTES != 0 || len % PAGE_BYTES != 0 || *len == 0)
     {
-        return Err(WorkingSetError::Invalid {
+        return Err(SnapshotError::Invalid {
             path,
             reason: format!("range {gpa:#x}+{len:#x} is not whole pages"),
         });
@@ -250,7 +221,7 @@ pub struct Recording {
 
 impl Recording {
     /// Records the pages present now and writes the record; returns its path and page count.
-    pub fn take(&self, mem: &GuestMemoryMmap) -> Result<(PathBuf, u64), WorkingSetError> {
+    pub fn take(&self, mem: &GuestMemoryMmap) -> Result<(PathBuf, u64), SnapshotError> {
         let ranges = record(mem)?;
         let pages = ranges.iter().map(|r| r.1 / PAGE_BYTES).sum();
         let set = WorkingSet {
