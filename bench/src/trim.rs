@@ -160,6 +160,31 @@ fn cpu_work(cpu: &Value) -> Option<f64> {
     Some(num(&cpu["trimmer_ms"])? + num(&cpu["kdamond_ms"])?)
 }
 
+/// The DAMON pass of a step's detail (`damon_pageout`, or the cold pass of `drop_caches`).
+fn damon_pass_detail(step: &Value) -> &Value {
+    let d = &step["detail"];
+    if d["cold_pageout"].is_object() {
+        &d["cold_pageout"]
+    } else {
+        d
+    }
+}
+
+/// A step's estimated hardware time ([`hardware_ms`]). A DAMON pass that read the region ages
+/// because kdamond 0 was busy (falling behind its intervals) would not read them on hardware,
+/// where kdamond's busy share is `factor` times smaller, below the trimmer's threshold of 0.1:
+/// the read's wall time is left out then.
+fn step_hardware_ms(step: &Value, factor: f64) -> Option<f64> {
+    let mut wall = num(&step["duration_ms"])?;
+    let pass = damon_pass_detail(step);
+    if pass["ages_read"] == true
+        && num(&pass["kdamond_busy_share"]).is_some_and(|b| b / factor < 0.1)
+    {
+        wall -= num(&pass["ages_read_ms"]).unwrap_or(0.0).min(wall);
+    }
+    Some(hardware_ms(wall, cpu_work(&step["cpu"])?, factor))
+}
+
 /// Per sample: the estimated hardware time of the trim without the reporting wait (steps
 /// other than `wait_reported`, plus the DAMON interval switches, which are waits).
 fn hardware_trim_ms(sample: &Value, factor: f64) -> Option<f64> {
@@ -169,7 +194,7 @@ fn hardware_trim_ms(sample: &Value, factor: f64) -> Option<f64> {
         if st["kind"] == "wait_reported" {
             continue;
         }
-        total += hardware_ms(num(&st["duration_ms"])?, cpu_work(&st["cpu"])?, factor);
+        total += step_hardware_ms(st, factor)?;
     }
     let i = &r["damon_intervals"];
     total += num(&i["switch_ms"]).unwrap_or(0.0) + num(&i["restore_ms"]).unwrap_or(0.0);
@@ -205,8 +230,7 @@ fn variant_summary(samples: &[&Value], host: &Calibration) -> Value {
                 "kdamond_cpu_ms": med(cpu("kdamond_ms")),
                 "guest_busy_ms": med(cpu("guest_busy_ms")),
                 "hardware_ms": med(samples.iter().map(|s| {
-                    let st = &report(s)["steps"][i];
-                    Some(hardware_ms(num(&st["duration_ms"])?, cpu_work(&st["cpu"])?, slowdown(s, host)?))
+                    step_hardware_ms(&report(s)["steps"][i], slowdown(s, host)?)
                 })),
                 "freed_mib": med(at("freed_kib").map(|v| v.map(|k| k / 1024.0))),
                 "file_cache_dropped_mib": med(at("file_cache_dropped_kib").map(|v| v.map(|k| k / 1024.0))),
@@ -308,7 +332,7 @@ pub fn summarize(samples: &[Value], idle_s: u32, where_: &str, host: &Calibratio
                   "workload": "S512: runtime with a 64 MiB heap cache (released by its hook), 64 MiB live anonymous data, 256 MiB of files read once (cold) and 32 MiB re-read in a loop (hot) from the data disk; policy s512 (default.json + the runtime hook; variant fast: fast.json, the runtime's hook registered)"},
         "damon": {"sample_us": attrs.sample_us, "aggr_us": attrs.aggr_us, "update_us": attrs.update_us, "min_nr_regions": attrs.min_nr_regions, "max_nr_regions": attrs.max_nr_regions,
                   "trim_sample_us": trim_intervals.map(|t| t.0), "trim_aggr_us": trim_intervals.map(|t| t.1)},
-        "hardware_estimate": "per step: (wall - CPU work) + CPU work / factor, where CPU work = the trimmer's and kdamond 0's CPU time during the step (/proc/PID/stat) and factor = the smallest of the guest/host time ratios of guest-trimmer cpu-calibrate's three loops (arithmetic, page faults, dependent loads), run in the same guest after the trim and on this host (hardware_trim_ms_low: the largest factor instead, the optimistic end); the trim's estimate adds the DAMON interval switches (waits) and leaves out wait_reported",
+        "hardware_estimate": "per step: (wall - CPU work) + CPU work / factor, where CPU work = the trimmer's and kdamond 0's CPU time during the step (/proc/PID/stat) and factor = the smallest of the guest/host time ratios of guest-trimmer cpu-calibrate's three loops (arithmetic, page faults, dependent loads), run in the same guest after the trim and on this host (hardware_trim_ms_low: the largest factor instead, the optimistic end); the trim's estimate adds the DAMON interval switches (waits) and leaves out wait_reported; a DAMON pass that read the region ages because kdamond 0 was busy leaves the read's wall time out when kdamond's busy share divided by the factor is below the trimmer's 0.1 threshold (on hardware the trimmer would not read them)",
         "host_calibration": host,
         "median": primary["median"],
         "steps": primary["steps"],
@@ -539,6 +563,25 @@ mod tests {
         assert_eq!(hardware_ms(1000.0, 400.0, 20.0), 620.0);
         // CPU over wall (two vCPUs) counts at most the wall time.
         assert_eq!(hardware_ms(100.0, 300.0, 10.0), 10.0);
+    }
+
+    #[test]
+    fn an_age_read_a_hardware_kdamond_would_skip_is_left_out() {
+        let step = |busy: f64, nested: bool| {
+            let pass = json!({"ages_read": true, "kdamond_busy_share": busy, "ages_read_ms": 300});
+            let detail = if nested {
+                json!({"cold_pageout": pass})
+            } else {
+                pass
+            };
+            json!({"kind": "damon_pageout", "duration_ms": 1000, "detail": detail,
+                "cpu": {"trimmer_ms": 100, "kdamond_ms": 100}})
+        };
+        // Busy 0.6 at 10x: 0.06 on hardware, under 0.1: 1000 - 300 - 200 + 200 / 10.
+        assert_eq!(step_hardware_ms(&step(0.6, false), 10.0), Some(520.0));
+        assert_eq!(step_hardware_ms(&step(0.6, true), 10.0), Some(520.0));
+        // Busy 0.6 at 2x: 0.3, the hardware trimmer would read the ages too.
+        assert_eq!(step_hardware_ms(&step(0.6, false), 2.0), Some(900.0));
     }
 
     #[test]

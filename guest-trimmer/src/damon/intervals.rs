@@ -14,12 +14,25 @@ impl DamonSysfs {
         sample_us: u64,
         aggr_us: u64,
     ) -> Result<(), DamonError> {
+        self.write_intervals(kdamond, sample_us, aggr_us)?;
+        self.commit_kdamond(kdamond)
+    }
+
+    /// Writes kdamond `kdamond`'s sampling and aggregation intervals without committing, so
+    /// that they go in with the next commit (a scheme change): Linux before 6.14 answers every
+    /// `commit` at the kdamond's next aggregation boundary and polls for the answer every
+    /// 100 ms, so each commit saved is 100 ms or more off a trim.
+    pub fn write_intervals(
+        &self,
+        kdamond: u64,
+        sample_us: u64,
+        aggr_us: u64,
+    ) -> Result<(), DamonError> {
         const OP: &str = "change DAMON monitoring intervals";
         self.ensure_present(OP)?;
         let dir = format!("kdamonds/{kdamond}/contexts/0/monitoring_attrs/intervals");
         self.write(OP, &format!("{dir}/sample_us"), &sample_us.to_string())?;
-        self.write(OP, &format!("{dir}/aggr_us"), &aggr_us.to_string())?;
-        self.commit_kdamond(kdamond)
+        self.write(OP, &format!("{dir}/aggr_us"), &aggr_us.to_string())
     }
 }
 

@@ -104,6 +104,13 @@ pub fn parse_proc_stat_busy_ticks(stat: &str) -> Option<u64> {
     Some(v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?)
 }
 
+/// Run plus run-queue wait time, ns, from the text of `/proc/PID/schedstat`
+/// (`run_ns wait_ns timeslices`).
+pub fn parse_schedstat_busy_ns(text: &str) -> Option<u64> {
+    let mut fields = text.split_whitespace().map(|v| v.parse::<u64>().ok());
+    Some(fields.next()?? + fields.next()??)
+}
+
 impl CpuProbe {
     /// Reads below `proc_root`; kdamond 0's pid from `damon_root/kdamonds/0/pid`.
     pub fn new(proc_root: &Path, damon_root: &Path) -> Self {
@@ -127,6 +134,17 @@ impl CpuProbe {
             .ok()
             .filter(|p| *p > 0)
             .map(|p| p as u32)
+    }
+
+    /// Share of the last `lifetime_ms` (kdamond 0's lifetime) it spent running or waiting on a
+    /// run queue, from `/proc/PID/schedstat` (run and wait time, ns); `None` when unreadable.
+    /// Tells whether kdamond 0 keeps its intervals: only sleep is on schedule.
+    pub fn kdamond_busy_share(&self, lifetime_ms: u64) -> Option<f64> {
+        let pid = self.kdamond_pid()?;
+        let text =
+            std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("schedstat")).ok()?;
+        let ns = parse_schedstat_busy_ns(&text)?;
+        (lifetime_ms > 0).then(|| (ns as f64 / 1e6 / lifetime_ms as f64).min(1.0))
     }
 
     /// Reads the counters now; what cannot be read is `None`.
@@ -158,6 +176,13 @@ mod tests {
         assert_eq!(parse_pid_stat_ticks(stat, true), Some(35));
         assert_eq!(parse_pid_stat_ticks("garbage", false), None);
         assert_eq!(parse_pid_stat_ticks("1 (x) S 1 2", false), None);
+    }
+
+    #[test]
+    fn schedstat_adds_run_and_wait() {
+        assert_eq!(parse_schedstat_busy_ns("1500 500 7\n"), Some(2000));
+        assert_eq!(parse_schedstat_busy_ns("1500"), None);
+        assert_eq!(parse_schedstat_busy_ns("x 1 2"), None);
     }
 
     #[test]
@@ -213,5 +238,10 @@ mod tests {
         assert_eq!(s.guest_busy_ms, Some(20 * 1000 / hz));
         // No `self` below the fake root.
         assert_eq!(s.trimmer_ms, None);
+        let probe = CpuProbe::new(&proc_root, &damon);
+        assert_eq!(probe.kdamond_busy_share(1000), None);
+        std::fs::write(proc_root.join("77/schedstat"), "30000000 20000000 9\n").unwrap();
+        assert_eq!(probe.kdamond_busy_share(1000), Some(0.05));
+        assert_eq!(probe.kdamond_busy_share(10), Some(1.0));
     }
 }

@@ -2,13 +2,20 @@
 //! is applied, and DAMON's requests are answered, at aggregation boundaries: the trim waits
 //! whole aggregation intervals), the daemon's idle ones back when it ends, also when a step
 //! failed or the budget ran out ([`TrimIntervals`] puts them back on drop).
+//!
+//! The switch costs no request of its own: Linux before 6.14 answers each `commit` only at the
+//! kdamond's next aggregation boundary and polls for the answer every 100 ms, so the trim's
+//! intervals go in with the first physical memory pass's scheme commit and the idle ones with
+//! the last pass's removal commit ([`PassIntervals`]). An extra commit is made only when no
+//! pass left the idle intervals in force (a pass failed, or the budget skipped it).
 
+use std::cell::Cell;
 use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::damon::{DamonSysfs, KdamondState, MonitoringAttrs};
-use crate::trim::pageout::PADDR_KDAMOND;
+use crate::trim::pageout::{InForce, PassIntervals, PADDR_KDAMOND};
 
 /// What the switch did, for the trim report.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -21,23 +28,30 @@ pub struct IntervalsReport {
     pub idle_sample_us: u64,
     /// The idle aggregation interval put back, µs.
     pub idle_aggr_us: u64,
-    /// Time of the switch to the trim's intervals (one commit at the idle intervals).
+    /// Time of a commit of its own for the switch: 0, the switch goes in with the first
+    /// pageout pass's commit.
     pub switch_ms: u64,
-    /// Time of the switch back (one commit at the trim's intervals).
+    /// Time of a commit of its own for the way back: 0 when the last pageout pass's removal
+    /// commit put the idle intervals back.
     pub restore_ms: u64,
-    /// Why a switch failed (the trim then runs at the idle intervals).
+    /// Whether the way back needed a commit of its own.
+    pub restore_commit: bool,
+    /// Why putting the idle intervals back failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
-/// Short intervals in force on kdamond 0 until [`TrimIntervals::restore`] or drop.
+/// The trim's intervals for kdamond 0, and what is in force, until [`TrimIntervals::restore`]
+/// or drop.
 pub struct TrimIntervals<'a> {
     damon: &'a DamonSysfs,
     idle: MonitoringAttrs,
-    /// The attributes in force now (the trim's if the switch worked, else the idle ones).
+    /// The attributes physical memory passes run with.
     pub attrs: MonitoringAttrs,
+    /// What kdamond 0 runs with now, as the passes' commits left it.
+    pub in_force: InForce,
     report: IntervalsReport,
-    switched: bool,
+    done: bool,
 }
 
 fn ms_since(t: Instant) -> u64 {
@@ -45,88 +59,70 @@ fn ms_since(t: Instant) -> u64 {
 }
 
 impl<'a> TrimIntervals<'a> {
-    /// Switches running kdamond 0 from `idle` to (`sample_us`, `aggr_us`). A failure is
-    /// reported, not fatal: the trim runs at the idle intervals.
-    pub fn switch(
-        damon: &'a DamonSysfs,
-        idle: MonitoringAttrs,
-        sample_us: u64,
-        aggr_us: u64,
-    ) -> Self {
-        let t0 = Instant::now();
-        let mut report = IntervalsReport {
-            sample_us,
-            aggr_us,
-            idle_sample_us: idle.sample_us,
-            idle_aggr_us: idle.aggr_us,
-            ..IntervalsReport::default()
-        };
-        let result = match damon.state() {
-            Ok(KdamondState::On) => damon
-                .commit_intervals(PADDR_KDAMOND, sample_us, aggr_us)
-                .inspect_err(|_| {
-                    // A partly written configuration must not stay for the next commit.
-                    let _ = damon.commit_intervals(PADDR_KDAMOND, idle.sample_us, idle.aggr_us);
-                }),
-            Ok(_) => Err(crate::damon::DamonError::Parse {
-                op: "change DAMON monitoring intervals",
-                path: damon.root().join("kdamonds/0/state"),
-                content: "off".into(),
-                expected: "\"on\": DAMON monitoring of physical memory (started by the daemon)",
-            }),
-            Err(e) => Err(e),
-        };
-        report.switch_ms = ms_since(t0);
-        let switched = match result {
-            Ok(()) => true,
-            Err(e) => {
-                let e = crate::error_chain(&e);
-                tracing::warn!("trim runs at DAMON's idle intervals: {e}");
-                report.error = Some(e);
-                false
-            }
-        };
-        let attrs = if switched {
-            MonitoringAttrs {
-                sample_us,
-                aggr_us,
-                ..idle
-            }
-        } else {
-            idle
-        };
-        tracing::info!(sample_us, aggr_us, switched, "DAMON trim intervals");
+    /// The trim's intervals (`sample_us`, `aggr_us`) instead of `idle`; nothing is written
+    /// until a pass commits.
+    pub fn new(damon: &'a DamonSysfs, idle: MonitoringAttrs, sample_us: u64, aggr_us: u64) -> Self {
+        tracing::info!(sample_us, aggr_us, "DAMON trim intervals");
         TrimIntervals {
             damon,
             idle,
-            attrs,
-            report,
-            switched,
+            attrs: MonitoringAttrs {
+                sample_us,
+                aggr_us,
+                ..idle
+            },
+            in_force: Cell::new(Some(idle)),
+            report: IntervalsReport {
+                sample_us,
+                aggr_us,
+                idle_sample_us: idle.sample_us,
+                idle_aggr_us: idle.aggr_us,
+                ..IntervalsReport::default()
+            },
+            done: false,
         }
     }
 
-    /// Puts the idle intervals back and returns the report.
+    /// The intervals of a physical memory pass: the trim's while it runs; after it the idle
+    /// ones when it is the trim's last pass, else the trim's.
+    pub fn for_pass(&self, last: bool) -> PassIntervals {
+        PassIntervals {
+            during: self.attrs,
+            after: if last { self.idle } else { self.attrs },
+        }
+    }
+
+    /// Puts the idle intervals back if no pass did, and returns the report.
     pub fn restore(mut self) -> IntervalsReport {
         self.put_back();
         self.report.clone()
     }
 
     fn put_back(&mut self) {
-        if !self.switched {
+        if std::mem::replace(&mut self.done, true) || self.in_force.get() == Some(self.idle) {
             return;
         }
-        self.switched = false;
         let t0 = Instant::now();
-        if let Err(e) =
-            self.damon
-                .commit_intervals(PADDR_KDAMOND, self.idle.sample_us, self.idle.aggr_us)
-        {
+        let (sample_us, aggr_us) = (self.idle.sample_us, self.idle.aggr_us);
+        // A stopped kdamond takes no commit; its files must still hold the idle intervals for
+        // the next start.
+        let result = match self.damon.state() {
+            Ok(KdamondState::On) => self
+                .damon
+                .commit_intervals(PADDR_KDAMOND, sample_us, aggr_us),
+            _ => self
+                .damon
+                .write_intervals(PADDR_KDAMOND, sample_us, aggr_us),
+        };
+        if let Err(e) = result {
             let e = crate::error_chain(&e);
             tracing::error!("putting DAMON's idle intervals back: {e}");
-            self.report.error = Some(format!("restore: {e}"));
+            self.report.error = Some(e);
+        } else {
+            self.in_force.set(Some(self.idle));
         }
+        self.report.restore_commit = true;
         self.report.restore_ms = ms_since(t0);
-        self.attrs = self.idle;
     }
 }
 
@@ -144,40 +140,75 @@ mod tests {
     const DIR: &str = "sys/kernel/mm/damon/admin/kdamonds/0/contexts/0/monitoring_attrs/intervals";
 
     #[test]
-    fn switches_and_puts_back_also_on_drop() {
+    fn passes_carry_the_switch_and_the_way_back() {
         let f = fake();
         let idle = f.env.attrs;
-        let t = TrimIntervals::switch(&f.env.damon, idle, 500, 5_000);
+        let aggr_file = f.read(&format!("{DIR}/aggr_us"));
+        let t = TrimIntervals::new(&f.env.damon, idle, 500, 5_000);
         assert_eq!((t.attrs.sample_us, t.attrs.aggr_us), (500, 5_000));
-        assert_eq!(f.read(&format!("{DIR}/aggr_us")), "5000");
+        // Nothing is written up front.
+        assert_eq!(f.read(&format!("{DIR}/aggr_us")), aggr_file);
+        let first = t.for_pass(false);
+        assert_eq!((first.during, first.after), (t.attrs, t.attrs));
+        let last = t.for_pass(true);
+        assert_eq!((last.during, last.after), (t.attrs, idle));
+        // The last pass left the idle intervals in force: no commit of its own.
+        t.in_force.set(Some(idle));
         let r = t.restore();
+        assert!(!r.restore_commit, "{r:?}");
+        assert_eq!(r.error, None);
+        assert_eq!(f.read(&format!("{DIR}/aggr_us")), aggr_file);
+    }
+
+    #[test]
+    fn puts_back_what_no_pass_did_also_on_drop() {
+        let f = fake();
+        // The fake's state file keeps the last command; a kernel reads back "on".
+        std::fs::write(f.path("sys/kernel/mm/damon/admin/kdamonds/0/state"), "on\n").unwrap();
+        let idle = f.env.attrs;
+        let t = TrimIntervals::new(&f.env.damon, idle, 500, 5_000);
+        t.in_force.set(Some(t.attrs));
+        let r = t.restore();
+        assert!(r.restore_commit, "{r:?}");
         assert_eq!(r.error, None);
         assert_eq!(f.read(&format!("{DIR}/aggr_us")), idle.aggr_us.to_string());
         assert_eq!(
             f.read(&format!("{DIR}/sample_us")),
             idle.sample_us.to_string()
         );
+        assert_eq!(
+            f.read("sys/kernel/mm/damon/admin/kdamonds/0/state"),
+            "commit"
+        );
 
-        // The fake's state file keeps the last command; a kernel reads back "on".
+        // Unknown (a commit failed): put back on drop as well.
         std::fs::write(f.path("sys/kernel/mm/damon/admin/kdamonds/0/state"), "on\n").unwrap();
-        let t = TrimIntervals::switch(&f.env.damon, idle, 500, 5_000);
-        assert_eq!(f.read(&format!("{DIR}/aggr_us")), "5000");
+        std::fs::write(f.path(&format!("{DIR}/aggr_us")), "5000").unwrap();
+        let t = TrimIntervals::new(&f.env.damon, idle, 500, 5_000);
+        t.in_force.set(None);
         drop(t);
         assert_eq!(f.read(&format!("{DIR}/aggr_us")), idle.aggr_us.to_string());
     }
 
     #[test]
-    fn stopped_kdamond_keeps_idle_intervals() {
+    fn stopped_kdamond_gets_the_idle_intervals_written() {
         let f = fake();
         std::fs::write(
             f.path("sys/kernel/mm/damon/admin/kdamonds/0/state"),
             "off\n",
         )
         .unwrap();
+        std::fs::write(f.path(&format!("{DIR}/aggr_us")), "5000").unwrap();
         let idle = f.env.attrs;
-        let t = TrimIntervals::switch(&f.env.damon, idle, 500, 5_000);
-        assert_eq!(t.attrs, idle);
+        let t = TrimIntervals::new(&f.env.damon, idle, 500, 5_000);
+        t.in_force.set(None);
         let r = t.restore();
-        assert!(r.error.as_deref().unwrap_or("").contains("off"), "{r:?}");
+        assert_eq!(r.error, None);
+        assert_eq!(f.read(&format!("{DIR}/aggr_us")), idle.aggr_us.to_string());
+        // No commit to a stopped kdamond.
+        assert_eq!(
+            f.read("sys/kernel/mm/damon/admin/kdamonds/0/state"),
+            "off\n"
+        );
     }
 }

@@ -35,7 +35,7 @@ use hooks::{run_hook, HookReport, HookStatus};
 use intervals::TrimIntervals;
 pub use kernel::KernelKnobs;
 use kernel::DEFAULT_PAGE_REPORTING_ORDER;
-use pageout::{pageout_pass, PageoutParams};
+use pageout::{pageout_pass, InForce, PageoutParams, PassIntervals};
 pub use report::{MemFigures, StepReport, StepStatus, TrimReport};
 
 /// Linux's free page reporting delay after memory is freed (`PAGE_REPORTING_DELAY`, 2 s).
@@ -226,14 +226,17 @@ pub fn run(env: &TrimEnv, policy: &Policy) -> TrimReport {
         Step::DropCaches(d) => d.page_cache == PageCacheDrop::Cold,
         _ => false,
     });
-    let intervals =
-        policy
-            .trim_intervals_us()
-            .filter(|_| uses_damon)
-            .map(|(sample_us, aggr_us)| {
-                TrimIntervals::switch(&env.damon, env.attrs, sample_us, aggr_us)
-            });
-    let attrs = intervals.as_ref().map_or(env.attrs, |i| i.attrs);
+    let intervals = policy
+        .trim_intervals_us()
+        .filter(|_| uses_damon)
+        .map(|(sample_us, aggr_us)| TrimIntervals::new(&env.damon, env.attrs, sample_us, aggr_us));
+    // Without trim intervals kdamond 0 keeps the idle ones throughout.
+    let idle_in_force: InForce = std::cell::Cell::new(Some(env.attrs));
+    let last_paddr_step = policy.steps.iter().rposition(|s| match s {
+        Step::DamonPageout(d) => d.pid_files.is_empty(),
+        Step::DropCaches(d) => d.page_cache == PageCacheDrop::Cold,
+        _ => false,
+    });
 
     let mut steps = Vec::with_capacity(policy.steps.len());
     let mut failed_required = false;
@@ -272,7 +275,15 @@ pub fn run(env: &TrimEnv, policy: &Policy) -> TrimReport {
         let m0 = env.mem();
         let c0 = env.cpu.sample();
         let s0 = Instant::now();
-        let result = run_step(env, &attrs, policy, step, remaining, m0.as_ref());
+        let damon = StepDamon {
+            pass: intervals
+                .as_ref()
+                .map_or(PassIntervals::unchanged(env.attrs), |i| {
+                    i.for_pass(Some(index) == last_paddr_step)
+                }),
+            in_force: intervals.as_ref().map_or(&idle_in_force, |i| &i.in_force),
+        };
+        let result = run_step(env, &damon, policy, step, remaining, m0.as_ref());
         let elapsed = s0.elapsed();
         let step_cpu = c0.until(&env.cpu.sample());
         cpu_total = cpu_total.add(&step_cpu);
@@ -352,9 +363,17 @@ pub fn run(env: &TrimEnv, policy: &Policy) -> TrimReport {
     }
 }
 
+/// kdamond 0's intervals as a step sees them.
+struct StepDamon<'a> {
+    /// What a physical memory pass commits with its scheme and with the scheme's removal.
+    pass: PassIntervals,
+    /// What is in force now (region ages count in its aggregation intervals).
+    in_force: &'a InForce,
+}
+
 fn run_step(
     env: &TrimEnv,
-    attrs: &MonitoringAttrs,
+    damon: &StepDamon,
     policy: &Policy,
     step: &Step,
     remaining: Duration,
@@ -412,7 +431,7 @@ fn run_step(
                 .map(|per_s| (per_s, 1000));
             damon_pass(
                 env,
-                attrs,
+                damon,
                 policy,
                 mem,
                 policy.effective_cold_age_ms(s.cold_age_ms),
@@ -423,7 +442,7 @@ fn run_step(
                 pids,
             )
         }
-        Step::DropCaches(s) => drop_caches(env, attrs, policy, mem, s, remaining),
+        Step::DropCaches(s) => drop_caches(env, damon, policy, mem, s, remaining),
         Step::CompactMemory(_) => env
             .knobs
             .compact_memory()
@@ -436,7 +455,7 @@ fn run_step(
 #[allow(clippy::too_many_arguments)]
 fn damon_pass(
     env: &TrimEnv,
-    attrs: &MonitoringAttrs,
+    damon: &StepDamon,
     policy: &Policy,
     mem: Option<&MemInfo>,
     cold_age_ms: u64,
@@ -464,13 +483,15 @@ fn damon_pass(
         quota_bytes = Some(excess_bytes.min(over_pass));
         reset_interval_ms = window_ms;
     }
-    let achieved_aggr_us = if pids.is_empty() {
-        achieved_paddr_aggr_us(env, attrs)
+    let t_ages = Instant::now();
+    let ages = if pids.is_empty() {
+        achieved_paddr_aggr(env, damon)
     } else {
-        None
+        AchievedAggr::default()
     };
+    let ages_ms = ms(t_ages.elapsed());
     let params = PageoutParams {
-        achieved_aggr_us,
+        achieved_aggr_us: ages.during_aggr_us,
         cold_age_ms,
         quota_bytes,
         reset_interval_ms,
@@ -479,16 +500,83 @@ fn damon_pass(
         max_duration: max,
         pids,
     };
-    pageout_pass(&env.damon, attrs, &env.base_schemes, &params)
-        .map(|o| serde_json::to_value(o).unwrap_or_default())
-        .map_err(|e| (crate::error_chain(&e), serde_json::Value::Null))
+    let mut detail = match pageout_pass(
+        &env.damon,
+        &damon.pass,
+        damon.in_force,
+        &env.base_schemes,
+        &params,
+    ) {
+        Ok(o) => serde_json::to_value(o).unwrap_or_default(),
+        Err(e) => return Err((crate::error_chain(&e), serde_json::Value::Null)),
+    };
+    if let Some(d) = detail.as_object_mut() {
+        d.insert("kdamond_busy_share".into(), json!(ages.busy_share));
+        d.insert("ages_read".into(), json!(ages.read));
+        d.insert(
+            "ages_read_ms".into(),
+            json!(if ages.read { ages_ms } else { 0 }),
+        );
+    }
+    Ok(detail)
 }
 
-/// kdamond 0's achieved aggregation interval (see [`pageout::achieved_aggr_us`]), from the
-/// base `stat` scheme's regions; `None` (configured interval) when unknown. With the trim's
-/// intervals in force the kernel has rescaled the ages to them, so the same formula holds.
-fn achieved_paddr_aggr_us(env: &TrimEnv, attrs: &MonitoringAttrs) -> Option<u64> {
-    let started = env.monitoring_started?;
+/// How kdamond 0's real aggregation pace was found for a pass.
+#[derive(Debug, Default)]
+struct AchievedAggr {
+    /// The aggregation interval to convert cold ages with, in the pass's intervals; `None`:
+    /// the configured one.
+    during_aggr_us: Option<u64>,
+    /// Share of its lifetime kdamond 0 spent running or waiting to run.
+    busy_share: Option<f64>,
+    /// Whether the region ages were read (two requests) to find it.
+    read: bool,
+}
+
+/// A kdamond busy for less than this share of its time keeps its intervals closely enough
+/// (ages within 11%) that reading the region ages (two requests, 200 ms or more) is not
+/// worth it: the pace is estimated from the share.
+const KDAMOND_BUSY_SHARE_ON_TIME: f64 = 0.1;
+
+/// kdamond 0's achieved aggregation interval, expressed for the pass's intervals. A kdamond
+/// that mostly sleeps keeps pace: sleeping `s` and working `w` per sample, it samples every
+/// `s + w`, `1 / (1 - busy share)` times the configured interval. A busy one (an emulated or
+/// overloaded guest) is measured from the base `stat` scheme's region ages
+/// (see [`pageout::achieved_aggr_us`]).
+fn achieved_paddr_aggr(env: &TrimEnv, damon: &StepDamon) -> AchievedAggr {
+    let during = damon.pass.during;
+    let Some(started) = env.monitoring_started else {
+        return AchievedAggr::default();
+    };
+    let lifetime_ms = ms(started.elapsed());
+    let busy_share = env.cpu.kdamond_busy_share(lifetime_ms);
+    // Ages count in the aggregation intervals in force; the pass commits its own, and the
+    // kernel rescales the ages to them.
+    let in_force = damon.in_force.get().unwrap_or(during);
+    let to_during = |achieved_us: u64| {
+        let lag = achieved_us as f64 / in_force.aggr_us.max(1) as f64;
+        ((during.aggr_us as f64 * lag) as u64).max(during.aggr_us)
+    };
+    if let Some(share) = busy_share.filter(|s| *s < KDAMOND_BUSY_SHARE_ON_TIME) {
+        let achieved_us = (in_force.aggr_us as f64 / (1.0 - share)) as u64;
+        return AchievedAggr {
+            during_aggr_us: Some(to_during(achieved_us)),
+            busy_share,
+            read: false,
+        };
+    }
+    AchievedAggr {
+        during_aggr_us: achieved_paddr_aggr_us(env, &in_force, started).map(to_during),
+        busy_share,
+        read: true,
+    }
+}
+
+/// kdamond 0's achieved aggregation interval for the intervals in force, `attrs` (see
+/// [`pageout::achieved_aggr_us`]), from the base `stat` scheme's regions; `None` (configured
+/// interval) when unknown. After a change of intervals the kernel has rescaled the ages to
+/// the new ones, so the same formula holds.
+fn achieved_paddr_aggr_us(env: &TrimEnv, attrs: &MonitoringAttrs, started: Instant) -> Option<u64> {
     // The kernel refills the region list at the kdamond's next aggregation; right after another
     // request (or with a kdamond lagging behind its intervals) it can come back empty: ask
     // again a few times. Without ages the configured interval is used, and on a loaded guest
@@ -518,7 +606,7 @@ fn achieved_paddr_aggr_us(env: &TrimEnv, attrs: &MonitoringAttrs) -> Option<u64>
 
 fn drop_caches(
     env: &TrimEnv,
-    attrs: &MonitoringAttrs,
+    damon: &StepDamon,
     policy: &Policy,
     mem: Option<&MemInfo>,
     s: &DropCachesStep,
@@ -529,7 +617,7 @@ fn drop_caches(
         let max = Duration::from_millis(DEFAULT_DAMON_PAGEOUT_MAX_DURATION_MS).min(remaining);
         let cold = damon_pass(
             env,
-            attrs,
+            damon,
             policy,
             mem,
             policy.effective_cold_age_ms(s.cold_age_ms),

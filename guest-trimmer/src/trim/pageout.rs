@@ -3,7 +3,10 @@
 //! bound), then remove it again so monitoring goes on unchanged.
 //!
 //! Physical memory passes use kdamond 0, which the daemon started at boot (so region ages are
-//! known); the scheme is added with `commit`, which keeps the regions and their ages.
+//! known); the scheme is added with `commit`, which keeps the regions and their ages. A pass
+//! makes two commits (install, removal) and usually two counter refreshes: each is a request
+//! that Linux before 6.14 answers after 100 ms at the soonest, so the trim's interval switch
+//! rides on them ([`PassIntervals`]) rather than costing commits of its own.
 //! Virtual address space passes (processes named by pid files) configure and start the spare
 //! kdamond 1 for the duration of the pass: their ages start at zero.
 
@@ -23,6 +26,30 @@ pub const VADDR_KDAMOND: u64 = 1;
 /// Polls with unchanged counters after which a pass counts as finished. Regions an action was
 /// applied to restart at age zero, so once every cold region was tried the counters stop.
 const STABLE_POLLS: u32 = 1;
+
+/// What kdamond 0 runs with as far as this process knows; `None` while a commit's outcome is
+/// unknown (it failed, or is under way).
+pub type InForce = std::cell::Cell<Option<MonitoringAttrs>>;
+
+/// kdamond 0's intervals for a physical memory pass: committed with its scheme (`during`) and
+/// with the scheme's removal (`after`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassIntervals {
+    /// While the pass runs.
+    pub during: MonitoringAttrs,
+    /// Once it is over.
+    pub after: MonitoringAttrs,
+}
+
+impl PassIntervals {
+    /// The same intervals throughout (no trim intervals).
+    pub fn unchanged(attrs: MonitoringAttrs) -> Self {
+        PassIntervals {
+            during: attrs,
+            after: attrs,
+        }
+    }
+}
 
 /// What a pass does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,13 +143,16 @@ impl PageoutParams {
 }
 
 /// Runs one pass. For physical memory kdamond 0 must be running with `base` (the schemes it
-/// runs outside trims) as its schemes; they are restored afterwards, also on failure.
+/// runs outside trims) as its schemes; they are restored afterwards, also on failure, with
+/// `intervals.after`; `in_force` follows the commits.
 pub fn pageout_pass(
     damon: &DamonSysfs,
-    attrs: &MonitoringAttrs,
+    intervals: &PassIntervals,
+    in_force: &InForce,
     base: &[Scheme],
     p: &PageoutParams,
 ) -> Result<PageoutOutcome, DamonError> {
+    let attrs = &intervals.during;
     let scheme = p.scheme(attrs);
     if p.pids.is_empty() {
         if damon.state()? != KdamondState::On {
@@ -133,6 +163,20 @@ pub fn pageout_pass(
                 expected: "\"on\": DAMON monitoring of physical memory (started by the daemon)",
             });
         }
+        // Schemes and intervals go in with one commit; intervals already in force are not
+        // written again.
+        let written = std::cell::Cell::new(in_force.get());
+        let commit = |schemes: &[Scheme], attrs: &MonitoringAttrs| -> Result<(), DamonError> {
+            if written.get() != Some(*attrs) {
+                in_force.set(None);
+                damon.write_intervals(PADDR_KDAMOND, attrs.sample_us, attrs.aggr_us)?;
+                written.set(Some(*attrs));
+            }
+            damon.set_schemes(PADDR_KDAMOND, schemes)?;
+            damon.commit_kdamond(PADDR_KDAMOND)?;
+            in_force.set(Some(*attrs));
+            Ok(())
+        };
         let index = base.len() as u64;
         // Spare pages accessed since the last check; a kernel without the `young` filter type
         // (before 6.10) refuses it: page out by region then.
@@ -140,31 +184,17 @@ pub fn pageout_pass(
         spared.filters.push(Filter::spare_young());
         let mut spare_young = true;
         let with_young = [base, std::slice::from_ref(&spared)].concat();
-        if let Err(e) = damon
-            .set_schemes(PADDR_KDAMOND, &with_young)
-            .and_then(|_| damon.commit_kdamond(PADDR_KDAMOND))
-        {
+        if let Err(e) = commit(&with_young, attrs) {
             tracing::warn!(
                 "DAMON refused the `young` filter, paging out whole idle regions: {}",
                 crate::error_chain(&e)
             );
             spare_young = false;
             let schemes = [base, std::slice::from_ref(&scheme)].concat();
-            damon.set_schemes(PADDR_KDAMOND, &schemes)?;
-            damon.commit_kdamond(PADDR_KDAMOND)?;
+            commit(&schemes, attrs)?;
         }
-        let result = watch(
-            damon,
-            PADDR_KDAMOND,
-            index,
-            p.aggr_us(attrs),
-            p.max_duration,
-            0,
-            Some(0),
-        );
-        let restored = damon
-            .set_schemes(PADDR_KDAMOND, base)
-            .and_then(|_| damon.commit_kdamond(PADDR_KDAMOND));
+        let result = watch(damon, PADDR_KDAMOND, index, p.aggr_us(attrs), p, 0, Some(0));
+        let restored = commit(base, &intervals.after);
         let (stats, converged, polls) = result?;
         restored?;
         Ok(PageoutOutcome {
@@ -188,7 +218,7 @@ pub fn pageout_pass(
             VADDR_KDAMOND,
             0,
             p.aggr_us(attrs),
-            p.max_duration,
+            p,
             min_wait_ms,
             None,
         );
@@ -207,35 +237,38 @@ pub fn pageout_pass(
     }
 }
 
-/// Polls scheme `index`'s counters until they stop moving (after `min_wait_ms` and at least two
-/// aggregation intervals), or `max`. The kernel refreshes the counters at the kdamond's next
-/// aggregation, so each poll takes about one aggregation interval by itself; the sleep between
-/// polls is short. `aggr_us` is the kdamond's achieved aggregation interval.
+/// Polls scheme `index`'s counters until a whole apply pass is seen (physical memory), or until
+/// they stop moving (after `min_wait_ms` and at least two aggregation intervals), or `max`. The kernel refreshes the counters when asked, at the
+/// kdamond's next sampling, and the asking `write` returns after 100 ms at the soonest
+/// (Linux < 6.14), so each poll takes that by itself; the sleep between polls is short.
+/// `aggr_us` is the kdamond's achieved aggregation interval. The scheme is new: its counters
+/// start at zero, no refresh is spent on reading them first.
 ///
 /// Counters that never left zero prove nothing by standing still: the kdamond may not have
 /// applied the scheme yet (a loaded kdamond runs aggregations late, and the scheme is removed
 /// at the next aggregation boundary before that boundary's apply). With `base` (the index of a
 /// scheme that matches every region, the daemon's `stat` scheme), zero counters count as
-/// converged only once `base` was tried again after the scheme was installed: an apply pass
-/// ran and nothing matched.
+/// converged only once `base` was tried again since the first poll: an apply pass ran and
+/// nothing matched.
 fn watch(
     damon: &DamonSysfs,
     kdamond: u64,
     index: u64,
     aggr_us: u64,
-    max: Duration,
+    p: &PageoutParams,
     min_wait_ms: u64,
     base: Option<u64>,
 ) -> Result<(SchemeStats, bool, u32), DamonError> {
     let t0 = Instant::now();
+    let max = p.max_duration;
     let poll = Duration::from_micros(aggr_us).max(Duration::from_millis(10));
     let min_wait = (poll * 2).max(Duration::from_millis(min_wait_ms));
-    let mut last = damon.scheme_stats(kdamond, index)?;
+    let mut last = SchemeStats::default();
     let base_tried = |d: &DamonSysfs| -> Result<Option<u64>, DamonError> {
         base.map(|b| d.read_scheme_stats(kdamond, b).map(|s| s.nr_tried))
             .transpose()
     };
-    let base0 = base_tried(damon)?;
+    let mut base0 = None;
     let (mut stable, mut polls) = (0u32, 0u32);
     loop {
         let left = max.saturating_sub(t0.elapsed());
@@ -250,7 +283,28 @@ fn watch(
             || now.nr_tried != last.nr_tried;
         stable = if moved { 0 } else { stable + 1 };
         last = now;
-        let applied = last.nr_tried > 0 || base_tried(damon)? != base0;
+        let base_now = base_tried(damon)?;
+        let base_moved = match base0 {
+            None => {
+                base0 = Some(base_now);
+                false
+            }
+            Some(b0) => b0 != base_now,
+        };
+        let applied = last.nr_tried > 0 || base_moved;
+        // One apply pass tries every region that is cold at that moment, and the regions it
+        // acted on restart at age zero: a physical memory pass that tried something without
+        // ever hitting its quota has done its work. The counters are refreshed between two
+        // kdamond iterations, never halfway through a pass.
+        // (The kernel counts `qt_exceeds` only when a quota window ends: compare with the
+        // quota too.)
+        let whole_pass = base.is_some()
+            && last.nr_tried > 0
+            && last.qt_exceeds == 0
+            && p.quota_bytes.is_none_or(|q| last.sz_tried_bytes < q);
+        if whole_pass && t0.elapsed() >= Duration::from_millis(min_wait_ms) {
+            return Ok((last, true, polls));
+        }
         if stable >= STABLE_POLLS && t0.elapsed() >= min_wait && applied {
             return Ok((last, true, polls));
         }

@@ -477,18 +477,17 @@ fn trim_intervals_are_switched_for_damon_steps_and_put_back() {
         ),
         "20000"
     );
-    // kdamond 0's idle intervals are back.
-    assert_eq!(f.read(&format!("{dir}/sample_us")), "1000");
-    assert_eq!(f.read(&format!("{dir}/aggr_us")), "10000");
+    // kdamond 0 was never committed to: its intervals were not touched, and no commit was
+    // spent on putting them back.
+    assert!(!i.restore_commit, "{r:#?}");
     let journal = f.env.damon.journal();
-    let aggr: Vec<&str> = journal
+    let kdamond0: Vec<&str> = journal
         .iter()
-        .filter(|(rel, _)| {
-            rel == &format!("{}/aggr_us", &dir["sys/kernel/mm/damon/admin/".len()..])
-        })
-        .map(|(_, v)| v.as_str())
+        .filter(|(rel, _)| rel.starts_with("kdamonds/0/"))
+        .map(|(rel, _)| rel.as_str())
         .collect();
-    assert_eq!(aggr, ["20000", "10000"]);
+    assert!(kdamond0.is_empty(), "{kdamond0:?}");
+    let _ = dir;
 
     // No DAMON step: the intervals are left alone.
     let p = policy(
@@ -499,6 +498,53 @@ fn trim_intervals_are_switched_for_damon_steps_and_put_back() {
     assert!(r.damon_intervals.is_none());
     // Every step reports its CPU time (the fake tree has no /proc/stat or self).
     assert_eq!(r.steps[0].cpu.guest_busy_ms, None);
+}
+
+#[test]
+fn a_paddr_pass_carries_the_interval_switch_in_its_two_commits() {
+    let f = fake();
+    // The fake's pass tried regions and never hit a quota.
+    put(
+        f.dir.path(),
+        "sys/kernel/mm/damon/admin/kdamonds/0/contexts/0/schemes/1/stats/qt_exceeds",
+        "0\n",
+    );
+    let p = policy(
+        r#"{"name": "cold", "cold_age_ms": 1000, "trim_aggregation_ms": 20, "trim_sampling_us": 2000,
+            "steps": [{"damon_pageout": {"max_duration_ms": 2000}}]}"#,
+    );
+    let r = run(&f.env, &p);
+    assert!(r.ok, "{r:#?}");
+    let i = r.damon_intervals.as_ref().expect("trim intervals");
+    assert!(!i.restore_commit, "{r:#?}");
+    assert_eq!((i.switch_ms, i.restore_ms), (0, 0));
+    // 1000 ms at the trim's 20 ms aggregation.
+    assert_eq!(r.steps[0].detail["age_min_aggr"], 50, "{r:#?}");
+    let journal = f.env.damon.journal();
+    let writes: Vec<(String, String)> = journal
+        .iter()
+        .filter(|(rel, _)| {
+            rel == "kdamonds/0/state"
+                || rel == "kdamonds/0/contexts/0/monitoring_attrs/intervals/aggr_us"
+        })
+        .map(|(rel, v)| (rel.rsplit('/').next().unwrap().to_string(), v.clone()))
+        .collect();
+    let w = |a: &str, b: &str| (a.to_string(), b.to_string());
+    // Scheme and trim intervals in one commit; one counter refresh shows the fake's whole
+    // apply pass (regions tried, quota never hit); removal and idle intervals in one commit.
+    assert_eq!(
+        writes,
+        [
+            w("aggr_us", "20000"),
+            w("state", "commit"),
+            w("state", "update_schemes_stats"),
+            w("aggr_us", "10000"),
+            w("state", "commit"),
+        ],
+        "{r:#?}"
+    );
+    assert_eq!(r.steps[0].detail["polls"], 1, "{r:#?}");
+    assert_eq!(r.steps[0].detail["converged"], true, "{r:#?}");
 }
 
 #[test]
