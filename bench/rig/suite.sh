@@ -77,7 +77,8 @@ fail() { emit "$1" "\"ok\":false,\"error\":\"$2\""; }
 
 # record_working_set VARIANT: an unmeasured clone of $W/$VARIANT answers, serves a first request
 # and records the guest pages it touched in its first SUITE_RECORD_MS ms (working-set.json in the
-# snapshot), which the measured restore then brings in before its vCPUs run.
+# snapshot), which the measured restore then brings in ($SUITE_WORKING_SET_MODE: from a thread while
+# its vCPUs run, or before they run).
 record_working_set() {
     rcon=$W/reccon-$1.log; rm -f "$rcon" $W/rec.sock
     open_fifo $W/rin-$1
@@ -100,7 +101,8 @@ restore_ours() {
     t0=$(now_ms)
     # The timeline milestones (metrics.rs) log at debug level.
     VMM_LOG=${SUITE_RESTORE_LOG:-info,vmm::metrics=debug} \
-    ./vmm restore $SECCOMP $PREFAULT --snapshot "$W/$v" --serial "$con" --api-sock $W/rs.sock --metrics-file $W/rm.json \
+    ./vmm restore $SECCOMP $PREFAULT --working-set "${SUITE_WORKING_SET_MODE:-background}" \
+        --snapshot "$W/$v" --serial "$con" --api-sock $W/rs.sock --metrics-file $W/rm.json \
         <$W/in-$v >$W/restore-$v.log 2>&1 &
     R=$!
     ok=true; err=""

@@ -60,6 +60,9 @@ pub struct SuiteArgs {
     /// measured restore then brings in.
     #[arg(long)]
     pub working_set: bool,
+    /// How the measured restores bring the working set in (`vmm restore --working-set`).
+    #[arg(long, default_value = "background", value_parser = ["background", "before-start"])]
+    pub working_set_mode: String,
     /// Development: run only `ours` or only `qemu`.
     #[arg(long, value_parser = ["ours", "qemu"])]
     pub only: Option<String>,
@@ -264,11 +267,12 @@ pub fn run(args: SuiteArgs) -> anyhow::Result<i32> {
             .map_or_else(|e| e.clone(), |()| "yes".into())
     ));
     let env = format!(
-        "SUITE_COLD_WAIT_S={}\nSUITE_ONLY={}\nSUITE_PREFAULT={}\nSUITE_WORKING_SET={}\nSUITE_QEMU_MAPPED_RAM={}\nSUITE_QEMU_MAPPED_RAM_WHY={}\n",
+        "SUITE_COLD_WAIT_S={}\nSUITE_ONLY={}\nSUITE_PREFAULT={}\nSUITE_WORKING_SET={}\nSUITE_WORKING_SET_MODE={}\nSUITE_QEMU_MAPPED_RAM={}\nSUITE_QEMU_MAPPED_RAM_WHY={}\n",
         args.cold_wait_s,
         args.only.as_deref().unwrap_or(""),
         u8::from(args.prefault),
         u8::from(args.working_set),
+        args.working_set_mode,
         u8::from(q.mapped_ram.is_ok()),
         sh_quote(q.mapped_ram.as_ref().err().map_or("", String::as_str)),
     );
@@ -313,6 +317,10 @@ pub fn run(args: SuiteArgs) -> anyhow::Result<i32> {
             (!args.quick, format!(" --runs {runs}")),
             (args.rig_qemu10, " --rig-qemu10".into()),
             (args.working_set, " --working-set".into()),
+            (
+                args.working_set && args.working_set_mode != "background",
+                format!(" --working-set-mode {}", args.working_set_mode),
+            ),
             (args.prefault, " --prefault".into()),
         ]
         .into_iter()
@@ -330,12 +338,19 @@ pub fn run(args: SuiteArgs) -> anyhow::Result<i32> {
         q.mapped_ram
             .as_ref()
             .map_or_else(|e| format!("unavailable: {e}"), |()| "yes".into()),
-        if args.working_set {
-            " Ours with `--working-set`: before each measured restore, one unmeasured clone \
-             answered, served the first request and recorded the pages it touched in 15 s; the \
-             measured restore brought them in before its vCPUs ran."
+        if !args.working_set {
+            String::new()
         } else {
-            ""
+            format!(
+                " Ours with `--working-set`: before each measured restore, one unmeasured clone \
+                 answered, served the first request and recorded the pages it touched in 15 s; \
+                 the measured restore brought them in {}.",
+                if args.working_set_mode == "background" {
+                    "from a thread while its vCPUs ran (`vmm restore --working-set background`)"
+                } else {
+                    "before its vCPUs ran (`vmm restore --working-set before-start`)"
+                }
+            )
         },
     );
     let md = summary::markdown(&s, &header);

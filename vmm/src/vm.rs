@@ -351,35 +351,36 @@ pub struct Vm {
     events_rx: Receiver<VmEvent>,
 }
 
-/// Brings in the working set recorded for the snapshot in `dir`, if any, through the first
-/// vCPU (before any vCPU runs); a bad record is logged and ignored.
+/// Brings in the working set recorded for the snapshot in `dir`, if any, as `mode` says:
+/// from a thread of its own, or through the first vCPU before any vCPU runs. A bad record is
+/// logged and ignored.
 fn bring_in_working_set(
     dir: &std::path::Path,
     snapshot_id: &[u8; 16],
     mem: &GuestMemoryMmap,
     vcpus: &[Vcpu],
+    mode: crate::snapshot::working_set::WorkingSetMode,
     phases: &mut crate::snapshot::restore::Phases,
 ) {
-    use crate::snapshot::working_set;
+    use crate::snapshot::working_set::{self, WorkingSetMode};
     let Some(vcpu) = vcpus.first() else { return };
+    if mode == WorkingSetMode::Off {
+        return;
+    }
     match working_set::load(dir, snapshot_id) {
         Ok(None) => {}
+        Ok(Some(set)) if mode == WorkingSetMode::Background => {
+            working_set::prefetch_in_background(mem, &set.ranges);
+        }
         Ok(Some(set)) => {
-            let report = working_set::prefetch(mem, vcpu, &set.ranges);
-            phases.mark("working_set_ms");
-            tracing::info!(
-                pages = report.pages,
-                ranges = report.ranges,
-                populate_ms = report.populate_ms,
-                kvm_pre_fault_ms = ?report.kvm_pre_fault_ms,
-                "working set brought in"
-            );
+            working_set::prefetch(mem, vcpu, &set.ranges);
         }
         Err(err) => tracing::warn!(
             error = %crate::devices::virtio::error_chain(&err),
             "working set ignored"
         ),
     }
+    phases.mark("working_set_ms");
 }
 
 fn open_serial_sink(output: &SerialOutput) -> Result<Box<dyn std::io::Write + Send>, BootError> {
@@ -636,8 +637,15 @@ impl Vm {
             );
         }
         phases.mark("vmgenid_ms");
-        if !options.ignore_working_set && options.record_working_set_ms.is_none() {
-            bring_in_working_set(dir, &snapshot_id, ram.memory(), &vcpus, &mut phases);
+        if options.record_working_set_ms.is_none() {
+            bring_in_working_set(
+                dir,
+                &snapshot_id,
+                ram.memory(),
+                &vcpus,
+                options.working_set,
+                &mut phases,
+            );
         }
         tracing::debug!(
             vmgenid = %crate::snapshot::format::id_hex(&generation),

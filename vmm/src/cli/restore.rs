@@ -12,6 +12,7 @@ use crate::config::SerialOutput;
 use crate::metrics::{mark_process_start, BootTimeline};
 use crate::snapshot::lazy::LazyMode;
 use crate::snapshot::restore::RestoreOptions;
+use crate::snapshot::working_set::WorkingSetMode;
 use crate::vm::Vm;
 
 /// Arguments of `vmm restore`.
@@ -54,11 +55,12 @@ pub struct RestoredVmArgs {
     /// page (see `snapshot/prefault.rs` for what it measured).
     #[arg(long)]
     pub prefault: bool,
-    /// Do not bring in the snapshot's recorded working set (`working-set.json`, see
-    /// `snapshot/working_set.rs`). By default a restore maps those pages and builds KVM's page
-    /// tables for them before the vCPUs run.
-    #[arg(long)]
-    pub no_working_set: bool,
+    /// When to bring in the snapshot's recorded working set (`working-set.json`, see
+    /// `snapshot/working_set.rs`): `background` maps those pages from a thread while the
+    /// vCPUs already run; `before-start` maps them and builds KVM's page tables for them
+    /// before the vCPUs run (later start, fewer faults after); `off` leaves them.
+    #[arg(long, value_enum, default_value_t = WorkingSetMode::Background)]
+    pub working_set: WorkingSetMode,
     /// Record the guest pages this clone touches in its first MS milliseconds into the
     /// snapshot's `working-set.json`, for later restores to bring in.
     #[arg(long, value_name = "MS", conflicts_with = "prefault")]
@@ -94,7 +96,7 @@ impl RestoredVmArgs {
             track_dirty_pages,
             start_paused,
             prefault: self.prefault,
-            ignore_working_set: self.no_working_set,
+            working_set: self.working_set,
             record_working_set_ms: self.record_working_set_ms,
         }
     }

@@ -68,33 +68,40 @@ pub fn host_ranges(
     out
 }
 
-/// Starts the thread populating `ranges`; it ends when done, at the first refusal (a kernel
+/// Starts thread `name` populating `ranges`; it ends when done, at the first refusal (a kernel
 /// without `MADV_POPULATE_READ`, a range unmapped meanwhile), or never touches anything if
-/// `ranges` is empty. The thread runs under the helper threads' seccomp filter.
-pub fn spawn(ranges: Vec<HostRange>) -> Option<JoinHandle<()>> {
+/// `ranges` is empty. `done` gets the outcome and the time taken, ms. The thread runs under
+/// the helper threads' seccomp filter.
+pub fn spawn(
+    ranges: Vec<HostRange>,
+    name: &str,
+    done: impl FnOnce(std::io::Result<()>, f64) + Send + 'static,
+) -> Option<JoinHandle<()>> {
     if ranges.is_empty() {
         return None;
     }
     std::thread::Builder::new()
-        .name("prefault".into())
+        .name(name.into())
         .spawn(move || {
             crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Helper);
             let t0 = Instant::now();
-            let total: usize = ranges.iter().map(|r| r.len).sum();
-            match populate(&ranges) {
-                Ok(()) => tracing::debug!(
-                    bytes = total,
-                    ms = t0.elapsed().as_secs_f64() * 1e3,
-                    "guest memory populated from the memory file"
-                ),
-                Err(e) => tracing::debug!(
-                    error = %e,
-                    "populating guest memory stopped (the guest faults pages in itself)"
-                ),
-            }
+            let result = populate(&ranges);
+            done(result, t0.elapsed().as_secs_f64() * 1e3);
         })
-        .map_err(|e| tracing::warn!("cannot start the prefault thread: {e}"))
+        .map_err(|e| tracing::warn!("cannot start the {name} thread: {e}"))
         .ok()
+}
+
+/// [`spawn`] for `vmm restore --prefault`: every kept page.
+pub fn spawn_all(ranges: Vec<HostRange>) -> Option<JoinHandle<()>> {
+    let bytes: usize = ranges.iter().map(|r| r.len).sum();
+    spawn(ranges, "prefault", move |result, ms| match result {
+        Ok(()) => tracing::debug!(bytes, ms, "guest memory populated from the memory file"),
+        Err(e) => tracing::debug!(
+            error = %e,
+            "populating guest memory stopped (the guest faults pages in itself)"
+        ),
+    })
 }
 
 /// Populates `ranges` read-only, in steps of [`STEP_BYTES`].

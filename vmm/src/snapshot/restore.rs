@@ -42,8 +42,8 @@ pub struct RestoreOptions {
     pub start_paused: bool,
     /// Populate the mapped memory in the background (see [`super::prefault`]).
     pub prefault: bool,
-    /// Do not bring in the snapshot's recorded working set (see [`super::working_set`]).
-    pub ignore_working_set: bool,
+    /// When to bring in the snapshot's recorded working set (see [`super::working_set`]).
+    pub working_set: super::working_set::WorkingSetMode,
     /// Record the working set this many ms after the vCPUs start (verification then reads
     /// the memory file instead of the mapping, which would touch every page).
     pub record_working_set_ms: Option<u64>,
@@ -196,7 +196,7 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
             phases.mark("verify_memory_ms");
             if options.prefault {
                 let guest = chunks.iter().map(|c| (c.gpa, c.len_bytes));
-                super::prefault::spawn(super::prefault::host_ranges(&mem, guest));
+                super::prefault::spawn_all(super::prefault::host_ranges(&mem, guest));
             }
             (mmaps, chunks.len(), None)
         }
@@ -214,7 +214,7 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
             phases.mark("verify_memory_ms");
             if options.prefault {
                 let guest = file_runs.iter().flatten().map(|c| (c.gpa, c.len_bytes));
-                super::prefault::spawn(super::prefault::host_ranges(&mem, guest));
+                super::prefault::spawn_all(super::prefault::host_ranges(&mem, guest));
             }
             (mmaps, segments.len(), None)
         }

@@ -1,5 +1,6 @@
 //! A snapshot's working set: the guest pages a clone touched in its first moments, recorded
-//! once, then brought in before the vCPUs of later clones run.
+//! once, then brought in by later clones: by default in the background while their vCPUs
+//! already run, or before they run ([`WorkingSetMode`]).
 //!
 //! Why: a clone maps its memory file and faults each page in on first touch. Every such touch
 //! is a nested page fault (an exit to KVM) plus a host fault on the file mapping; the suite
@@ -11,6 +12,13 @@
 //! (`MADV_POPULATE_READ`, nothing copied: still the shared page cache) and build KVM's nested
 //! page tables for them (`KVM_PRE_FAULT_MEMORY`, Linux 6.10+), one call per range, before the
 //! vCPUs start. This is the record-and-prefetch idea of REAP (Ustiugov et al., ASPLOS '21).
+//!
+//! Bringing pages in before the vCPUs run delays them by that much (155-443 ms in the nested
+//! rig, most of it KVM's page tables), against the goal of vCPUs running within a
+//! millisecond of VMM work. So by default a thread fills the host page tables while the VMM
+//! starts the vCPUs: nothing waits for it, and the guest's first touches of those pages take
+//! only KVM's nested fault (cheap on hardware), no host fault on the file mapping. KVM's
+//! pre-fault takes a vCPU that is not running, so it is only done in the before-start mode.
 //!
 //! The record is `working-set.json` in the snapshot directory. It is an optimisation only: a
 //! missing record changes nothing, and a damaged one or one of another snapshot is reported
@@ -158,6 +166,21 @@ pub fn load(dir: &Path, snapshot_id: &[u8; 16]) -> Result<Option<WorkingSet>, Sn
     Ok(Some(set))
 }
 
+/// When a restore brings the snapshot's recorded working set in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkingSetMode {
+    /// A thread maps the pages (`MADV_POPULATE_READ`) while the vCPUs already run; the guest's
+    /// first touches take a KVM nested fault but no host fault. Wants a spare host CPU.
+    #[default]
+    Background,
+    /// The pages are mapped and KVM's nested page tables built (`KVM_PRE_FAULT_MEMORY`) before
+    /// the vCPUs run: a later start, the fewest faults after it.
+    BeforeStart,
+    /// Not brought in: the guest faults every page in itself.
+    Off,
+}
+
 /// What bringing a working set in did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct PrefetchReport {
@@ -168,19 +191,52 @@ pub struct PrefetchReport {
     /// Host page tables filled (`MADV_POPULATE_READ`), ms.
     pub populate_ms: f64,
     /// KVM's nested page tables built (`KVM_PRE_FAULT_MEMORY`), ms; `None` when the kernel
-    /// does not offer it (the guest then takes one nested fault per page, no host fault).
+    /// does not offer it or in the background mode (the guest then takes one nested fault
+    /// per page, no host fault).
     pub kvm_pre_fault_ms: Option<f64>,
 }
 
-/// Brings `ranges` in: host page tables first, then KVM's through `vcpu` (which must not run
-/// yet). Failures are not errors: the guest faults what is missing in itself.
+impl PrefetchReport {
+    fn new(host: &[super::prefault::HostRange]) -> Self {
+        PrefetchReport {
+            pages: host.iter().map(|r| r.len as u64 / PAGE_BYTES).sum(),
+            ranges: host.len(),
+            ..PrefetchReport::default()
+        }
+    }
+
+    fn log(&self, mode: WorkingSetMode) {
+        tracing::info!(
+            ?mode,
+            pages = self.pages,
+            ranges = self.ranges,
+            populate_ms = self.populate_ms,
+            kvm_pre_fault_ms = ?self.kvm_pre_fault_ms,
+            "working set brought in"
+        );
+    }
+}
+
+/// Maps `ranges` from a thread of its own ([`WorkingSetMode::Background`]) and logs the
+/// report when done. The thread holds host addresses only: if the VM ends first, its
+/// `madvise` fails on the unmapped range and it stops.
+pub fn prefetch_in_background(mem: &GuestMemoryMmap, ranges: &[(u64, u64)]) {
+    let host = host_ranges(mem, ranges.iter().copied());
+    let mut report = PrefetchReport::new(&host);
+    super::prefault::spawn(host, "working-set", move |result, ms| {
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "working set: populating host page tables stopped");
+        }
+        report.populate_ms = ms;
+        report.log(WorkingSetMode::Background);
+    });
+}
+
+/// Brings `ranges` in before the vCPUs run ([`WorkingSetMode::BeforeStart`]): host page
+/// tables first, then KVM's through `vcpu` (which must not run yet). Failures are not errors: the guest faults what is missing in itself.
 pub fn prefetch(mem: &GuestMemoryMmap, vcpu: &Vcpu, ranges: &[(u64, u64)]) -> PrefetchReport {
     let host = host_ranges(mem, ranges.iter().copied());
-    let mut report = PrefetchReport {
-        pages: host.iter().map(|r| r.len as u64 / PAGE_BYTES).sum(),
-        ranges: host.len(),
-        ..PrefetchReport::default()
-    };
+    let mut report = PrefetchReport::new(&host);
     let t0 = Instant::now();
     if let Err(e) = populate(&host) {
         tracing::warn!(error = %e, "working set: populating host page tables stopped");
@@ -203,6 +259,7 @@ pub fn prefetch(mem: &GuestMemoryMmap, vcpu: &Vcpu, ranges: &[(u64, u64)]) -> Pr
         }
     }
     report.kvm_pre_fault_ms = supported.then(|| t1.elapsed().as_secs_f64() * 1e3);
+    report.log(WorkingSetMode::BeforeStart);
     report
 }
 

@@ -1,7 +1,8 @@
 //! Working set (`vmm restore --record-working-set-ms`): a clone records the guest pages it
 //! touched in its first seconds into the snapshot's `working-set.json`; a later restore brings
-//! those pages in (host page tables and KVM's nested ones) before its vCPUs run, and its guest
-//! still re-hashes the 64 MiB buffer to the original's hash.
+//! those pages in from a thread while its vCPUs run (the default), another one before its vCPUs
+//! run (host page tables and KVM's nested ones, `--working-set before-start`), and both guests
+//! still re-hash the 64 MiB buffer to the original's hash.
 
 use super::*;
 
@@ -68,7 +69,26 @@ pub fn working_set(ctx: &Ctx) -> Outcome {
         format!("the record holds {pages} pages: expected what 3 s of the guest touched, well under the guest's 65536; {record}")
     })?;
 
-    let mut clone = ctx.vmm("ws-clone", &args(&[]), &[])?;
+    // Default: in the background while the vCPUs run.
+    let mut clone = ctx.vmm("ws-background", &args(&[]), &[])?;
+    let background = wait_log(
+        &mut clone,
+        "working set brought in",
+        Duration::from_secs(120),
+    )?;
+    check_restored(&mut clone, &vm.hash0, last_uptime)?;
+    stop_clone(&mut clone)?;
+    let got = field(&background, "pages").unwrap_or(0.0) as u64;
+    ensure(got == pages && background.contains("Background"), || {
+        format!("the clone brought in {got} pages in the background, the record has {pages}: {background}")
+    })?;
+    let background_ms = field(&background, "populate_ms").unwrap_or(0.0);
+
+    let mut clone = ctx.vmm(
+        "ws-before-start",
+        &args(&["--working-set", "before-start"]),
+        &[],
+    )?;
     let brought = wait_log(
         &mut clone,
         "working set brought in",
@@ -77,8 +97,8 @@ pub fn working_set(ctx: &Ctx) -> Outcome {
     check_restored(&mut clone, &vm.hash0, last_uptime)?;
     stop_clone(&mut clone)?;
     let got = field(&brought, "pages").unwrap_or(0.0) as u64;
-    ensure(got == pages, || {
-        format!("the clone brought in {got} pages, the record has {pages}: {brought}")
+    ensure(got == pages && brought.contains("BeforeStart"), || {
+        format!("the clone brought in {got} pages before its vCPUs ran, the record has {pages}: {brought}")
     })?;
     let kvm_ms = field(&brought, "kvm_pre_fault_ms");
     ensure(kvm_ms.is_some(), || {
@@ -86,7 +106,7 @@ pub fn working_set(ctx: &Ctx) -> Outcome {
     })?;
     let populate_ms = field(&brought, "populate_ms").unwrap_or(0.0);
     Ok(format!(
-        "recorded {pages} pages after 3 s; the next clone brought them in (populate {populate_ms:.0} ms, KVM pre-fault {:.0} ms) and re-hashed {}…",
+        "recorded {pages} pages after 3 s; a clone brought them in from a thread while its vCPUs ran (populate {background_ms:.0} ms), another before its vCPUs ran (populate {populate_ms:.0} ms, KVM pre-fault {:.0} ms); both re-hashed {}…",
         kvm_ms.unwrap_or(0.0),
         &vm.hash0[..12]
     ))
