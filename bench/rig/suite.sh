@@ -101,7 +101,7 @@ restore_ours() {
     t0=$(now_ms)
     # The timeline milestones (metrics.rs) log at debug level.
     VMM_LOG=${SUITE_RESTORE_LOG:-info,vmm::metrics=debug} \
-    ./vmm restore $SECCOMP $PREFAULT --working-set "${SUITE_WORKING_SET_MODE:-background}" \
+    ./vmm restore $SECCOMP $PREFAULT --working-set "${SUITE_WORKING_SET_MODE:-before-start}" \
         --snapshot "$W/$v" --serial "$con" --api-sock $W/rs.sock --metrics-file $W/rm.json \
         <$W/in-$v >$W/restore-$v.log 2>&1 &
     R=$!

@@ -61,7 +61,7 @@ pub struct SuiteArgs {
     #[arg(long)]
     pub working_set: bool,
     /// How the measured restores bring the working set in (`vmm restore --working-set`).
-    #[arg(long, default_value = "background", value_parser = ["background", "before-start"])]
+    #[arg(long, default_value = "before-start", value_parser = ["before-start", "background"])]
     pub working_set_mode: String,
     /// Development: run only `ours` or only `qemu`.
     #[arg(long, value_parser = ["ours", "qemu"])]
@@ -318,7 +318,7 @@ pub fn run(args: SuiteArgs) -> anyhow::Result<i32> {
             (args.rig_qemu10, " --rig-qemu10".into()),
             (args.working_set, " --working-set".into()),
             (
-                args.working_set && args.working_set_mode != "background",
+                args.working_set && args.working_set_mode != "before-start",
                 format!(" --working-set-mode {}", args.working_set_mode),
             ),
             (args.prefault, " --prefault".into()),

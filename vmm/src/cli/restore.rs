@@ -56,10 +56,10 @@ pub struct RestoredVmArgs {
     #[arg(long)]
     pub prefault: bool,
     /// When to bring in the snapshot's recorded working set (`working-set.json`, see
-    /// `snapshot/working_set.rs`): `background` maps those pages from a thread while the
-    /// vCPUs already run; `before-start` maps them and builds KVM's page tables for them
-    /// before the vCPUs run (later start, fewer faults after); `off` leaves them.
-    #[arg(long, value_enum, default_value_t = WorkingSetMode::Background)]
+    /// `snapshot/working_set.rs`): `before-start` maps those pages and builds KVM's page tables
+    /// for them before the vCPUs run (later start, fewer faults after); `background` maps them
+    /// from a thread while the vCPUs already run; `off` leaves them.
+    #[arg(long, value_enum, default_value_t = WorkingSetMode::BeforeStart)]
     pub working_set: WorkingSetMode,
     /// Record the guest pages this clone touches in its first MS milliseconds into the
     /// snapshot's `working-set.json`, for later restores to bring in.

@@ -1,6 +1,6 @@
 //! A snapshot's working set: the guest pages a clone touched in its first moments, recorded
-//! once, then brought in by later clones: by default in the background while their vCPUs
-//! already run, or before they run ([`WorkingSetMode`]).
+//! once, then brought in by later clones: by default before their vCPUs run, or from a thread
+//! while they already run ([`WorkingSetMode`]).
 //!
 //! Why: a clone maps its memory file and faults each page in on first touch. Every such touch
 //! is a nested page fault (an exit to KVM) plus a host fault on the file mapping; the suite
@@ -15,10 +15,14 @@
 //!
 //! Bringing pages in before the vCPUs run delays them by that much (155-443 ms in the nested
 //! rig, most of it KVM's page tables), against the goal of vCPUs running within a
-//! millisecond of VMM work. So by default a thread fills the host page tables while the VMM
-//! starts the vCPUs: nothing waits for it, and the guest's first touches of those pages take
-//! only KVM's nested fault (cheap on hardware), no host fault on the file mapping. KVM's
-//! pre-fault takes a vCPU that is not running, so it is only done in the before-start mode.
+//! millisecond of VMM work. `--working-set background` instead fills only the host page tables,
+//! from a thread, while the vCPUs already run (KVM's pre-fault takes a vCPU that is not
+//! running). Measured in the rig (`bench-results/suite-ws-background.md` against the three-run
+//! `suite.md`): vCPUs running 3.0x sooner than QEMU's best instead of 2.5x, but the first
+//! request after restore 7.3x slower than QEMU's instead of 1.6x for the untrimmed clone: every
+//! page of the working set still took a nested fault, and those are what costs under
+//! emulation. So the default stays before-start; on hardware, where a nested fault costs
+//! microseconds, background may be the better trade: measure there.
 //!
 //! The record is `working-set.json` in the snapshot directory. It is an optimisation only: a
 //! missing record changes nothing, and a damaged one or one of another snapshot is reported
@@ -170,13 +174,13 @@ pub fn load(dir: &Path, snapshot_id: &[u8; 16]) -> Result<Option<WorkingSet>, Sn
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum WorkingSetMode {
-    /// A thread maps the pages (`MADV_POPULATE_READ`) while the vCPUs already run; the guest's
-    /// first touches take a KVM nested fault but no host fault. Wants a spare host CPU.
-    #[default]
-    Background,
     /// The pages are mapped and KVM's nested page tables built (`KVM_PRE_FAULT_MEMORY`) before
     /// the vCPUs run: a later start, the fewest faults after it.
+    #[default]
     BeforeStart,
+    /// A thread maps the pages (`MADV_POPULATE_READ`) while the vCPUs already run; the guest's
+    /// first touches take a KVM nested fault but no host fault. Wants a spare host CPU.
+    Background,
     /// Not brought in: the guest faults every page in itself.
     Off,
 }

@@ -1,7 +1,7 @@
 //! Working set (`vmm restore --record-working-set-ms`): a clone records the guest pages it
 //! touched in its first seconds into the snapshot's `working-set.json`; a later restore brings
-//! those pages in from a thread while its vCPUs run (the default), another one before its vCPUs
-//! run (host page tables and KVM's nested ones, `--working-set before-start`), and both guests
+//! those pages in before its vCPUs run (host page tables and KVM's nested ones, the default),
+//! another one from a thread while its vCPUs run (`--working-set background`), and both guests
 //! still re-hash the 64 MiB buffer to the original's hash.
 
 use super::*;
@@ -69,8 +69,11 @@ pub fn working_set(ctx: &Ctx) -> Outcome {
         format!("the record holds {pages} pages: expected what 3 s of the guest touched, well under the guest's 65536; {record}")
     })?;
 
-    // Default: in the background while the vCPUs run.
-    let mut clone = ctx.vmm("ws-background", &args(&[]), &[])?;
+    let mut clone = ctx.vmm(
+        "ws-background",
+        &args(&["--working-set", "background"]),
+        &[],
+    )?;
     let background = wait_log(
         &mut clone,
         "working set brought in",
@@ -84,11 +87,8 @@ pub fn working_set(ctx: &Ctx) -> Outcome {
     })?;
     let background_ms = field(&background, "populate_ms").unwrap_or(0.0);
 
-    let mut clone = ctx.vmm(
-        "ws-before-start",
-        &args(&["--working-set", "before-start"]),
-        &[],
-    )?;
+    // The default: before the vCPUs run.
+    let mut clone = ctx.vmm("ws-before-start", &args(&[]), &[])?;
     let brought = wait_log(
         &mut clone,
         "working set brought in",
