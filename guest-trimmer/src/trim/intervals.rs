@@ -34,7 +34,7 @@ pub struct IntervalsReport {
     /// Time of a commit of its own for the way back: 0 when the last pageout pass's removal
     /// commit put the idle intervals back.
     pub restore_ms: u64,
-    /// Whether the way back needed a commit of its own.
+    /// Whether the way back needed writes of its own (and a commit, to a running kdamond).
     pub restore_commit: bool,
     /// Why putting the idle intervals back failed.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -238,11 +238,12 @@ pub fn pageout_pass(
 }
 
 /// Polls scheme `index`'s counters until a whole apply pass is seen (physical memory), or until
-/// they stop moving (after `min_wait_ms` and at least two aggregation intervals), or `max`. The kernel refreshes the counters when asked, at the
-/// kdamond's next sampling, and the asking `write` returns after 100 ms at the soonest
-/// (Linux < 6.14), so each poll takes that by itself; the sleep between polls is short.
-/// `aggr_us` is the kdamond's achieved aggregation interval. The scheme is new: its counters
-/// start at zero, no refresh is spent on reading them first.
+/// they stop moving (after `min_wait_ms` and at least two aggregation intervals), or until
+/// `p.max_duration`. The kernel refreshes the counters when asked, at the kdamond's next
+/// sampling, and the asking `write` returns after 100 ms at the soonest (Linux < 6.14), so
+/// each poll takes that by itself; the sleep between polls is short. `aggr_us` is the
+/// kdamond's achieved aggregation interval. The scheme is new: its counters start at zero, no
+/// refresh is spent on reading them first.
 ///
 /// Counters that never left zero prove nothing by standing still: the kdamond may not have
 /// applied the scheme yet (a loaded kdamond runs aggregations late, and the scheme is removed
