@@ -197,6 +197,7 @@ fn hardware_trim_ms(sample: &Value, factor: f64) -> Option<f64> {
         total += step_hardware_ms(st, factor)?;
     }
     let i = &r["damon_intervals"];
+    // `switch_ms`: reports before the switch rode on the pageout commits (older results files).
     total += num(&i["switch_ms"]).unwrap_or(0.0) + num(&i["restore_ms"]).unwrap_or(0.0);
     Some(total)
 }

@@ -922,14 +922,8 @@ impl Vm {
 
     /// Takes the working-set recording once it is due (`vmm restore --record-working-set-ms`).
     fn working_set_upkeep(&mut self) {
-        let due = self
-            .working_set_recording
-            .as_ref()
-            .is_some_and(|r| Instant::now() >= r.at);
-        if !due {
-            return;
-        }
-        let Some(recording) = self.working_set_recording.take() else {
+        let now = Instant::now();
+        let Some(recording) = self.working_set_recording.take_if(|r| now >= r.at) else {
             return;
         };
         match recording.take(self.ram.memory()) {

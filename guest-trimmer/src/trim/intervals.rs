@@ -28,9 +28,6 @@ pub struct IntervalsReport {
     pub idle_sample_us: u64,
     /// The idle aggregation interval put back, µs.
     pub idle_aggr_us: u64,
-    /// Time of a commit of its own for the switch: 0, the switch goes in with the first
-    /// pageout pass's commit.
-    pub switch_ms: u64,
     /// Time of a commit of its own for the way back: 0 when the last pageout pass's removal
     /// commit put the idle intervals back.
     pub restore_ms: u64,

@@ -331,7 +331,7 @@ pub fn run(env: &TrimEnv, policy: &Policy) -> TrimReport {
 
     let damon_intervals = intervals.map(TrimIntervals::restore);
     if let Some(i) = &damon_intervals {
-        trim_time += Duration::from_millis(i.switch_ms + i.restore_ms);
+        trim_time += Duration::from_millis(i.restore_ms);
     }
     if let Some(old) = restore_order {
         if let Err(e) = env.knobs.set_page_reporting_order(old) {

@@ -429,13 +429,12 @@ fn keeps_hot(ctx: &Ctx, policy: &str) -> Outcome {
         format!("used memory {used_mib:.1} MiB after the trim, bound {bound_mib:.1} MiB; report {reply}")
     })?;
     Ok(format!(
-        "hot {:.0}% cached (re-read {reread_mib:.1} MiB during the trim), cold {:.0}% cached, used {used_mib:.1} MiB (bound {bound_mib:.1} = boot {base_mib:.1} + 20 + 1.1 x 96), trim {} ms (DAMON at {} us for it: switch {} ms, back {} ms; CPU work {} ms trimmer + {} ms kdamond)",
+        "hot {:.0}% cached (re-read {reread_mib:.1} MiB during the trim), cold {:.0}% cached, used {used_mib:.1} MiB (bound {bound_mib:.1} = boot {base_mib:.1} + 20 + 1.1 x 96), trim {} ms (DAMON at {} us for it, switched with the pageout commits; own commit back: {}; CPU work {} ms trimmer + {} ms kdamond)",
         hot * 100.0,
         cold * 100.0,
         reply["report"]["trim_ms"],
         intervals["aggr_us"],
-        intervals["switch_ms"],
-        intervals["restore_ms"],
+        intervals["restore_commit"],
         reply["report"]["cpu"]["trimmer_ms"],
         reply["report"]["cpu"]["kdamond_ms"]
     ))

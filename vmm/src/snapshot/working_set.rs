@@ -237,8 +237,9 @@ pub fn prefetch_in_background(mem: &GuestMemoryMmap, ranges: &[(u64, u64)]) {
 }
 
 /// Brings `ranges` in before the vCPUs run ([`WorkingSetMode::BeforeStart`]): host page
-/// tables first, then KVM's through `vcpu` (which must not run yet). Failures are not errors: the guest faults what is missing in itself.
-pub fn prefetch(mem: &GuestMemoryMmap, vcpu: &Vcpu, ranges: &[(u64, u64)]) -> PrefetchReport {
+/// tables first, then KVM's through `vcpu` (which must not run yet), and logs the report.
+/// Failures are not errors: the guest faults what is missing in itself.
+pub fn prefetch(mem: &GuestMemoryMmap, vcpu: &Vcpu, ranges: &[(u64, u64)]) {
     let host = host_ranges(mem, ranges.iter().copied());
     let mut report = PrefetchReport::new(&host);
     let t0 = Instant::now();
@@ -264,7 +265,6 @@ pub fn prefetch(mem: &GuestMemoryMmap, vcpu: &Vcpu, ranges: &[(u64, u64)]) -> Pr
     }
     report.kvm_pre_fault_ms = supported.then(|| t1.elapsed().as_secs_f64() * 1e3);
     report.log(WorkingSetMode::BeforeStart);
-    report
 }
 
 /// A recording the event loop takes when it is due (`vmm restore --record-working-set-ms`).

@@ -80,13 +80,13 @@ fn write_and_checksum_with<W: Write>(
     parallel: bool,
 ) -> std::io::Result<Vec<ChunkSum>> {
     let started = Instant::now();
-    let crcs = if parallel {
+    let sums = if parallel {
         write_while_checksumming(out, pieces, timings)?
     } else {
         checksum_then_write_each(out, pieces, timings)?
     };
     timings.write_and_checksum_ms = ms_since(started);
-    Ok(crcs)
+    Ok(sums)
 }
 
 /// One thread: each piece checksummed, then written while its bytes are still cached.
@@ -95,10 +95,10 @@ fn checksum_then_write_each<W: Write>(
     pieces: &[&[u8]],
     timings: &mut WriteTimings,
 ) -> std::io::Result<Vec<ChunkSum>> {
-    let mut crcs = Vec::with_capacity(pieces.len());
+    let mut sums = Vec::with_capacity(pieces.len());
     for batch in batches(pieces) {
         let (t, cpu) = (Instant::now(), thread_cpu_ms());
-        crcs.extend(batch.iter().map(|p| ChunkSum::of(p)));
+        sums.extend(batch.iter().map(|p| ChunkSum::of(p)));
         let (t2, cpu2) = (Instant::now(), thread_cpu_ms());
         timings.checksum_ms += (t2 - t).as_secs_f64() * 1e3;
         timings.checksum_cpu_ms += cpu2 - cpu;
@@ -110,7 +110,7 @@ fn checksum_then_write_each<W: Write>(
     out.flush()?;
     timings.write_ms += ms_since(t);
     timings.write_cpu_ms += thread_cpu_ms() - cpu;
-    Ok(crcs)
+    Ok(sums)
 }
 
 /// Two threads: the calling thread writes, a second one checksums.
@@ -121,10 +121,10 @@ fn write_while_checksumming<W: Write>(
 ) -> std::io::Result<Vec<ChunkSum>> {
     let checksum = || {
         let (t, cpu) = (Instant::now(), thread_cpu_ms());
-        let crcs: Vec<ChunkSum> = pieces.iter().map(|p| ChunkSum::of(p)).collect();
-        (crcs, (ms_since(t), thread_cpu_ms() - cpu))
+        let sums: Vec<ChunkSum> = pieces.iter().map(|p| ChunkSum::of(p)).collect();
+        (sums, (ms_since(t), thread_cpu_ms() - cpu))
     };
-    let (written, (crcs, (checksum_ms, checksum_cpu_ms))) = std::thread::scope(|scope| {
+    let (written, (sums, (checksum_ms, checksum_cpu_ms))) = std::thread::scope(|scope| {
         let helper = std::thread::Builder::new()
             .name("snapshot-sum".into())
             .spawn_scoped(scope, checksum);
@@ -148,7 +148,7 @@ fn write_while_checksumming<W: Write>(
     timings.write_cpu_ms = write_cpu_ms;
     timings.checksum_ms = checksum_ms;
     timings.checksum_cpu_ms = checksum_cpu_ms;
-    Ok(crcs)
+    Ok(sums)
 }
 
 /// Most pieces one `writev` takes (Linux's `IOV_MAX`).
@@ -181,6 +181,8 @@ fn batches<'p, 'a>(pieces: &'p [&'a [u8]]) -> impl Iterator<Item = &'p [&'a [u8]
 fn write_all_vectored<W: Write>(out: &mut W, batch: &[&[u8]]) -> std::io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|p| IoSlice::new(p)).collect();
     let mut left = &mut slices[..];
+    // Drops leading empty pieces, so that a batch of empty pieces writes nothing instead of
+    // reading `Ok(0)` from `write_vectored` as a full disk.
     IoSlice::advance_slices(&mut left, 0);
     while !left.is_empty() {
         match out.write_vectored(left) {
@@ -206,14 +208,14 @@ mod tests {
         for parallel in [true, false] {
             let mut out = Vec::new();
             let mut timings = WriteTimings::default();
-            let crcs = write_and_checksum_with(&mut out, &pieces, &mut timings, parallel).unwrap();
+            let sums = write_and_checksum_with(&mut out, &pieces, &mut timings, parallel).unwrap();
             assert_eq!(
                 out,
                 [&a[..], &b[..], &c[..]].concat(),
                 "parallel {parallel}"
             );
             assert_eq!(
-                crcs,
+                sums,
                 vec![ChunkSum::of(&a), ChunkSum::of(&b), ChunkSum::of(&c)]
             );
             assert!(timings.write_and_checksum_ms >= timings.write_ms);

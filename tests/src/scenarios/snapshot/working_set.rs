@@ -69,37 +69,34 @@ pub fn working_set(ctx: &Ctx) -> Outcome {
         format!("the record holds {pages} pages: expected what 3 s of the guest touched, well under the guest's 65536; {record}")
     })?;
 
-    let mut clone = ctx.vmm(
+    // A clone restored with `extra` must bring in all `pages` in `mode` (as the log spells it),
+    // then re-hash the buffer; returns its "working set brought in" log line.
+    let bring_in = |name: &str, extra: &[&str], mode: &str| -> Result<String, String> {
+        let mut clone = ctx.vmm(name, &args(extra), &[])?;
+        let line = wait_log(
+            &mut clone,
+            "working set brought in",
+            Duration::from_secs(120),
+        )?;
+        check_restored(&mut clone, &vm.hash0, last_uptime)?;
+        stop_clone(&mut clone)?;
+        let got = field(&line, "pages").unwrap_or(0.0) as u64;
+        ensure(
+            got == pages && line.contains(&format!("mode={mode}")),
+            || {
+                format!("{name}: the clone brought in {got} pages ({mode} expected), the record has {pages}: {line}")
+            },
+        )?;
+        Ok(line)
+    };
+    let background = bring_in(
         "ws-background",
-        &args(&["--working-set", "background"]),
-        &[],
+        &["--working-set", "background"],
+        "Background",
     )?;
-    let background = wait_log(
-        &mut clone,
-        "working set brought in",
-        Duration::from_secs(120),
-    )?;
-    check_restored(&mut clone, &vm.hash0, last_uptime)?;
-    stop_clone(&mut clone)?;
-    let got = field(&background, "pages").unwrap_or(0.0) as u64;
-    ensure(got == pages && background.contains("Background"), || {
-        format!("the clone brought in {got} pages in the background, the record has {pages}: {background}")
-    })?;
     let background_ms = field(&background, "populate_ms").unwrap_or(0.0);
-
     // The default: before the vCPUs run.
-    let mut clone = ctx.vmm("ws-before-start", &args(&[]), &[])?;
-    let brought = wait_log(
-        &mut clone,
-        "working set brought in",
-        Duration::from_secs(120),
-    )?;
-    check_restored(&mut clone, &vm.hash0, last_uptime)?;
-    stop_clone(&mut clone)?;
-    let got = field(&brought, "pages").unwrap_or(0.0) as u64;
-    ensure(got == pages && brought.contains("BeforeStart"), || {
-        format!("the clone brought in {got} pages before its vCPUs ran, the record has {pages}: {brought}")
-    })?;
+    let brought = bring_in("ws-before-start", &[], "BeforeStart")?;
     let kvm_ms = field(&brought, "kvm_pre_fault_ms");
     ensure(kvm_ms.is_some(), || {
         format!("KVM_PRE_FAULT_MEMORY did not run (the rig's kernel has it since 6.10): {brought}")
