@@ -76,7 +76,7 @@ fn one_run(
     run: u32,
 ) -> anyhow::Result<Sample> {
     use vmm::snapshot::memory_file::{
-        map_into_guest, verify_file, write_memory_file_since, KeepRules,
+        file_holes, map_into_guest, verify_file, write_memory_file_since, KeepRules,
     };
     let path = args.dir.join(format!("memory-{run}"));
     let _ = std::fs::remove_file(&path);
@@ -106,7 +106,8 @@ fn one_run(
     let target = vmm::memory::guest_ram::allocate_guest_memory(&ranges)
         .context("allocating the restore's guest memory")?;
     let t1 = Instant::now();
-    let mmap_calls = map_into_guest(&target, &file, &path, &index.chunks)?;
+    let holes = file_holes(&index);
+    let mmap_calls = map_into_guest(&target, &file, &path, &index.chunks, &holes)?;
     let map_ms = t1.elapsed().as_secs_f64() * 1e3;
     let t2 = Instant::now();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -131,7 +132,7 @@ fn one_run(
         map_ms,
         mmap_calls,
         verify_ms,
-        kept_bytes: index.data_bytes,
+        kept_bytes: index.pages.kept * vmm::snapshot::format::PAGE_BYTES,
     })
 }
 

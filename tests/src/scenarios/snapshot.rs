@@ -354,6 +354,27 @@ pub(super) fn copy_snapshot(from: &Path, to: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The memory chunks `(file_offset, len_bytes)` of a snapshot's state file, in file order.
+fn memory_chunks(dir: &Path) -> Result<Vec<(u64, u64)>, String> {
+    let bytes = std::fs::read(dir.join("state")).map_err(|e| format!("reading state: {e}"))?;
+    let state: serde_json::Value =
+        serde_json::from_slice(&bytes[32..]).map_err(|e| format!("decoding state: {e}"))?;
+    state
+        .pointer("/memory/chunks")
+        .and_then(|c| c.as_array())
+        .map(|c| {
+            c.iter()
+                .filter_map(|c| {
+                    Some((
+                        c.get("file_offset")?.as_u64()?,
+                        c.get("len_bytes")?.as_u64()?,
+                    ))
+                })
+                .collect()
+        })
+        .ok_or_else(|| "state has no memory.chunks".to_string())
+}
+
 /// Flips one bit at `offset` of `path`.
 fn flip(path: &Path, offset: u64) -> Result<(), String> {
     use std::os::unix::fs::FileExt;
@@ -418,12 +439,30 @@ pub fn bad_input(ctx: &Ctx) -> Outcome {
     let mem_len = std::fs::metadata(case.join("memory"))
         .map_err(|e| e.to_string())?
         .len();
-    flip(&case.join("memory"), mem_len - 5000)?;
+    let chunks = memory_chunks(&good)?;
+    let (last_offset, last_len) = *chunks.last().ok_or("the snapshot kept no memory")?;
+    flip(&case.join("memory"), last_offset + last_len / 2)?;
     seen.push(expect_refused(
         ctx,
         "memory-flip",
         &case,
         &["memory", "chunk"],
+    )?);
+
+    // A byte in a hole between chunks (left out pages the file stores as holes, which must
+    // read zero). A booted guest's kept pages are scattered: short gaps must exist.
+    let hole = chunks
+        .windows(2)
+        .find(|w| w[1].0 > w[0].0 + w[0].1)
+        .map(|w| w[0].0 + w[0].1)
+        .ok_or("the memory file has no hole between its chunks")?;
+    copy_snapshot(&good, &case)?;
+    flip(&case.join("memory"), hole + 100)?;
+    seen.push(expect_refused(
+        ctx,
+        "memory-hole-flip",
+        &case,
+        &["memory", "hole", "corrupt"],
     )?);
 
     copy_snapshot(&good, &case)?;

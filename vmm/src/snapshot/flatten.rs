@@ -145,7 +145,12 @@ pub fn flatten(top: &Path, out: &Path) -> Result<SnapshotSummary, SnapshotError>
 #[cfg(test)]
 mod tests {
     use super::super::chain::{resolve, LayerPages};
-    use super::super::memory_file::{write_memory_file, write_memory_file_since};
+    use super::super::checksum::ChunkSum;
+    use super::super::format::MEMORY_HEADER_BYTES;
+    use super::super::memory_file::{
+        file_holes, map_into_guest, write_memory_file, write_memory_file_since,
+    };
+    use super::super::state::MemoryChunk;
     use super::*;
     use crate::memory::{ChangedSet, MemorySlot};
 
@@ -209,8 +214,10 @@ mod tests {
     fn layers_restore_page_for_page_and_flatten_equals_the_chain() {
         let dir = tempfile::tempdir().unwrap();
         let mem = guest_memory(&REGIONS, dir.path()).unwrap();
-        // Base: A in pages 0-9 and 4 MiB + 0-3.
+        // Base: A in pages 0-9, 12 (after a two-page hole) and 4 MiB + 0-3.
         mem.write_slice(&[0xaa; 10 * 4096], GuestAddress(0))
+            .unwrap();
+        mem.write_slice(&[0xa2; 4096], GuestAddress(12 * 4096))
             .unwrap();
         mem.write_slice(&[0xa1; 4 * 4096], GuestAddress(4 * MIB))
             .unwrap();
@@ -268,6 +275,35 @@ mod tests {
         ];
         read_segments_into(&restored, &segments, &files).unwrap();
         assert_eq!(contents(&restored), expected, "chain != the VM's memory");
+        // Restore's way: each layer's runs mapped, base first, bridging that layer's holes only.
+        assert_eq!(
+            file_holes(&i0),
+            [(MEMORY_HEADER_BYTES + 10 * 4096, 2 * 4096)]
+        );
+        let mapped = guest_memory(&REGIONS, dir.path()).unwrap();
+        for (layer, (index, (file, path))) in [&i0, &i1, &i2].into_iter().zip(files).enumerate() {
+            let runs: Vec<MemoryChunk> = segments
+                .iter()
+                .filter_map(|s| match s.source {
+                    Source::File {
+                        layer_index,
+                        offset,
+                    } if layer_index == layer => Some(MemoryChunk {
+                        gpa: s.gpa,
+                        len_bytes: s.len,
+                        file_offset: offset,
+                        sum: ChunkSum::PENDING,
+                    }),
+                    _ => None,
+                })
+                .collect();
+            map_into_guest(&mapped, file, path, &runs, &file_holes(index)).unwrap();
+        }
+        assert_eq!(
+            contents(&mapped),
+            expected,
+            "mapped chain != the VM's memory"
+        );
         // Freed pages read as zero, not as the base's A.
         let mut page = [1u8; 4096];
         restored
@@ -297,6 +333,8 @@ mod tests {
             .write_slice(&[9], GuestAddress(4 * MIB + 5))
             .unwrap();
         assert_eq!(first_difference(&again, &restored, &REGIONS), Some(4 * MIB));
-        assert_eq!(fi.pages.kept * PAGE_BYTES, fi.data_bytes);
+        // The data is the kept pages and the holes between them, nothing else.
+        let holes: u64 = file_holes(&fi).iter().map(|h| h.1).sum();
+        assert_eq!(fi.pages.kept * PAGE_BYTES + holes, fi.data_bytes);
     }
 }

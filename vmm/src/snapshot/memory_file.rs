@@ -3,12 +3,17 @@
 //! A page is kept when it is resident on the host (`mincore`, one call per RAM region), not
 //! known free by the balloon's page-state map (inflated, reported, hinted), and not all zero.
 //! Kept pages form ranges; each range is stored contiguously at a page-aligned file offset, cut
-//! into chunks of at most [`CHUNK_MAX_BYTES`], each with its own CRC-32C.
+//! into chunks of at most [`CHUNK_MAX_BYTES`], each with its own checksum. Where two kept ranges
+//! of one RAM region are at most [`HOLE_MAX_BYTES`] apart in the guest, the second is stored as
+//! far after the first in the file, and the bytes between are never written: a hole, which
+//! takes no disk blocks and reads zero, like the left-out pages it stands for.
 //!
-//! Restore maps each range with `mmap(MAP_PRIVATE | MAP_FIXED)` over the anonymous guest
-//! memory: no copy, one system call per range, pages shared in the host page cache by every
-//! clone of the snapshot and copied only when a clone writes them. Skipped pages stay anonymous
-//! zero memory.
+//! Restore maps the kept ranges with `mmap(MAP_PRIVATE | MAP_FIXED)` over the anonymous guest
+//! memory: no copy, one system call per run of ranges bridged by holes, pages shared in the host
+//! page cache by every clone of the snapshot and copied only when a clone writes them. A trimmed
+//! guest keeps thousands of small ranges, so without the holes restore made thousands of calls.
+//! Other skipped pages stay anonymous zero memory. Holes are checked to read zero, like chunks
+//! are checked against their checksums.
 
 use std::fs::File;
 use std::io::Write;
@@ -23,12 +28,20 @@ use super::checksum::ChunkSum;
 use super::format::{MemoryHeader, MEMORY_HEADER_BYTES, PAGE_BYTES};
 use super::map::{PageClass, PageClassRuns};
 use super::state::{MemoryChunk, MemoryIndex, PageCounts};
-use super::write_pipe::{ms_since, write_and_checksum, WriteTimings};
+use super::write_pipe::{ms_since, write_and_checksum, Piece, WriteTimings};
 use super::SnapshotError;
 use crate::memory::ChangedSet;
 
 /// Largest chunk: the unit of checksums (and of the error that names a damaged one).
 pub const CHUNK_MAX_BYTES: u64 = 4 << 20;
+
+/// Longest run of left-out pages between two kept ranges that the memory file stores as a hole,
+/// so that restore maps both ranges and the hole with one call. A hole costs no disk and no
+/// memory until the guest touches it; then a read gets a page of zeros from the host page cache
+/// (shared by the clones) instead of the shared zero page, and a write copies it. Longer runs
+/// (free memory the balloon reported, in blocks of 2 MiB and more) stay anonymous memory, which
+/// the guest allocates from after restore at the cost of a plain anonymous fault.
+pub const HOLE_MAX_BYTES: u64 = 1 << 20;
 
 /// Why a page is left out (or kept).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -238,11 +251,15 @@ pub fn write_memory_file_since(
     let mut offset = MEMORY_HEADER_BYTES;
     let mut classes = PageClassRuns::default();
     // The kept pieces in file order (each one chunk of the index, its checksum filled in below).
-    let mut pieces: Vec<&[u8]> = Vec::new();
+    let mut pieces: Vec<Piece> = Vec::new();
     for view in &views {
         let fates = classify(view, page_states, keep_all, residency_known, changed)
             .map_err(SnapshotError::io("read page residency (mincore) for", path))?;
         let mut page = 0usize;
+        // Where the region's last kept range ended, and whether a page since then is left to
+        // the parent (such pages must not become a hole: it would hide the parent's bytes).
+        let mut kept_end_gpa: Option<u64> = None;
+        let mut inherited_since = false;
         while page < fates.len() {
             let fate = fates[page];
             let run = fates[page..].iter().take_while(|f| **f == fate).count();
@@ -251,6 +268,13 @@ pub fn write_memory_file_since(
             if fate == PageFate::Keep {
                 let start = page * PAGE_BYTES as usize;
                 let end = start + run * PAGE_BYTES as usize;
+                let run_gpa = view.gpa + start as u64;
+                if let Some(gap) = kept_end_gpa
+                    .map(|end| run_gpa - end)
+                    .filter(|&gap| gap <= HOLE_MAX_BYTES && !inherited_since)
+                {
+                    offset += gap;
+                }
                 for piece in view.bytes[start..end].chunks(CHUNK_MAX_BYTES as usize) {
                     let gpa = view.gpa + (piece.as_ptr() as u64 - view.bytes.as_ptr() as u64);
                     index.chunks.push(MemoryChunk {
@@ -259,11 +283,17 @@ pub fn write_memory_file_since(
                         file_offset: offset,
                         sum: ChunkSum::PENDING,
                     });
-                    pieces.push(piece);
+                    pieces.push(Piece {
+                        file_offset: offset,
+                        bytes: piece,
+                    });
                     offset += piece.len() as u64;
                 }
+                kept_end_gpa = Some(view.gpa + end as u64);
+                inherited_since = false;
             } else if fate == PageFate::Inherit {
                 sets.inherited_pages += run as u64;
+                inherited_since = true;
             } else if changed.is_some() {
                 let gpa = view.gpa + page as u64 * PAGE_BYTES;
                 let len = run as u64 * PAGE_BYTES;
@@ -334,29 +364,119 @@ pub fn validate_index(
     Ok(())
 }
 
-/// Maps the kept ranges of the memory file `file` over guest memory `mem` (private,
-/// copy-on-write); adjacent chunks are mapped with one call. The index must have passed
-/// [`validate_index`]. Returns the number of `mmap` calls.
+/// The byte ranges `(file_offset, len_bytes)` of the memory file's data (after the header, up
+/// to `data_bytes`) that no chunk covers, in file order: the holes the writer left between kept
+/// ranges (see [`HOLE_MAX_BYTES`]). They must read zero. The index must have passed
+/// [`validate_index`].
+pub fn file_holes(index: &MemoryIndex) -> Vec<(u64, u64)> {
+    let mut covered: Vec<(u64, u64)> = index
+        .chunks
+        .iter()
+        .map(|c| (c.file_offset, c.file_offset + c.len_bytes))
+        .collect();
+    covered.sort_unstable();
+    let mut holes = Vec::new();
+    let mut position = MEMORY_HEADER_BYTES;
+    for (start, end) in covered {
+        if start > position {
+            holes.push((position, start - position));
+        }
+        position = position.max(end);
+    }
+    let data_end = MEMORY_HEADER_BYTES + index.data_bytes;
+    if data_end > position {
+        holes.push((position, data_end - position));
+    }
+    holes
+}
+
+/// Whether `offset..offset + len` lies inside one of `holes` (sorted, as [`file_holes`] gives).
+fn inside_hole(holes: &[(u64, u64)], offset: u64, len: u64) -> bool {
+    let after = holes.partition_point(|&(start, _)| start <= offset);
+    after > 0 && {
+        let (start, hole_len) = holes[after - 1];
+        offset + len <= start + hole_len
+    }
+}
+
+/// Checks that every hole of the memory file (see [`file_holes`]) reads zero: where the file
+/// system reports a hole (`SEEK_DATA`) nothing is read; what it reports as data is read and
+/// must be all zero. A damaged hole is an error naming the file and the offset.
+pub fn verify_holes(file: &File, holes: &[(u64, u64)], path: &Path) -> Result<(), SnapshotError> {
+    let read_err = || SnapshotError::io("read the memory file", path);
+    let mut buf = Vec::new();
+    for &(start, len) in holes {
+        let end = start + len;
+        let mut position = start;
+        while position < end {
+            let Some((data, data_end)) = next_data(file, position).map_err(read_err())? else {
+                break;
+            };
+            if data >= end {
+                break;
+            }
+            let stop = data_end.min(end);
+            let mut at = data;
+            while at < stop {
+                let n = (stop - at).min(1 << 20) as usize;
+                buf.resize(n, 0);
+                file.read_exact_at(&mut buf, at).map_err(read_err())?;
+                if let Some(i) = buf.iter().position(|&b| b != 0) {
+                    return Err(SnapshotError::HoleNotZero {
+                        path: path.to_owned(),
+                        file_offset: at + i as u64,
+                        hole_offset: start,
+                        hole_bytes: len,
+                    });
+                }
+                at += n as u64;
+            }
+            position = stop;
+        }
+    }
+    Ok(())
+}
+
+/// The next range of `file` the file system holds as data at or after `offset`
+/// (`SEEK_DATA`, `SEEK_HOLE`), or `None` when there is none before the end of the file.
+/// A file system without hole support reports everything up to the end as data.
+fn next_data(file: &File, offset: u64) -> std::io::Result<Option<(u64, u64)>> {
+    let seek = |from: u64, whence| {
+        // SAFETY: lseek on an open descriptor reads and moves only the file position, which
+        // nothing here relies on (every read of the memory file is positioned).
+        let rc = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc as u64)
+        }
+    };
+    let data = match seek(offset, libc::SEEK_DATA) {
+        Ok(data) => data,
+        Err(err) if err.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    Ok(Some((data, seek(data, libc::SEEK_HOLE)?)))
+}
+
+/// Maps `runs` of the memory file `file` (kept ranges, in guest address order, each read from
+/// its file offset) over guest memory `mem` (private, copy-on-write). Runs contiguous in guest
+/// and file, or separated by the same distance in both where the file's bytes between lie in
+/// one of its `holes` (see [`file_holes`], checked to read zero), are mapped with one call; a
+/// call never crosses a RAM region. The index must have passed [`validate_index`]. Returns the
+/// number of `mmap` calls.
 pub fn map_into_guest(
     mem: &GuestMemoryMmap,
     file: &File,
     path: &Path,
-    chunks: &[MemoryChunk],
+    runs: &[MemoryChunk],
+    holes: &[(u64, u64)],
 ) -> Result<usize, SnapshotError> {
     let mut calls = 0;
     let mut i = 0;
-    while i < chunks.len() {
-        let first = chunks[i];
-        let mut len = first.len_bytes;
-        let mut j = i + 1;
-        while j < chunks.len()
-            && chunks[j].gpa == first.gpa + len
-            && chunks[j].file_offset == first.file_offset + len
-        {
-            len += chunks[j].len_bytes;
-            j += 1;
-        }
-        let map_err = |source| SnapshotError::Map {
+    while i < runs.len() {
+        let first = runs[i];
+        let map_err = |len, source| SnapshotError::Map {
             path: path.to_owned(),
             gpa: first.gpa,
             len_bytes: len,
@@ -364,18 +484,38 @@ pub fn map_into_guest(
         };
         let region = mem
             .find_region(GuestAddress(first.gpa))
-            .filter(|r| first.gpa + len <= r.start_addr().0 + r.len())
+            .filter(|r| first.gpa + first.len_bytes <= r.start_addr().0 + r.len())
             .ok_or_else(|| {
-                map_err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "range crosses guest RAM regions",
-                ))
+                map_err(
+                    first.len_bytes,
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "range crosses guest RAM regions",
+                    ),
+                )
             })?;
+        let region_end = region.start_addr().0 + region.len();
+        let mut len = first.len_bytes;
+        let mut j = i + 1;
+        while let Some(next) = runs.get(j) {
+            let (end_gpa, end_offset) = (first.gpa + len, first.file_offset + len);
+            let Some(gap) = next.gpa.checked_sub(end_gpa) else {
+                break;
+            };
+            let follows = next.file_offset == end_offset + gap
+                && next.gpa + next.len_bytes <= region_end
+                && (gap == 0 || inside_hole(holes, end_offset, gap));
+            if !follows {
+                break;
+            }
+            len += gap + next.len_bytes;
+            j += 1;
+        }
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(
                 first.gpa - region.start_addr().0,
             ))
-            .map_err(|e| map_err(std::io::Error::other(e.to_string())))?;
+            .map_err(|e| map_err(len, std::io::Error::other(e.to_string())))?;
         // SAFETY: `host..host + len` lies inside one region's live anonymous mapping (checked
         // above), which `mem` keeps and unmaps as a whole; MAP_FIXED replaces those pages with a
         // private copy-on-write mapping of the file range, which `validate_index` checked lies
@@ -392,7 +532,7 @@ pub fn map_into_guest(
             )
         };
         if addr == libc::MAP_FAILED {
-            return Err(map_err(std::io::Error::last_os_error()));
+            return Err(map_err(len, std::io::Error::last_os_error()));
         }
         calls += 1;
         i = j;
@@ -577,10 +717,11 @@ mod tests {
         .unwrap();
         let file = File::open(&path).unwrap();
         assert_eq!(
-            map_into_guest(&restored, &file, &path, &index.chunks).unwrap(),
+            map_into_guest(&restored, &file, &path, &index.chunks, &[]).unwrap(),
             2
         );
         verify_mapped(&restored, &index.chunks, &path).unwrap();
+        assert_eq!(file_holes(&index), []);
         assert_eq!(restored.read_obj::<u8>(GuestAddress(4096)).unwrap(), 0xab);
         assert_eq!(restored.read_obj::<u8>(GuestAddress(10 * 4096)).unwrap(), 0);
         assert_eq!(
@@ -635,7 +776,7 @@ mod tests {
         let restored =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * MIB as usize)]).unwrap();
         assert_eq!(
-            map_into_guest(&restored, &file, &path, &index.chunks).unwrap(),
+            map_into_guest(&restored, &file, &path, &index.chunks, &[]).unwrap(),
             2
         );
         // Contiguous in the guest but not in the file: two calls.
@@ -647,7 +788,10 @@ mod tests {
         longer
             .set_len(std::fs::metadata(&path).unwrap().len() + PAGE_BYTES)
             .unwrap();
-        assert_eq!(map_into_guest(&restored, &file, &path, &split).unwrap(), 2);
+        assert_eq!(
+            map_into_guest(&restored, &file, &path, &split, &[]).unwrap(),
+            2
+        );
         // Verification by reading the file agrees with verification through the mapping.
         for threads in [1, 2, 3, 8] {
             verify_file(&file, &index.chunks, &path, threads).unwrap();
@@ -657,6 +801,95 @@ mod tests {
             let err = verify_file(&file, &bad, &path, threads).unwrap_err();
             assert!(err.to_string().contains("chunk 2"), "{threads}: {err}");
         }
+    }
+
+    #[test]
+    fn short_gaps_become_holes_mapped_with_their_neighbours_in_one_call() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 * MIB as usize)]).unwrap();
+        // Kept: page 0, pages 2-3 (after a zero page), page 100 (after 96 untouched pages),
+        // then after a gap longer than HOLE_MAX_BYTES, the page at 6 MiB.
+        for (gpa, byte) in [(0, 1u8), (2 * 4096, 2), (3 * 4096, 3), (100 * 4096, 4)] {
+            mem.write_slice(&[byte; 4096], GuestAddress(gpa)).unwrap();
+        }
+        mem.write_slice(&[0; 4096], GuestAddress(4096)).unwrap();
+        mem.write_slice(&[6; 4096], GuestAddress(6 * MIB)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (path, index) = write(&mem, dir.path());
+        assert_eq!(index.pages.kept, 5);
+        let offsets: Vec<_> = index.chunks.iter().map(|c| c.file_offset).collect();
+        let h = MEMORY_HEADER_BYTES;
+        // Holes keep the guest distances up to page 100; the page at 6 MiB follows directly.
+        assert_eq!(offsets, [h, h + 2 * 4096, h + 100 * 4096, h + 101 * 4096]);
+        assert_eq!(index.data_bytes, 102 * 4096);
+        let holes = file_holes(&index);
+        assert_eq!(holes, [(h + 4096, 4096), (h + 4 * 4096, 96 * 4096)]);
+        let file = File::open(&path).unwrap();
+        verify_holes(&file, &holes, &path).unwrap();
+        // The holes take no disk (where the file system has holes: tmpfs, ext4, xfs, btrfs).
+        let disk = std::os::unix::fs::MetadataExt::blocks(&file.metadata().unwrap()) * 512;
+        assert!(disk <= h + 16 * 4096, "{disk} bytes on disk");
+
+        let restored =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 * MIB as usize)]).unwrap();
+        assert_eq!(
+            map_into_guest(&restored, &file, &path, &index.chunks, &holes).unwrap(),
+            2
+        );
+        for (gpa, byte) in [
+            (0, 1u8),
+            (4096, 0),
+            (2 * 4096, 2),
+            (3 * 4096, 3),
+            (50 * 4096, 0),
+            (100 * 4096, 4),
+            (6 * MIB, 6),
+        ] {
+            assert_eq!(restored.read_obj::<u8>(GuestAddress(gpa)).unwrap(), byte);
+        }
+        // Without the holes (another layer's runs): every run is its own call.
+        let restored =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 * MIB as usize)]).unwrap();
+        assert_eq!(
+            map_into_guest(&restored, &file, &path, &index.chunks, &[]).unwrap(),
+            4
+        );
+
+        // A byte written into a hole is found and named.
+        let rw = File::options().write(true).open(&path).unwrap();
+        rw.write_all_at(&[9], h + 50 * 4096 + 7).unwrap();
+        let err = verify_holes(&file, &holes, &path).unwrap_err();
+        assert!(
+            matches!(err, SnapshotError::HoleNotZero { file_offset, .. } if file_offset == h + 50 * 4096 + 7),
+            "{err}"
+        );
+        assert!(err.to_string().contains("memory"), "{err}");
+    }
+
+    #[test]
+    fn runs_of_one_chunk_split_by_another_layer_are_never_bridged() {
+        // One layer's chunk of three pages, whose middle page a layer above freed: its runs are
+        // as far apart in guest and file, but the bytes between are data, not a hole.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MIB as usize)]).unwrap();
+        mem.write_slice(&[7; 3 * 4096], GuestAddress(0)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (path, index) = write(&mem, dir.path());
+        let holes = file_holes(&index);
+        assert_eq!(holes, []);
+        let h = MEMORY_HEADER_BYTES;
+        let run = |page: u64| MemoryChunk {
+            gpa: page * 4096,
+            len_bytes: 4096,
+            file_offset: h + page * 4096,
+            sum: ChunkSum::PENDING,
+        };
+        let file = File::open(&path).unwrap();
+        let restored = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MIB as usize)]).unwrap();
+        assert_eq!(
+            map_into_guest(&restored, &file, &path, &[run(0), run(2)], &holes).unwrap(),
+            2
+        );
+        assert_eq!(restored.read_obj::<u8>(GuestAddress(4096)).unwrap(), 0);
+        assert_eq!(restored.read_obj::<u8>(GuestAddress(2 * 4096)).unwrap(), 7);
     }
 
     /// Restore's verification cost: through the guest mapping vs reading the file, 1 and 2
@@ -680,7 +913,7 @@ mod tests {
         };
         for round in 0..2 {
             let restored = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), SIZE)]).unwrap();
-            map_into_guest(&restored, &file, &path, &index.chunks).unwrap();
+            map_into_guest(&restored, &file, &path, &index.chunks, &[]).unwrap();
             let mapped = time(&|| verify_mapped(&restored, &index.chunks, &path).unwrap());
             let one = time(&|| verify_file(&file, &index.chunks, &path, 1).unwrap());
             let two = time(&|| verify_file(&file, &index.chunks, &path, 2).unwrap());

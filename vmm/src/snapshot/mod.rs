@@ -120,6 +120,18 @@ pub enum SnapshotError {
         /// Its offset in the file.
         file_offset: u64,
     },
+    /// Bytes between memory chunks, which the writer never wrote, do not read zero.
+    #[error("{path}: byte {file_offset:#x} is not zero, but it lies in the hole of {hole_bytes} bytes at file offset {hole_offset:#x} between memory chunks, which must read zero: the file is corrupt")]
+    HoleNotZero {
+        /// The memory file.
+        path: PathBuf,
+        /// The first non-zero byte.
+        file_offset: u64,
+        /// Where the hole starts.
+        hole_offset: u64,
+        /// Its length.
+        hole_bytes: u64,
+    },
     /// The state is self-inconsistent (e.g. a chunk outside guest RAM).
     #[error("{path}: invalid snapshot: {reason}")]
     Invalid {

@@ -10,7 +10,7 @@ use super::crc32c::crc32c;
 use super::format::{
     id_hex, MemoryHeader, StateHeader, MEMORY_FILE, STATE_FILE, STATE_HEADER_BYTES,
 };
-use super::memory_file::validate_index;
+use super::memory_file::{file_holes, validate_index, verify_holes};
 use super::state::SnapshotState;
 use super::SnapshotError;
 
@@ -26,6 +26,8 @@ pub struct LoadedSnapshot {
     pub memory_path: PathBuf,
     /// Its length in bytes.
     pub memory_file_bytes: u64,
+    /// The holes between its chunks, `(file_offset, len_bytes)` in file order (must read zero).
+    pub memory_holes: Vec<(u64, u64)>,
     /// The state file's length in bytes.
     pub state_file_bytes: u64,
     /// The state file's format version.
@@ -165,21 +167,23 @@ pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
         });
     }
     validate_index(&state.memory, &memory_path, memory_file_bytes)?;
+    let memory_holes = file_holes(&state.memory);
     Ok(LoadedSnapshot {
         state,
         state_path,
         memory,
         memory_path,
         memory_file_bytes,
+        memory_holes,
         state_file_bytes,
         format_version,
     })
 }
 
 impl LoadedSnapshot {
-    /// Verifies every chunk by reading the memory file, on as many threads as there are CPUs
-    /// (for `inspect` and layered restores; a single snapshot's restore verifies through the
-    /// mapping instead).
+    /// Verifies every chunk by reading the memory file, on as many threads as there are CPUs,
+    /// and that its holes read zero (for `inspect` and layered restores; a single snapshot's
+    /// restore verifies the chunks through the mapping instead).
     pub fn verify_file(&self) -> Result<(), SnapshotError> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         super::memory_file::verify_file(
@@ -187,6 +191,12 @@ impl LoadedSnapshot {
             &self.state.memory.chunks,
             &self.memory_path,
             threads,
-        )
+        )?;
+        self.verify_holes()
+    }
+
+    /// Checks that the memory file's holes read zero.
+    pub fn verify_holes(&self) -> Result<(), SnapshotError> {
+        verify_holes(&self.memory, &self.memory_holes, &self.memory_path)
     }
 }

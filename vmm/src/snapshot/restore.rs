@@ -180,7 +180,13 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         LazyMode::Off if chain.links.len() == 1 => {
             let loaded = chain.top();
             let chunks = &loaded.state.memory.chunks;
-            let mmaps = map_into_guest(&mem, &loaded.memory, &loaded.memory_path, chunks)?;
+            let mmaps = map_into_guest(
+                &mem,
+                &loaded.memory,
+                &loaded.memory_path,
+                chunks,
+                &loaded.memory_holes,
+            )?;
             phases.mark("map_memory_ms");
             let path = &loaded.memory_path;
             if !options.skip_memory_verify {
@@ -189,7 +195,8 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
                         // Reading through the mapping would make every kept page "touched".
                         loaded.verify_file()
                     } else {
-                        verify_mapped(&mem, chunks, path)
+                        verify_mapped(&mem, chunks, path)?;
+                        loaded.verify_holes()
                     }
                 })?;
             }
@@ -205,7 +212,9 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
             let file_runs = chain.file_runs(&segments);
             let mut mmaps = 0;
             for (link, runs) in chain.links.iter().zip(&file_runs) {
-                mmaps += map_into_guest(&mem, &link.loaded.memory, &link.loaded.memory_path, runs)?;
+                let loaded = &link.loaded;
+                let (file, path) = (&loaded.memory, &loaded.memory_path);
+                mmaps += map_into_guest(&mem, file, path, runs, &loaded.memory_holes)?;
             }
             phases.mark("map_memory_ms");
             if !options.skip_memory_verify {

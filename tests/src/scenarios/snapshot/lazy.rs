@@ -53,27 +53,6 @@ fn rss_anon_bytes(pid: i32) -> Result<u64, String> {
         .ok_or_else(|| format!("no RssAnon in /proc/{pid}/status"))
 }
 
-/// The memory chunks `(file_offset, len_bytes)` of a snapshot's state file.
-fn chunks(dir: &Path) -> Result<Vec<(u64, u64)>, String> {
-    let bytes = std::fs::read(dir.join("state")).map_err(|e| format!("reading state: {e}"))?;
-    let state: serde_json::Value =
-        serde_json::from_slice(&bytes[32..]).map_err(|e| format!("decoding state: {e}"))?;
-    state
-        .pointer("/memory/chunks")
-        .and_then(|c| c.as_array())
-        .map(|c| {
-            c.iter()
-                .filter_map(|c| {
-                    Some((
-                        c.get("file_offset")?.as_u64()?,
-                        c.get("len_bytes")?.as_u64()?,
-                    ))
-                })
-                .collect()
-        })
-        .ok_or_else(|| "state has no memory.chunks".to_string())
-}
-
 /// The scenario (see the module docs).
 pub fn lazy_uffd(ctx: &Ctx) -> Outcome {
     const MEM_MIB: u64 = 256;
@@ -188,7 +167,7 @@ pub fn lazy_uffd(ctx: &Ctx) -> Outcome {
     // memory file and a chunk as soon as the guest touches one, and exits 1.
     let bad = ctx.work.join("snap-damaged");
     copy_snapshot(&dir, &bad)?;
-    let pieces = chunks(&bad)?;
+    let pieces = memory_chunks(&bad)?;
     for &(offset, len) in &pieces {
         flip(&bad.join("memory"), offset + len / 2)?;
     }
