@@ -42,6 +42,8 @@ pub fn run(args: InspectArgs) -> CliResult {
     let pages = state.memory.pages;
     let machine = &state.config.machine_config;
     let disk = disk_bytes(&loaded.state_path) + disk_bytes(&loaded.memory_path);
+    let holes = &loaded.memory_holes;
+    let hole_bytes: u64 = holes.iter().map(|h| h.1).sum();
     let chain = super::layers::chain_report(&args.dir);
     let map = args
         .map
@@ -75,6 +77,8 @@ pub fn run(args: InspectArgs) -> CliResult {
         "files": {
             "state_bytes": loaded.state_file_bytes,
             "memory_bytes": loaded.memory_file_bytes,
+            "memory_holes": holes.len(),
+            "memory_hole_bytes": hole_bytes,
             "disk_bytes": disk,
         },
         "checksums": match &verified {
@@ -100,6 +104,11 @@ pub fn run(args: InspectArgs) -> CliResult {
             state.config.boot_source.kernel_image_path.display()
         );
         println!("  pages kept: {} ({:.1} MiB)", pages.kept, mib(pages.kept));
+        println!(
+            "  holes between kept ranges: {} ({:.1} MiB, left-out pages stored as file holes)",
+            holes.len(),
+            mib(hole_bytes / PAGE_BYTES)
+        );
         for (reason, count) in [
             ("balloon (inflated)", pages.skipped_inflated),
             ("reported free", pages.skipped_reported),
