@@ -5,7 +5,11 @@
 //! VMM work; the rig's emulated CPU cannot show either. The memory writer, the restore's
 //! `mmap` of the memory file and its checksum pass are plain user-space code, so they are
 //! measured here on guest memory laid out like S512 after a trim: `--kept-mib` of
-//! pseudo-random pages, `--zero-mib` of touched zero pages, the rest never touched.
+//! pseudo-random pages in `--kept-runs` runs spread evenly with never-touched gaps between
+//! them (a trimmed `default.json` snapshot kept 1,893 chunks in 1,850 runs), then `--zero-mib`
+//! of touched zero pages. The restore maps the file twice: bridging the holes the writer left
+//! between short gaps (what `vmm restore` does) and one `mmap` per kept run (the layout before
+//! the holes), so the cost of each mapping call shows.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -23,9 +27,12 @@ pub struct HostIoArgs {
     /// Guest memory size.
     #[arg(long, default_value_t = 512)]
     pub mem_mib: u64,
-    /// Pseudo-random (kept) data at the start of guest memory.
+    /// Pseudo-random (kept) data.
     #[arg(long, default_value_t = 216)]
     pub kept_mib: u64,
+    /// Runs the kept data is cut into, spread evenly over the memory before the zero pages.
+    #[arg(long, default_value_t = 1850)]
+    pub kept_runs: u64,
     /// Touched zero pages after it (skipped by the writer's zero scan).
     #[arg(long, default_value_t = 64)]
     pub zero_mib: u64,
@@ -45,6 +52,8 @@ struct Sample {
     fsync_ms: f64,
     map_ms: f64,
     mmap_calls: usize,
+    map_per_run_ms: f64,
+    mmap_calls_per_run: usize,
     verify_ms: f64,
     kept_bytes: u64,
 }
@@ -52,7 +61,7 @@ struct Sample {
 fn fill(mem: &vm_memory::GuestMemoryMmap, args: &HostIoArgs) -> anyhow::Result<()> {
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut page = vec![0u8; 4096];
-    for p in 0..(args.kept_mib << 8) {
+    for p in kept_pages(args) {
         for w in page.chunks_mut(8) {
             seed ^= seed << 13;
             seed ^= seed >> 7;
@@ -63,11 +72,24 @@ fn fill(mem: &vm_memory::GuestMemoryMmap, args: &HostIoArgs) -> anyhow::Result<(
             .context("filling guest memory")?;
     }
     let zero = vec![0u8; 4096];
+    let zero_start = (args.mem_mib - args.zero_mib) << 20;
     for p in 0..(args.zero_mib << 8) {
-        mem.write_slice(&zero, GuestAddress((args.kept_mib << 20) + (p << 12)))
+        mem.write_slice(&zero, GuestAddress(zero_start + (p << 12)))
             .context("touching zero pages")?;
     }
     Ok(())
+}
+
+/// The page numbers of the kept data: `--kept-runs` runs of (nearly) equal length, evenly
+/// spaced over the memory before the zero pages.
+fn kept_pages(args: &HostIoArgs) -> impl Iterator<Item = u64> {
+    let kept = args.kept_mib << 8;
+    let runs = args.kept_runs.clamp(1, kept.max(1));
+    let stride = ((args.mem_mib - args.zero_mib) << 8) / runs;
+    (0..runs).flat_map(move |r| {
+        let len = kept / runs + u64::from(r < kept % runs);
+        (0..len).map(move |p| r * stride + p)
+    })
 }
 
 fn one_run(
@@ -103,19 +125,28 @@ fn one_run(
 
     // Restore: fresh guest memory, the file's kept ranges mapped over it, then the checksums.
     let ranges = [(GuestAddress(0), (args.mem_mib << 20) as usize)];
-    let target = vmm::memory::guest_ram::allocate_guest_memory(&ranges)
-        .context("allocating the restore's guest memory")?;
+    let fresh = || {
+        vmm::memory::guest_ram::allocate_guest_memory(&ranges)
+            .context("allocating the restore's guest memory")
+    };
+    let target = fresh()?;
     let t1 = Instant::now();
     let holes = file_holes(&index);
     let mmap_calls = map_into_guest(&target, &file, &path, &index.chunks, &holes)?;
     let map_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let per_run = fresh()?;
+    let t1 = Instant::now();
+    let mmap_calls_per_run = map_into_guest(&per_run, &file, &path, &index.chunks, &[])?;
+    let map_per_run_ms = t1.elapsed().as_secs_f64() * 1e3;
+    drop(per_run);
     let t2 = Instant::now();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     verify_file(&file, &index.chunks, &path, threads)?;
     let verify_ms = t2.elapsed().as_secs_f64() * 1e3;
     let mut a = [0u8; 64];
     let mut b = [0u8; 64];
-    let probe = GuestAddress((args.kept_mib << 19) & !4095);
+    let middle = index.chunks.get(index.chunks.len() / 2);
+    let probe = GuestAddress(middle.map_or(0, |c| c.gpa + c.len_bytes / 2) & !4095);
     mem.read_slice(&mut a, probe)?;
     target.read_slice(&mut b, probe)?;
     anyhow::ensure!(
@@ -131,6 +162,8 @@ fn one_run(
         fsync_ms,
         map_ms,
         mmap_calls,
+        map_per_run_ms,
+        mmap_calls_per_run,
         verify_ms,
         kept_bytes: index.pages.kept * vmm::snapshot::format::PAGE_BYTES,
     })
@@ -161,12 +194,14 @@ fn measure(args: &HostIoArgs) -> anyhow::Result<(Value, String)> {
     for run in 0..args.runs {
         let s = one_run(&mem, args, run)?;
         eprintln!(
-            "bench: host-io run {}: wrote {:.1} MiB in {:.1} ms, mapped in {:.2} ms ({} mmap), verified in {:.1} ms",
+            "bench: host-io run {}: wrote {:.1} MiB in {:.1} ms, mapped in {:.2} ms ({} mmap; {:.2} ms with one per run: {}), verified in {:.1} ms",
             run + 1,
             s.kept_bytes as f64 / 1048576.0,
             s.write_total_ms,
             s.map_ms,
             s.mmap_calls,
+            s.map_per_run_ms,
+            s.mmap_calls_per_run,
             s.verify_ms
         );
         samples.push(s);
@@ -183,11 +218,14 @@ fn measure(args: &HostIoArgs) -> anyhow::Result<(Value, String)> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let json: Value = json!({
         "mem_mib": args.mem_mib, "kept_mib": args.kept_mib, "zero_mib": args.zero_mib,
+        "kept_runs": args.kept_runs,
         "runs": args.runs, "dir": args.dir, "cpus": cpus, "kept_bytes": kept,
         "write_total_ms": write, "classify_ms": summary(&|s| s.classify_ms),
         "write_and_checksum_ms": summary(&|s| s.write_and_checksum_ms),
         "fsync_ms": summary(&|s| s.fsync_ms), "map_ms": summary(&|s| s.map_ms),
         "mmap_calls": samples.first().map(|s| s.mmap_calls), "verify_ms": verify,
+        "map_per_run_ms": summary(&|s| s.map_per_run_ms),
+        "mmap_calls_per_run": samples.first().map(|s| s.mmap_calls_per_run),
         "write_gib_per_s": rate,
         "write_gib_per_s_before_fsync": rate_unsynced,
         "verify_gib_per_s": verify.map(|v| gib / (v.median / 1e3)),
@@ -201,7 +239,8 @@ fn measure(args: &HostIoArgs) -> anyhow::Result<(Value, String)> {
         "# Snapshot writer and restore mapping on this host\n\n\
          `cargo run --release -p bench -- host-io` (bench/src/host_io.rs): no VM, this machine's \
          own CPU ({cpus} CPUs) and disk (`{}`), real time. Guest memory {} MiB: {} MiB \
-         pseudo-random (kept), {} MiB touched zero pages, the rest never touched. Medians of {} runs.\n\n\
+         pseudo-random (kept) in {} runs spread evenly, {} MiB touched zero pages, the rest never \
+         touched. Medians of {} runs.\n\n\
          | figure | median |\n|---|---|\n\
          | kept data written, MiB | {:.1} |\n\
          | write, whole (classify + write + checksum + fsync), ms | {} |\n\
@@ -210,11 +249,13 @@ fn measure(args: &HostIoArgs) -> anyhow::Result<(Value, String)> {
          | of it: fsync, ms | {} |\n\
          | **write rate of kept data, durable (fsync included), GiB/s** (goal ≥ 1) | **{:.2}** |\n\
          | write rate of kept data into the page cache (before fsync), GiB/s | {:.2} |\n\
-         | restore: map the memory file over guest memory, ms ({} mmap calls) | {} |\n\
+         | restore: map the memory file over guest memory, ms ({} mmap calls, holes bridged) | {} |\n\
+         | the same with one `mmap` per kept run (the layout without holes), ms ({} calls) | {} |\n\
          | restore: check every chunk's checksum (first restore of a file on a host), ms | {} |\n",
         args.dir.display(),
         args.mem_mib,
         args.kept_mib,
+        args.kept_runs,
         args.zero_mib,
         args.runs,
         kept as f64 / 1048576.0,
@@ -226,6 +267,8 @@ fn measure(args: &HostIoArgs) -> anyhow::Result<(Value, String)> {
         rate_unsynced.unwrap_or(0.0),
         json["mmap_calls"],
         cell(&json["map_ms"]),
+        json["mmap_calls_per_run"],
+        cell(&json["map_per_run_ms"]),
         cell(&json["verify_ms"]),
     );
     Ok((json, md))
@@ -241,6 +284,7 @@ mod tests {
         let args = HostIoArgs {
             mem_mib: 8,
             kept_mib: 3,
+            kept_runs: 4,
             zero_mib: 2,
             runs: 2,
             dir: dir.path().to_path_buf(),
@@ -251,7 +295,9 @@ mod tests {
             3 << 20,
             "only the pseudo-random pages are kept"
         );
+        // 3 MiB in 4 runs over 6 MiB: 768 KiB runs, 768 KiB gaps, all bridged by holes.
         assert_eq!(json["mmap_calls"], 1);
+        assert_eq!(json["mmap_calls_per_run"], 4);
         assert!(json["write_gib_per_s"].as_f64().unwrap() > 0.0);
         assert!(md.contains("| kept data written, MiB | 3.0 |"), "{md}");
         let bad = HostIoArgs {
