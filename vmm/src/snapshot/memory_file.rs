@@ -332,7 +332,9 @@ pub fn validate_index(
         path: path.to_owned(),
         reason,
     };
-    let needed = MEMORY_HEADER_BYTES + index.data_bytes;
+    let needed = MEMORY_HEADER_BYTES
+        .checked_add(index.data_bytes)
+        .ok_or_else(|| invalid(format!("{} data bytes is not a length", index.data_bytes)))?;
     if file_bytes < needed {
         return Err(SnapshotError::Truncated {
             path: path.to_owned(),
@@ -459,12 +461,63 @@ fn next_data(file: &File, offset: u64) -> std::io::Result<Option<(u64, u64)>> {
     Ok(Some((data, seek(data, libc::SEEK_HOLE)?)))
 }
 
-/// Maps `runs` of the memory file `file` (kept ranges, in guest address order, each read from
-/// its file offset) over guest memory `mem` (private, copy-on-write). Runs contiguous in guest
-/// and file, or separated by the same distance in both where the file's bytes between lie in
-/// one of its `holes` (see [`file_holes`], checked to read zero), are mapped with one call; a
-/// call never crosses a RAM region. The index must have passed [`validate_index`]. Returns the
-/// number of `mmap` calls.
+/// One `mmap` of the memory file: `len_bytes` from `file_offset`, at guest address `gpa`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpan {
+    /// Guest physical address of the first byte.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len_bytes: u64,
+    /// Where it starts in the memory file.
+    pub file_offset: u64,
+}
+
+/// Plans the mappings of `runs` (kept ranges of one memory file, in guest address order, each
+/// read from its file offset, all inside the file: checked by [`validate_index`]) over guest RAM
+/// `regions` (`(start, len)`): runs contiguous in guest and file, or separated by the same
+/// distance in both where the file's bytes between lie in one of its `holes` (see
+/// [`file_holes`]), share one span; a span never crosses a region. `Err(i)`: run `i` does not
+/// lie inside one region.
+pub fn plan_mappings(
+    runs: &[MemoryChunk],
+    holes: &[(u64, u64)],
+    regions: &[(u64, u64)],
+) -> Result<Vec<MapSpan>, usize> {
+    let mut spans: Vec<MapSpan> = Vec::new();
+    let mut last_region = None;
+    for (i, run) in runs.iter().enumerate() {
+        let run_end = run.gpa.checked_add(run.len_bytes).ok_or(i)?;
+        let region = regions
+            .iter()
+            .position(|&(start, len)| {
+                run.gpa >= start && start.checked_add(len).is_some_and(|end| run_end <= end)
+            })
+            .ok_or(i)?;
+        if let Some(last) = spans.last_mut().filter(|_| last_region == Some(region)) {
+            let end_gpa = last.gpa + last.len_bytes;
+            let end_offset = last.file_offset + last.len_bytes;
+            let follows = run.gpa.checked_sub(end_gpa).is_some_and(|gap| {
+                end_offset.checked_add(gap) == Some(run.file_offset)
+                    && (gap == 0 || inside_hole(holes, end_offset, gap))
+            });
+            if follows {
+                last.len_bytes = run_end - last.gpa;
+                continue;
+            }
+        }
+        last_region = Some(region);
+        spans.push(MapSpan {
+            gpa: run.gpa,
+            len_bytes: run.len_bytes,
+            file_offset: run.file_offset,
+        });
+    }
+    Ok(spans)
+}
+
+/// Maps `runs` of the memory file `file` over guest memory `mem` (private, copy-on-write), one
+/// `mmap` per span [`plan_mappings`] gives. The index must have passed [`validate_index`].
+/// Returns the number of `mmap` calls.
 pub fn map_into_guest(
     mem: &GuestMemoryMmap,
     file: &File,
@@ -472,72 +525,47 @@ pub fn map_into_guest(
     runs: &[MemoryChunk],
     holes: &[(u64, u64)],
 ) -> Result<usize, SnapshotError> {
-    let mut calls = 0;
-    let mut i = 0;
-    while i < runs.len() {
-        let first = runs[i];
-        let map_err = |len, source| SnapshotError::Map {
+    let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    let spans = plan_mappings(runs, holes, &regions).map_err(|i| SnapshotError::Map {
+        path: path.to_owned(),
+        gpa: runs[i].gpa,
+        len_bytes: runs[i].len_bytes,
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "range is not inside one guest RAM region",
+        ),
+    })?;
+    for span in &spans {
+        let map_err = |source| SnapshotError::Map {
             path: path.to_owned(),
-            gpa: first.gpa,
-            len_bytes: len,
+            gpa: span.gpa,
+            len_bytes: span.len_bytes,
             source,
         };
-        let region = mem
-            .find_region(GuestAddress(first.gpa))
-            .filter(|r| first.gpa + first.len_bytes <= r.start_addr().0 + r.len())
-            .ok_or_else(|| {
-                map_err(
-                    first.len_bytes,
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        "range crosses guest RAM regions",
-                    ),
-                )
-            })?;
-        let region_end = region.start_addr().0 + region.len();
-        let mut len = first.len_bytes;
-        let mut j = i + 1;
-        while let Some(next) = runs.get(j) {
-            let (end_gpa, end_offset) = (first.gpa + len, first.file_offset + len);
-            let Some(gap) = next.gpa.checked_sub(end_gpa) else {
-                break;
-            };
-            let follows = next.file_offset == end_offset + gap
-                && next.gpa + next.len_bytes <= region_end
-                && (gap == 0 || inside_hole(holes, end_offset, gap));
-            if !follows {
-                break;
-            }
-            len += gap + next.len_bytes;
-            j += 1;
-        }
-        let host = region
-            .get_host_address(vm_memory::MemoryRegionAddress(
-                first.gpa - region.start_addr().0,
-            ))
-            .map_err(|e| map_err(len, std::io::Error::other(e.to_string())))?;
-        // SAFETY: `host..host + len` lies inside one region's live anonymous mapping (checked
-        // above), which `mem` keeps and unmaps as a whole; MAP_FIXED replaces those pages with a
-        // private copy-on-write mapping of the file range, which `validate_index` checked lies
-        // inside the file. No Rust reference into guest memory exists (it is accessed through
-        // volatile accessors only) and no vCPU runs yet.
+        let host = mem
+            .get_host_address(GuestAddress(span.gpa))
+            .map_err(|e| map_err(std::io::Error::other(e.to_string())))?;
+        // SAFETY: the span lies inside one region's live anonymous mapping (`plan_mappings`
+        // checked it against the regions of `mem`), which `mem` keeps and unmaps as a whole;
+        // MAP_FIXED replaces those pages with a private copy-on-write mapping of the file range,
+        // which lies inside the file (`validate_index` checked the runs; the holes between them
+        // are file ranges between chunks). No Rust reference into guest memory exists (it is
+        // accessed through volatile accessors only) and no vCPU runs yet.
         let addr = unsafe {
             libc::mmap(
                 host.cast(),
-                len as usize,
+                span.len_bytes as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
                 file.as_raw_fd(),
-                first.file_offset as libc::off_t,
+                span.file_offset as libc::off_t,
             )
         };
         if addr == libc::MAP_FAILED {
-            return Err(map_err(len, std::io::Error::last_os_error()));
+            return Err(map_err(std::io::Error::last_os_error()));
         }
-        calls += 1;
-        i = j;
     }
-    Ok(calls)
+    Ok(spans.len())
 }
 
 /// Checks every chunk's CRC-32C, reading through `read(chunk) -> bytes`; the first mismatch is
@@ -890,6 +918,44 @@ mod tests {
         );
         assert_eq!(restored.read_obj::<u8>(GuestAddress(4096)).unwrap(), 0);
         assert_eq!(restored.read_obj::<u8>(GuestAddress(2 * 4096)).unwrap(), 7);
+    }
+
+    #[test]
+    fn spans_never_cross_regions_and_bridge_only_holes() {
+        let h = MEMORY_HEADER_BYTES;
+        let run = |gpa: u64, len: u64, off: u64| MemoryChunk {
+            gpa,
+            len_bytes: len,
+            file_offset: h + off,
+            sum: ChunkSum::PENDING,
+        };
+        let span = |gpa, len_bytes, off| MapSpan {
+            gpa,
+            len_bytes,
+            file_offset: h + off,
+        };
+        // Two regions that touch: contiguous in guest and file across the boundary, still two.
+        let regions = [(0, MIB), (MIB, MIB)];
+        let runs = [run(MIB - 4096, 4096, 0), run(MIB, 4096, 4096)];
+        assert_eq!(
+            plan_mappings(&runs, &[], &regions),
+            Ok(vec![span(MIB - 4096, 4096, 0), span(MIB, 4096, 4096)])
+        );
+        // A gap bridged only where the file has a hole exactly there.
+        let runs = [run(0, 4096, 0), run(3 * 4096, 4096, 3 * 4096)];
+        let hole = [(h + 4096, 2 * 4096)];
+        assert_eq!(
+            plan_mappings(&runs, &hole, &regions),
+            Ok(vec![span(0, 4 * 4096, 0)])
+        );
+        let short_hole = [(h + 4096, 4096)];
+        assert_eq!(
+            plan_mappings(&runs, &short_hole, &regions).unwrap().len(),
+            2
+        );
+        // A run outside RAM is named.
+        let runs = [run(0, 4096, 0), run(2 * MIB, 4096, 4096)];
+        assert_eq!(plan_mappings(&runs, &[], &regions), Err(1));
     }
 
     /// Restore's verification cost: through the guest mapping vs reading the file, 1 and 2
