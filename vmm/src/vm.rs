@@ -577,6 +577,7 @@ impl Vm {
             config.vsock.as_ref(),
             &state_path,
         )?;
+        phases.mark("device_state_ms");
         let dirty = log_dirty
             .then(|| {
                 start_dirty_tracking(
@@ -587,6 +588,7 @@ impl Vm {
                 )
             })
             .transpose()?;
+        phases.mark("dirty_tracking_ms");
         let mut mmio = Bus::default();
         let virtio_devices = virtio::attach_virtio_devices(
             &*vm_fd,

@@ -155,6 +155,7 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         mem_mib: chain.top().state.config.machine_config.mem_size_mib,
         source,
     })?;
+    phases.mark("guest_memory_ms");
     let (mmaps, chunks, lazy) = match options.lazy {
         LazyMode::Uffd if chain.links.len() > 1 => {
             let layers = chain.links.len();
@@ -228,7 +229,9 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
             (mmaps, segments.len(), None)
         }
     };
-    let mut state = chain.links.pop().expect("a chain has a top").loaded.state;
+    let top = chain.links.pop().expect("a chain has a top").loaded;
+    let top_load_timings = top.timings;
+    let mut state = top.state;
     if let Some(serial) = &options.serial {
         state.config.serial.output = serial.clone();
     }
@@ -248,11 +251,15 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         .as_slice()
         .into();
     phases.mark("kvm_vm_ms");
+    let load = top_load_timings;
     tracing::info!(
         mmaps,
         chunks,
         layers = chain.links.len() + 1,
         lazy = ?options.lazy,
+        read_state_ms = load.read_state_ms,
+        decode_state_ms = load.decode_state_ms,
+        memory_file_ms = load.memory_file_ms,
         "snapshot memory ready"
     );
     Ok(Prepared {
