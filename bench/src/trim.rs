@@ -148,16 +148,19 @@ fn slowdown(sample: &Value, host: &Calibration) -> Option<f64> {
 }
 
 /// A step's (or a whole trim's) time on hardware, estimated from its emulated wall time and
-/// CPU work (trimmer + kdamond): the CPU work runs `factor` times faster, the rest of the
+/// CPU work (trimmer + kdamond + hooked processes): the CPU work runs `factor` times faster, the rest of the
 /// wall time is waiting for timers (DAMON's intervals, the reporting delay), the same there.
 pub fn hardware_ms(wall_ms: f64, cpu_ms: f64, factor: f64) -> f64 {
     let cpu = cpu_ms.min(wall_ms);
     (wall_ms - cpu) + cpu / factor
 }
 
-/// CPU work (trimmer + kdamond) of a report's step or whole report (`cpu` object).
+/// CPU work (trimmer + kdamond + the processes hooks asked, where measured) of a report's step
+/// or whole report (`cpu` object).
 fn cpu_work(cpu: &Value) -> Option<f64> {
-    Some(num(&cpu["trimmer_ms"])? + num(&cpu["kdamond_ms"])?)
+    Some(
+        num(&cpu["trimmer_ms"])? + num(&cpu["kdamond_ms"])? + num(&cpu["hooked_ms"]).unwrap_or(0.0),
+    )
 }
 
 /// The DAMON pass of a step's detail (`damon_pageout`, or the cold pass of `drop_caches`).
@@ -229,6 +232,7 @@ fn variant_summary(samples: &[&Value], host: &Calibration) -> Value {
                 "cpu_work_ms": med(samples.iter().map(|s| cpu_work(&report(s)["steps"][i]["cpu"]))),
                 "trimmer_cpu_ms": med(cpu("trimmer_ms")),
                 "kdamond_cpu_ms": med(cpu("kdamond_ms")),
+                "hooked_cpu_ms": med(cpu("hooked_ms")),
                 "guest_busy_ms": med(cpu("guest_busy_ms")),
                 "hardware_ms": med(samples.iter().map(|s| {
                     step_hardware_ms(&report(s)["steps"][i], slowdown(s, host)?)
@@ -333,7 +337,7 @@ pub fn summarize(samples: &[Value], idle_s: u32, where_: &str, host: &Calibratio
                   "workload": "S512: runtime with a 64 MiB heap cache (released by its hook), 64 MiB live anonymous data, 256 MiB of files read once (cold) and 32 MiB re-read in a loop (hot) from the data disk; policy s512 (default.json + the runtime hook; variant fast: fast.json, the runtime's hook registered)"},
         "damon": {"sample_us": attrs.sample_us, "aggr_us": attrs.aggr_us, "update_us": attrs.update_us, "min_nr_regions": attrs.min_nr_regions, "max_nr_regions": attrs.max_nr_regions,
                   "trim_sample_us": trim_intervals.map(|t| t.0), "trim_aggr_us": trim_intervals.map(|t| t.1)},
-        "hardware_estimate": "per step: (wall - CPU work) + CPU work / factor, where CPU work = the trimmer's and kdamond 0's CPU time during the step (/proc/PID/stat) and factor = the smallest of the guest/host time ratios of guest-trimmer cpu-calibrate's three loops (arithmetic, page faults, dependent loads), run in the same guest after the trim and on this host (hardware_trim_ms_low: the largest factor instead, the optimistic end); the trim's estimate adds the DAMON interval switches (waits) and leaves out wait_reported; a DAMON pass that read the region ages because kdamond 0 was busy leaves the read's wall time out when kdamond's busy share divided by the factor is below the trimmer's 0.1 threshold (on hardware the trimmer would not read them)",
+        "hardware_estimate": "per step: (wall - CPU work) + CPU work / factor, where CPU work = the trimmer's, kdamond 0's and (in a hooks step) the hooked processes' CPU time during the step (/proc/PID/stat; a unix socket hook's peer, a signal hook's pid, while the hook waited for them) and factor = the smallest of the guest/host time ratios of guest-trimmer cpu-calibrate's three loops (arithmetic, page faults, dependent loads), run in the same guest after the trim and on this host (hardware_trim_ms_low: the largest factor instead, the optimistic end); the trim's estimate adds the DAMON interval switches (waits) and leaves out wait_reported; a DAMON pass that read the region ages because kdamond 0 was busy leaves the read's wall time out when kdamond's busy share divided by the factor is below the trimmer's 0.1 threshold (on hardware the trimmer would not read them)",
         "host_calibration": host,
         "median": primary["median"],
         "steps": primary["steps"],
@@ -524,17 +528,22 @@ pub fn markdown(r: &Value) -> String {
     }
     for n in &names {
         s.push_str(&format!(
-            "\n{n}: per step\n\n| step | kind | ms | CPU work ms (trimmer / kdamond) | all CPUs busy ms | est. hardware ms | freed MiB | file cache dropped MiB |\n|---|---|---|---|---|---|---|---|\n"
+            "\n{n}: per step\n\n| step | kind | ms | CPU work ms (trimmer / kdamond / hooked processes) | all CPUs busy ms | est. hardware ms | freed MiB | file cache dropped MiB |\n|---|---|---|---|---|---|---|---|\n"
         ));
         for st in variants[*n]["steps"].as_array().into_iter().flatten() {
             s.push_str(&format!(
-                "| {} | {} | {} | {} ({:.0} / {:.0}) | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} ({:.0} / {:.0} / {}) | {} | {} | {} | {} |\n",
                 st["index"],
                 st["kind"].as_str().unwrap_or("?"),
                 cell(&st["duration_ms"]),
                 cell(&st["cpu_work_ms"]),
                 med_of(&st["trimmer_cpu_ms"]),
                 med_of(&st["kdamond_cpu_ms"]),
+                if st["hooked_cpu_ms"].is_null() {
+                    "-".to_string()
+                } else {
+                    format!("{:.0}", med_of(&st["hooked_cpu_ms"]))
+                },
                 cell(&st["guest_busy_ms"]),
                 cell(&st["hardware_ms"]),
                 cell(&st["freed_mib"]),
@@ -564,6 +573,18 @@ mod tests {
         assert_eq!(hardware_ms(1000.0, 400.0, 20.0), 620.0);
         // CPU over wall (two vCPUs) counts at most the wall time.
         assert_eq!(hardware_ms(100.0, 300.0, 10.0), 10.0);
+    }
+
+    #[test]
+    fn the_hooked_processes_cpu_is_work_not_waiting() {
+        let hooks =
+            |cpu: Value| json!({"kind": "hooks", "duration_ms": 1000, "detail": {}, "cpu": cpu});
+        // 1000 ms wall, 100 ms trimmer + 700 ms of the runtime releasing its cache, 10x.
+        let with = hooks(json!({"trimmer_ms": 100, "kdamond_ms": 0, "hooked_ms": 700}));
+        assert_eq!(step_hardware_ms(&with, 10.0), Some(280.0));
+        // Reports from before the measurement count the runtime's work as waiting.
+        let without = hooks(json!({"trimmer_ms": 100, "kdamond_ms": 0}));
+        assert_eq!(step_hardware_ms(&without, 10.0), Some(910.0));
     }
 
     #[test]
@@ -643,7 +664,7 @@ mod tests {
         assert_eq!(r["charts"].as_array().map(Vec::len), Some(4));
         let md = markdown(&r);
         assert!(
-            md.contains("| 0 | hooks | 40.0 (40.0-40.0) | 20.0 (20.0-20.0) (20 / 0) | 30.0 (30.0-30.0) | 21.0 (21.0-21.0) | 64.0 (64.0-64.0) |"),
+            md.contains("| 0 | hooks | 40.0 (40.0-40.0) | 20.0 (20.0-20.0) (20 / 0 / -) | 30.0 (30.0-30.0) | 21.0 (21.0-21.0) | 64.0 (64.0-64.0) |"),
             "{md}"
         );
         assert!(

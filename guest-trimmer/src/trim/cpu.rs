@@ -38,21 +38,31 @@ pub struct StepCpu {
     pub kdamond_ms: Option<u64>,
     /// Busy time of all guest CPUs (includes the guest's own workload).
     pub guest_busy_ms: Option<u64>,
+    /// The processes hooks asked to release memory (a signalled pid, a unix socket's peer),
+    /// while each hook waited for them; only in steps that ran such hooks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hooked_ms: Option<u64>,
 }
 
 impl StepCpu {
-    /// The trim's own CPU work: trimmer + kdamond (what is known of them).
+    /// The trim's CPU work: trimmer + kdamond + hooked processes (what is known of them).
     pub fn work_ms(&self) -> u64 {
-        self.trimmer_ms.unwrap_or(0) + self.kdamond_ms.unwrap_or(0)
+        self.trimmer_ms.unwrap_or(0) + self.kdamond_ms.unwrap_or(0) + self.hooked_ms.unwrap_or(0)
     }
 
-    /// Field-wise sum (a missing figure stays missing).
+    /// Field-wise sum (a missing figure stays missing, except the hooked processes', which
+    /// only hook steps have).
     pub fn add(&self, other: &StepCpu) -> StepCpu {
         let sum = |a: Option<u64>, b: Option<u64>| Some(a? + b?);
+        let hooked = match (self.hooked_ms, other.hooked_ms) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        };
         StepCpu {
             trimmer_ms: sum(self.trimmer_ms, other.trimmer_ms),
             kdamond_ms: sum(self.kdamond_ms, other.kdamond_ms),
             guest_busy_ms: sum(self.guest_busy_ms, other.guest_busy_ms),
+            hooked_ms: hooked,
         }
     }
 }
@@ -65,8 +75,16 @@ impl CpuSample {
             trimmer_ms: d(self.trimmer_ms, later.trimmer_ms),
             kdamond_ms: d(self.kdamond_ms, later.kdamond_ms),
             guest_busy_ms: d(self.guest_busy_ms, later.guest_busy_ms),
+            hooked_ms: None,
         }
     }
+}
+
+/// CPU time (user + system) of process `pid` (a number or `self`), ms, from
+/// `proc_root/PID/stat`; with `children` also the children it waited for.
+pub fn process_cpu_ms(proc_root: &Path, pid: &str, children: bool) -> Option<u64> {
+    let text = std::fs::read_to_string(proc_root.join(pid).join("stat")).ok()?;
+    Some(parse_pid_stat_ticks(&text, children)? * 1000 / ticks_per_s())
 }
 
 /// Clock ticks per second of `/proc` CPU times (`USER_HZ`).
@@ -121,8 +139,7 @@ impl CpuProbe {
     }
 
     fn pid_ms(&self, pid: &str, children: bool) -> Option<u64> {
-        let text = std::fs::read_to_string(self.proc_root.join(pid).join("stat")).ok()?;
-        Some(parse_pid_stat_ticks(&text, children)? * 1000 / ticks_per_s())
+        process_cpu_ms(&self.proc_root, pid, children)
     }
 
     /// kdamond 0's pid, when it runs.
@@ -211,11 +228,20 @@ mod tests {
             StepCpu {
                 trimmer_ms: Some(30),
                 kdamond_ms: Some(500),
-                guest_busy_ms: None
+                guest_busy_ms: None,
+                hooked_ms: None,
             }
         );
         assert_eq!(d.work_ms(), 530);
         assert_eq!(d.add(&d).kdamond_ms, Some(1000));
+        // The hooked processes' CPU counts as work; steps without hooks do not lose it.
+        let hooks = StepCpu {
+            hooked_ms: Some(70),
+            ..d
+        };
+        assert_eq!(hooks.work_ms(), 600);
+        assert_eq!(hooks.add(&d).hooked_ms, Some(70));
+        assert_eq!(d.add(&d).hooked_ms, None);
     }
 
     #[test]

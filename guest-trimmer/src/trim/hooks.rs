@@ -46,6 +46,25 @@ pub struct HookReport {
     /// What went wrong, for people.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// CPU time the process the hook asked (a signalled pid, a unix socket's peer) spent while
+    /// the hook waited for its answer, ms: its release work, which runs much slower in an
+    /// emulated guest than on hardware. A command hook's CPU is the trimmer's (a waited-for
+    /// child).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_cpu_ms: Option<u64>,
+}
+
+/// Where the hooks read other processes' CPU time.
+const PROC_ROOT: &str = "/proc";
+
+/// CPU time of `pid`, ms (`None` when unreadable).
+fn target_cpu_ms(pid: u32) -> Option<u64> {
+    super::cpu::process_cpu_ms(Path::new(PROC_ROOT), &pid.to_string(), false)
+}
+
+/// CPU time `pid` spent since it stood at `before` ms.
+fn target_cpu_since(pid: Option<u32>, before: Option<u64>) -> Option<u64> {
+    Some(target_cpu_ms(pid?)?.saturating_sub(before?))
 }
 
 /// Runs `hook` with at most `timeout` (never more than the hook's own timeout).
@@ -72,10 +91,10 @@ pub fn run_hook(hook: &Hook, timeout: Duration) -> HookReport {
             expect_reply,
         } => write_socket(path, message, expect_reply.as_deref(), deadline),
     };
-    let (status, error) = match result {
-        Ok(()) => (HookStatus::Ok, None),
-        Err(HookFailure::Failed(e)) => (HookStatus::Failed, Some(e)),
-        Err(HookFailure::TimedOut(e)) => (HookStatus::TimedOut, Some(e)),
+    let (status, error, target_cpu_ms) = match result {
+        Ok(cpu) => (HookStatus::Ok, None, cpu),
+        Err(HookFailure::Failed(e)) => (HookStatus::Failed, Some(e), None),
+        Err(HookFailure::TimedOut(e)) => (HookStatus::TimedOut, Some(e), None),
     };
     let report = HookReport {
         name: hook.name.clone(),
@@ -84,6 +103,7 @@ pub fn run_hook(hook: &Hook, timeout: Duration) -> HookReport {
         duration_ms: t0.elapsed().as_millis() as u64,
         timeout_ms: timeout.as_millis() as u64,
         error,
+        target_cpu_ms,
     };
     match &report.error {
         None => tracing::info!(hook = %report.name, duration_ms = report.duration_ms, "hook done"),
@@ -92,12 +112,15 @@ pub fn run_hook(hook: &Hook, timeout: Duration) -> HookReport {
     report
 }
 
+/// A hook's outcome: on success the CPU time of the process it asked, where known.
+type HookResult = Result<Option<u64>, HookFailure>;
+
 enum HookFailure {
     Failed(String),
     TimedOut(String),
 }
 
-fn run_command(argv: &[String], deadline: Instant) -> Result<(), HookFailure> {
+fn run_command(argv: &[String], deadline: Instant) -> HookResult {
     let (program, args) = argv
         .split_first()
         .ok_or_else(|| HookFailure::Failed("empty command".into()))?;
@@ -112,7 +135,7 @@ fn run_command(argv: &[String], deadline: Instant) -> Result<(), HookFailure> {
         .map_err(|e| HookFailure::Failed(format!("start {program}: {e}")))?;
     loop {
         match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) if status.success() => return Ok(None),
             Ok(Some(status)) => {
                 return Err(HookFailure::Failed(format!(
                     "{program} exited with {status}"
@@ -142,7 +165,7 @@ fn send_signal(
     pid_file: &Path,
     ack_file: Option<&Path>,
     deadline: Instant,
-) -> Result<(), HookFailure> {
+) -> HookResult {
     let text = std::fs::read_to_string(pid_file)
         .map_err(|e| HookFailure::Failed(format!("read pid file {}: {e}", pid_file.display())))?;
     let pid: i32 = text.trim().parse().ok().filter(|p| *p > 1).ok_or_else(|| {
@@ -164,6 +187,8 @@ fn send_signal(
             }
         }
     }
+    let target = Some(pid as u32);
+    let cpu_before = target_cpu_ms(pid as u32);
     // SAFETY: kill(2) with a positive pid and one of the policy's allowed signals (never
     // SIGKILL/SIGSTOP); no memory is passed.
     if unsafe { libc::kill(pid, number) } != 0 {
@@ -173,11 +198,11 @@ fn send_signal(
         )));
     }
     let Some(ack) = ack_file else {
-        return Ok(());
+        return Ok(target_cpu_since(target, cpu_before));
     };
     while Instant::now() < deadline {
         if ack.exists() {
-            return Ok(());
+            return Ok(target_cpu_since(target, cpu_before));
         }
         std::thread::sleep(POLL);
     }
@@ -187,12 +212,7 @@ fn send_signal(
     )))
 }
 
-fn write_socket(
-    path: &Path,
-    message: &str,
-    expect: Option<&str>,
-    deadline: Instant,
-) -> Result<(), HookFailure> {
+fn write_socket(path: &Path, message: &str, expect: Option<&str>, deadline: Instant) -> HookResult {
     let remaining = |what: &str| {
         deadline
             .checked_duration_since(Instant::now())
@@ -201,6 +221,8 @@ fn write_socket(
     };
     let mut stream = UnixStream::connect(path)
         .map_err(|e| HookFailure::Failed(format!("connect to {}: {e}", path.display())))?;
+    let peer = peer_pid(&stream);
+    let cpu_before = peer.and_then(target_cpu_ms);
     let io_err = |what: &str, e: std::io::Error| {
         if matches!(
             e.kind(),
@@ -221,7 +243,7 @@ fn write_socket(
         .write_all(message.as_bytes())
         .map_err(|e| io_err("write to", e))?;
     let Some(expect) = expect else {
-        return Ok(());
+        return Ok(target_cpu_since(peer, cpu_before));
     };
     stream
         .set_read_timeout(Some(remaining("read from")?))
@@ -232,11 +254,34 @@ fn write_socket(
         .map_err(|e| io_err("read from", e))?;
     let got = line.trim_end_matches(['\n', '\r']);
     if got == expect {
-        Ok(())
+        Ok(target_cpu_since(peer, cpu_before))
     } else {
         Err(HookFailure::Failed(format!(
             "{} answered {got:?}, expected {expect:?}",
             path.display()
         )))
     }
+}
+
+/// The pid of a unix socket's peer (`SO_PEERCRED`), when the kernel tells it.
+fn peer_pid(stream: &UnixStream) -> Option<u32> {
+    use std::os::unix::io::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a live `ucred`, for an open
+    // socket; nothing else is touched.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
 }

@@ -140,6 +140,19 @@ pub fn after_restore(env: &TrimEnv, policy: &Policy) -> AfterRestoreReport {
     }
 }
 
+/// The CPU time the processes a hooks step asked spent answering (the sum of its hook
+/// reports' `target_cpu_ms`), or `None` when no hook measured one.
+fn hooked_cpu_ms(result: &StepResult) -> Option<u64> {
+    let detail = match result {
+        Ok(detail) | Err((_, detail)) => detail,
+    };
+    detail["hooks"]
+        .as_array()?
+        .iter()
+        .filter_map(|h| h["target_cpu_ms"].as_u64())
+        .reduce(|a, b| a + b)
+}
+
 /// Runs the hooks applications registered in `env.hooks_dir` (the one `pick` selects from
 /// each registration), skipping names in `already`, each within its own timeout and before
 /// `deadline`. A registration that cannot be read or parsed is reported as a failed hook
@@ -162,6 +175,7 @@ fn run_registered(
                     duration_ms: 0,
                     timeout_ms: 0,
                     error: Some(crate::error_chain(&e)),
+                    target_cpu_ms: None,
                 });
                 continue;
             }
@@ -245,6 +259,7 @@ pub fn run(env: &TrimEnv, policy: &Policy) -> TrimReport {
         trimmer_ms: Some(0),
         kdamond_ms: Some(0),
         guest_busy_ms: Some(0),
+        hooked_ms: None,
     };
     for (index, step) in policy.steps.iter().enumerate() {
         let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -285,7 +300,10 @@ pub fn run(env: &TrimEnv, policy: &Policy) -> TrimReport {
         };
         let result = run_step(env, &damon, policy, step, remaining, m0.as_ref());
         let elapsed = s0.elapsed();
-        let step_cpu = c0.until(&env.cpu.sample());
+        let mut step_cpu = c0.until(&env.cpu.sample());
+        if matches!(step, Step::Hooks(_)) {
+            step_cpu.hooked_ms = hooked_cpu_ms(&result);
+        }
         cpu_total = cpu_total.add(&step_cpu);
         if !matches!(step, Step::WaitReported(_)) {
             trim_time += elapsed;

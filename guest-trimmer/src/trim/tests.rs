@@ -180,6 +180,11 @@ fn signal_and_socket_hooks() {
             let mut line = String::new();
             BufReader::new(&s).read_line(&mut line).unwrap();
             answers.push(line);
+            // The release work the hook waits for: 300 ms of CPU (the peer is this process).
+            let t = std::time::Instant::now();
+            while t.elapsed() < Duration::from_millis(300) {
+                std::hint::black_box(0u64.wrapping_add(1));
+            }
             s.write_all(reply.as_bytes()).unwrap();
         }
         answers
@@ -205,6 +210,14 @@ fn signal_and_socket_hooks() {
     assert_eq!(hooks[0]["status"], "ok", "{hooks}");
     assert!(ack.exists());
     assert_eq!(hooks[1]["status"], "ok", "{hooks}");
+    // The socket's peer's CPU while the hook waited is counted (ticks of 10 ms; other tests
+    // may add to this process's time, never take from it); the signalled shell's is known too.
+    let peer_ms = hooks[1]["target_cpu_ms"]
+        .as_u64()
+        .expect("peer CPU measured");
+    assert!(peer_ms >= 200, "{hooks}");
+    assert!(hooks[0]["target_cpu_ms"].is_u64(), "{hooks}");
+    assert!(r.steps[0].cpu.hooked_ms.unwrap() >= peer_ms);
     assert_eq!(hooks[2]["status"], "failed");
     assert!(
         hooks[2]["error"]
