@@ -118,7 +118,7 @@ impl StateHeader {
 pub struct MemoryHeader {
     /// The snapshot this file belongs to (the state file holds the same ID).
     pub snapshot_id: [u8; 16],
-    /// Bytes of page data after the header.
+    /// Bytes after the header: page data and the holes between (see `MemoryIndex::data_bytes`).
     pub data_bytes: u64,
 }
 

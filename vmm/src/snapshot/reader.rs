@@ -12,6 +12,7 @@ use super::format::{
 };
 use super::memory_file::{file_holes, validate_index, verify_holes};
 use super::state::SnapshotState;
+use super::write_pipe::ms_since;
 use super::SnapshotError;
 
 /// A snapshot whose state is loaded and whose memory file is open and matched to it.
@@ -58,7 +59,7 @@ pub struct StateFile {
     pub bytes: u64,
     /// The format version in its header.
     pub format_version: u32,
-    /// Reading it and decoding it, ms.
+    /// Reading it, ms.
     pub read_ms: f64,
     /// Checking and decoding it, ms.
     pub decode_ms: f64,
@@ -72,7 +73,8 @@ pub fn read_state(dir: &Path) -> Result<StateFile, SnapshotError> {
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)
         .map_err(SnapshotError::io("read", &path))?;
-    let read = std::time::Instant::now();
+    let read_ms = ms_since(started);
+    let decode_started = std::time::Instant::now();
     let (state, header) = parse_state_and_header(&bytes, &path)?;
     let format_version = header.format_version;
     Ok(StateFile {
@@ -80,13 +82,9 @@ pub fn read_state(dir: &Path) -> Result<StateFile, SnapshotError> {
         path,
         bytes: bytes.len() as u64,
         format_version,
-        read_ms: ms_between(started, read),
-        decode_ms: read.elapsed().as_secs_f64() * 1e3,
+        read_ms,
+        decode_ms: ms_since(decode_started),
     })
-}
-
-fn ms_between(a: std::time::Instant, b: std::time::Instant) -> f64 {
-    (b - a).as_secs_f64() * 1e3
 }
 
 /// Checks and decodes the bytes of a state file (`path` names it in errors): header, length,
@@ -200,7 +198,7 @@ pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
     let timings = LoadTimings {
         read_state_ms: read_ms,
         decode_state_ms: decode_ms,
-        memory_file_ms: memory_started.elapsed().as_secs_f64() * 1e3,
+        memory_file_ms: ms_since(memory_started),
     };
     Ok(LoadedSnapshot {
         timings,

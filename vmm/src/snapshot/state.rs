@@ -46,7 +46,8 @@ pub struct MemoryIndex {
     pub regions: Vec<(u64, u64)>,
     /// Stored chunks, in guest address order.
     pub chunks: Vec<MemoryChunk>,
-    /// Bytes of page data in the memory file (after its header).
+    /// Bytes of the memory file after its header: the kept pages and the holes between them
+    /// (see `memory_file::HOLE_MAX_BYTES`).
     pub data_bytes: u64,
     /// Pages stored and pages left out, by reason.
     pub pages: PageCounts,
