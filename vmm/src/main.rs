@@ -186,7 +186,11 @@ mod tests {
         ));
         // The fast parser refuses what the full one refuses too, so the full one answers it
         // (with its own help and messages).
-        for line in ["vmm restore", "vmm restore --snapshot /s --bogus", "vmm restore --help"] {
+        for line in [
+            "vmm restore",
+            "vmm restore --snapshot /s --bogus",
+            "vmm restore --help",
+        ] {
             assert!(RestoreCli::try_parse_from(args(line)).is_err(), "{line}");
             assert!(Cli::try_parse_from(args(line)).is_err(), "{line}");
         }
