@@ -18,6 +18,7 @@ mod worker;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
 
@@ -126,9 +127,10 @@ pub enum SeccompError {
 
 /// glibc reads `/proc/sys/vm/overcommit_memory` the first time it shrinks a thread's heap and
 /// caches the answer; that can happen on any thread, device workers included, whose filters
-/// rightly refuse `openat`. Shrinking one thread heap here, before any filter, makes glibc read
-/// it now.
-fn warm_up_thread_heap_shrink() {
+/// rightly refuse `openat`. Shrinking one thread heap before any filter makes glibc read it
+/// first. The warm-up thread runs while the VMM loads its snapshot; the first thread to install
+/// a filter waits for it (joining it took 17-31 ms of a restore in the nested rig).
+fn start_thread_heap_shrink_warm_up() {
     let warm_up = std::thread::Builder::new()
         .name("seccomp-warm-up".into())
         .spawn(|| {
@@ -139,8 +141,27 @@ fn warm_up_thread_heap_shrink() {
             let blocks: Vec<Vec<u8>> = (0..8).map(|_| Vec::with_capacity(100 * 1024)).collect();
             drop(std::hint::black_box(blocks));
         });
-    if warm_up.map(|t| t.join()).is_err() {
-        tracing::warn!("cannot run the heap warm-up thread: a filtered thread may later be refused openat(/proc/sys/vm/overcommit_memory)");
+    match warm_up {
+        Ok(handle) => *lock_warm_up() = Some(handle),
+        Err(_) => tracing::warn!("cannot run the heap warm-up thread: a filtered thread may later be refused openat(/proc/sys/vm/overcommit_memory)"),
+    }
+}
+
+/// The warm-up thread until the first filter's installer has waited for it.
+static WARM_UP: Mutex<Option<std::thread::JoinHandle<()>>> = Mutex::new(None);
+
+fn lock_warm_up() -> std::sync::MutexGuard<'static, Option<std::thread::JoinHandle<()>>> {
+    WARM_UP.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Waits for the warm-up thread if it is still owed a wait. The lock is held while waiting, so
+/// every installer returns only once the warm-up is over.
+fn finish_thread_heap_shrink_warm_up() {
+    let mut warm_up = lock_warm_up();
+    if let Some(handle) = warm_up.take() {
+        if handle.join().is_err() {
+            tracing::warn!("the heap warm-up thread panicked: a filtered thread may later be refused openat(/proc/sys/vm/overcommit_memory)");
+        }
     }
 }
 
@@ -165,8 +186,8 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 pub fn set_enabled(enabled: bool) -> Result<(), SeccompError> {
     if enabled {
         sigsys::install_handler().map_err(SeccompError::Handler)?;
-        warm_up_thread_heap_shrink();
         fix_malloc_arena_limit();
+        start_thread_heap_shrink_warm_up();
         // Device crates cannot depend on the VMM: they call this hook when a worker starts.
         virtio_device::set_worker_thread_hook(install_worker_filter);
     } else {
@@ -204,6 +225,7 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     if !enabled() {
         return Ok(());
     }
+    finish_thread_heap_shrink_warm_up();
     let program = compile(kind)?;
     apply(kind, &program)?;
     tracing::debug!(kind = kind.name(), "seccomp filter installed");
