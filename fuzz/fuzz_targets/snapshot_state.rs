@@ -1,21 +1,25 @@
 //! Snapshot file parsers (vmm/src/snapshot/{format,reader}.rs): the state file (header, length,
-//! checksum, JSON body) and the memory file's header. The first byte picks what the rest is.
-//! Invariants: decoded headers re-encode to bytes that decode to the same header; a state that
-//! parses re-encodes (JSON + a fresh header) to a file that parses to the same JSON.
+//! checksum, body: MessagePack from format 5 on, JSON before) and the memory file's header. The
+//! first byte picks what the rest is. Invariants: decoded headers re-encode to bytes that decode
+//! to the same header; a state that parses re-encodes (this VMM's body encoding + a fresh
+//! header) to a file that parses to a state that encodes to the same bytes.
 #![no_main]
 
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use vmm::snapshot::crc32c::crc32c;
-use vmm::snapshot::format::{MemoryHeader, StateHeader, STATE_HEADER_BYTES};
+use vmm::snapshot::format::{
+    encode_state_body, MemoryHeader, StateHeader, FORMAT_VERSION, STATE_HEADER_BYTES,
+};
 use vmm::snapshot::reader::parse_state;
+use vmm::snapshot::state::SnapshotState;
 
-/// A state file around `body` with a valid header.
-fn state_file(body: &[u8]) -> Vec<u8> {
+/// A state file of `format_version` around `body` with a valid header.
+fn state_file(format_version: u32, body: &[u8]) -> Vec<u8> {
     let header = StateHeader {
         body_bytes: body.len() as u64,
-        format_version: vmm::snapshot::format::FORMAT_VERSION,
+        format_version,
         body_crc32c: crc32c(body),
     };
     let mut file = header.encode().to_vec();
@@ -23,12 +27,20 @@ fn state_file(body: &[u8]) -> Vec<u8> {
     file
 }
 
+/// Re-encodes a parsed state as this VMM writes it and checks that it parses back the same.
+fn check_re_encoding(state: &SnapshotState, path: &Path) {
+    let body = encode_state_body(state).expect("state encodes");
+    let again = parse_state(&state_file(FORMAT_VERSION, &body), path)
+        .expect("re-encoded state parses");
+    assert_eq!(encode_state_body(&again).unwrap(), body);
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
     let path = Path::new("fuzz/state");
-    match mode % 4 {
+    match mode % 5 {
         0 => {
             if let Ok(header) = StateHeader::decode(rest) {
                 assert_eq!(StateHeader::decode(&header.encode()).unwrap(), header);
@@ -43,17 +55,20 @@ fuzz_target!(|data: &[u8]| {
         2 => {
             // Raw state files (header and all from the fuzzer).
             if let Ok(state) = parse_state(rest, path) {
-                let json = serde_json::to_vec(&state).expect("state encodes");
-                let again = parse_state(&state_file(&json), path).expect("re-encoded state parses");
-                assert_eq!(serde_json::to_vec(&again).unwrap(), json);
+                check_re_encoding(&state, path);
+            }
+        }
+        3 => {
+            // A valid format 4 header around a fuzzed body: reaches the JSON decoder and the
+            // checks after.
+            if let Ok(state) = parse_state(&state_file(4, rest), path) {
+                check_re_encoding(&state, path);
             }
         }
         _ => {
-            // A valid header around a fuzzed body: reaches the JSON decoder and the checks after.
-            if let Ok(state) = parse_state(&state_file(rest), path) {
-                let json = serde_json::to_vec(&state).expect("state encodes");
-                let again = parse_state(&state_file(&json), path).expect("re-encoded state parses");
-                assert_eq!(serde_json::to_vec(&again).unwrap(), json);
+            // A valid header of this VMM's format around a fuzzed body: the MessagePack decoder.
+            if let Ok(state) = parse_state(&state_file(FORMAT_VERSION, rest), path) {
+                check_re_encoding(&state, path);
             }
         }
     }

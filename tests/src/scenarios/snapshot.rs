@@ -354,25 +354,18 @@ pub(super) fn copy_snapshot(from: &Path, to: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The memory chunks `(file_offset, len_bytes)` of a snapshot's state file, in file order.
+/// The memory chunks `(file_offset, len_bytes)` of a snapshot's state file, in file order
+/// (read by the VMM's own state reader: its header and checksum are checked too).
 fn memory_chunks(dir: &Path) -> Result<Vec<(u64, u64)>, String> {
-    let bytes = std::fs::read(dir.join("state")).map_err(|e| format!("reading state: {e}"))?;
-    let state: serde_json::Value =
-        serde_json::from_slice(&bytes[32..]).map_err(|e| format!("decoding state: {e}"))?;
-    state
-        .pointer("/memory/chunks")
-        .and_then(|c| c.as_array())
-        .map(|c| {
-            c.iter()
-                .filter_map(|c| {
-                    Some((
-                        c.get("file_offset")?.as_u64()?,
-                        c.get("len_bytes")?.as_u64()?,
-                    ))
-                })
-                .collect()
-        })
-        .ok_or_else(|| "state has no memory.chunks".to_string())
+    let state = vmm::snapshot::reader::read_state(dir)
+        .map_err(|e| format!("reading the state of {}: {e}", dir.display()))?;
+    Ok(state
+        .state
+        .memory
+        .chunks
+        .iter()
+        .map(|c| (c.file_offset, c.len_bytes))
+        .collect())
 }
 
 /// Flips one bit at `offset` of `path`.

@@ -84,7 +84,7 @@ pub enum SnapshotError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: serde_json::Error,
+        source: format::StateBodyError,
     },
     /// A file is shorter than its header or index says.
     #[error("{path}: truncated: {actual} bytes, the snapshot needs {needed}")]

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use super::crc32c::crc32c;
 use super::format::{
-    id_hex, MemoryHeader, StateHeader, MEMORY_FILE, STATE_FILE, STATE_HEADER_BYTES,
+    decode_state_body, id_hex, MemoryHeader, StateHeader, MEMORY_FILE, STATE_FILE,
+    STATE_HEADER_BYTES,
 };
 use super::memory_file::{file_holes, validate_index, verify_holes};
 use super::state::SnapshotState;
@@ -88,7 +89,7 @@ pub fn read_state(dir: &Path) -> Result<StateFile, SnapshotError> {
 }
 
 /// Checks and decodes the bytes of a state file (`path` names it in errors): header, length,
-/// checksum, JSON body, vCPU count.
+/// checksum, body (MessagePack or, before format 5, JSON), vCPU count.
 pub fn parse_state(bytes: &[u8], path: &Path) -> Result<SnapshotState, SnapshotError> {
     parse_state_and_header(bytes, path).map(|(state, _)| state)
 }
@@ -129,11 +130,12 @@ fn parse_state_and_header(
             found,
         });
     }
-    let state: SnapshotState =
-        serde_json::from_slice(body).map_err(|source| SnapshotError::StateDecode {
+    let state = decode_state_body(header.format_version, body).map_err(|source| {
+        SnapshotError::StateDecode {
             path: path.clone(),
             source,
-        })?;
+        }
+    })?;
     if state.vcpus.is_empty()
         || state.vcpus.len() != usize::from(state.config.machine_config.vcpu_count)
         || state

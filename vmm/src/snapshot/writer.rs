@@ -268,7 +268,7 @@ fn write_into(
     let memory_file_bytes = super::format::MEMORY_HEADER_BYTES + state.memory.data_bytes;
 
     let state_path = tmp.join(STATE_FILE);
-    let body = serde_json::to_vec(&state).map_err(|e| SnapshotError::Io {
+    let body = super::format::encode_state_body(&state).map_err(|e| SnapshotError::Io {
         operation: "encode the state for",
         path: state_path.clone(),
         source: std::io::Error::other(e),
