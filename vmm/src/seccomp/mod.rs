@@ -18,7 +18,7 @@ mod worker;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
 
@@ -220,14 +220,28 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     })
 }
 
+/// Each kind's filter, compiled by the first thread of that kind (20-75 us each on a host CPU;
+/// a restore starts two vCPUs, three device workers and several helpers).
+static COMPILED: [OnceLock<BpfProgram>; ThreadKind::ALL.len()] =
+    [const { OnceLock::new() }; ThreadKind::ALL.len()];
+
+/// The filter of `kind`, compiled once per process.
+fn compiled(kind: ThreadKind) -> Result<&'static BpfProgram, SeccompError> {
+    let slot = &COMPILED[kind as usize];
+    if let Some(program) = slot.get() {
+        return Ok(program);
+    }
+    let program = compile(kind)?;
+    Ok(slot.get_or_init(|| program))
+}
+
 /// Installs the filter of `kind` on the calling thread, if filtering is on.
 pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     if !enabled() {
         return Ok(());
     }
     finish_thread_heap_shrink_warm_up();
-    let program = compile(kind)?;
-    apply(kind, &program)?;
+    apply(kind, compiled(kind)?)?;
     tracing::debug!(kind = kind.name(), "seccomp filter installed");
     Ok(())
 }
