@@ -152,13 +152,15 @@ fn workers_and_api_threads_may_sync_the_dirty_log_but_not_run_vcpus() {
     }
 }
 
-
 #[test]
 fn each_kind_has_its_own_compiled_filter_slot() {
     for (i, kind) in ThreadKind::ALL.into_iter().enumerate() {
         assert_eq!(kind as usize, i, "{kind:?}");
         let once = compiled(kind).expect("filter compiles");
         assert_eq!(once, &compile(kind).unwrap(), "{kind:?}");
-        assert!(std::ptr::eq(once, compiled(kind).unwrap()), "{kind:?}: compiled twice");
+        assert!(
+            std::ptr::eq(once, compiled(kind).unwrap()),
+            "{kind:?}: compiled twice"
+        );
     }
 }
