@@ -11,7 +11,7 @@
 //! between short gaps (what `vmm restore` does) and one `mmap` per kept run (the layout before
 //! the holes), so the cost of each mapping call shows.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -44,8 +44,52 @@ pub struct HostIoArgs {
     pub dir: PathBuf,
 }
 
+/// A state around this run's memory index, encoded as formats 4 (JSON) and 5 (MessagePack),
+/// and the time to check and decode each, in ms (the restore's `decode_state_ms`).
+#[derive(Clone, Copy)]
+struct StateDecode {
+    chunks: usize,
+    json_bytes: usize,
+    messagepack_bytes: usize,
+    json_ms: f64,
+    messagepack_ms: f64,
+}
+
+/// Encodes an example state around `index` both ways and times `parse_state` on each file.
+fn decode_times(index: vmm::snapshot::state::MemoryIndex) -> anyhow::Result<StateDecode> {
+    use vmm::snapshot::crc32c::crc32c;
+    use vmm::snapshot::format::{encode_state_body, StateHeader};
+    let chunks = index.chunks.len();
+    let state = vmm::snapshot::state::SnapshotState::example(index);
+    let file = |format_version: u32, body: Vec<u8>| {
+        let header = StateHeader {
+            body_bytes: body.len() as u64,
+            format_version,
+            body_crc32c: crc32c(&body),
+        };
+        [&header.encode()[..], &body].concat()
+    };
+    let json = file(4, serde_json::to_vec(&state)?);
+    let messagepack = file(5, encode_state_body(&state)?);
+    let time = |bytes: &[u8]| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let decoded = vmm::snapshot::reader::parse_state(bytes, Path::new("example-state"))?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        anyhow::ensure!(decoded.memory == state.memory, "the decoded index differs");
+        Ok(ms)
+    };
+    Ok(StateDecode {
+        chunks,
+        json_bytes: json.len(),
+        messagepack_bytes: messagepack.len(),
+        json_ms: time(&json)?,
+        messagepack_ms: time(&messagepack)?,
+    })
+}
+
 /// One write and one restore mapping, in ms.
 struct Sample {
+    state: StateDecode,
     write_total_ms: f64,
     classify_ms: f64,
     write_and_checksum_ms: f64,
@@ -155,7 +199,9 @@ fn one_run(
     );
     drop(file);
     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    let state = decode_times(index.clone())?;
     Ok(Sample {
+        state,
         write_total_ms,
         classify_ms: timings.classify_ms,
         write_and_checksum_ms: timings.write_and_checksum_ms,
@@ -216,7 +262,15 @@ fn measure(args: &HostIoArgs) -> anyhow::Result<(Value, String)> {
     let rate_unsynced = unsynced.map(|w| gib / (w.median / 1e3));
     let verify = summary(&|s| s.verify_ms);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let first_state = samples.first().map(|s| s.state);
     let json: Value = json!({
+        "state_chunks": first_state.map(|s| s.chunks),
+        "state_json_bytes": first_state.map(|s| s.json_bytes),
+        "state_messagepack_bytes": first_state.map(|s| s.messagepack_bytes),
+        "state_decode_json_ms": summary(&|s| s.state.json_ms),
+        "state_decode_messagepack_ms": summary(&|s| s.state.messagepack_ms),
+        "state_decode_json_first_ms": first_state.map(|s| s.json_ms),
+        "state_decode_messagepack_first_ms": first_state.map(|s| s.messagepack_ms),
         "mem_mib": args.mem_mib, "kept_mib": args.kept_mib, "zero_mib": args.zero_mib,
         "kept_runs": args.kept_runs,
         "runs": args.runs, "dir": args.dir, "cpus": cpus, "kept_bytes": kept,
@@ -251,7 +305,9 @@ fn measure(args: &HostIoArgs) -> anyhow::Result<(Value, String)> {
          | write rate of kept data into the page cache (before fsync), GiB/s | {:.2} |\n\
          | restore: map the memory file over guest memory, ms ({} mmap calls, holes bridged) | {} |\n\
          | the same with one `mmap` per kept run (the layout without holes), ms ({} calls) | {} |\n\
-         | restore: check every chunk's checksum (first restore of a file on a host), ms | {} |\n",
+         | restore: check every chunk's checksum (first restore of a file on a host), ms | {} |\n\
+         | restore: check and decode the state file (an example state with this index: 2 vCPUs, {} chunks), format 5 MessagePack ({} bytes), ms (first run) | {} ({:.2}) |\n\
+         | the same as format 4's JSON ({} bytes), ms (first run) | {} ({:.2}) |\n",
         args.dir.display(),
         args.mem_mib,
         args.kept_mib,
@@ -270,6 +326,13 @@ fn measure(args: &HostIoArgs) -> anyhow::Result<(Value, String)> {
         json["mmap_calls_per_run"],
         cell(&json["map_per_run_ms"]),
         cell(&json["verify_ms"]),
+        first_state.map_or(0, |s| s.chunks),
+        json["state_messagepack_bytes"],
+        cell(&json["state_decode_messagepack_ms"]),
+        first_state.map_or(0.0, |s| s.messagepack_ms),
+        json["state_json_bytes"],
+        cell(&json["state_decode_json_ms"]),
+        first_state.map_or(0.0, |s| s.json_ms),
     );
     Ok((json, md))
 }
@@ -300,6 +363,18 @@ mod tests {
         assert_eq!(json["mmap_calls_per_run"], 4);
         assert!(json["write_gib_per_s"].as_f64().unwrap() > 0.0);
         assert!(md.contains("| kept data written, MiB | 3.0 |"), "{md}");
+        // The example state carries this run's index (decode checks it came back equal).
+        assert!(json["state_chunks"].as_u64().unwrap() >= 4);
+        assert!(
+            json["state_messagepack_bytes"].as_u64() < json["state_json_bytes"].as_u64(),
+            "{json}"
+        );
+        assert!(
+            json["state_decode_messagepack_ms"]["median"]
+                .as_f64()
+                .unwrap()
+                > 0.0
+        );
         let bad = HostIoArgs {
             kept_mib: 8,
             ..args

@@ -258,52 +258,11 @@ mod tests {
         assert_eq!(id_hex(&[0xab; 16]).len(), 32);
     }
 
-    /// A state like a restored VM's: two vCPUs whose register blobs hold patterns, a memory
-    /// index of many chunks with page classes.
+    /// A state like a restored VM's with a memory index of 500 chunks and their page classes.
     fn sample_state() -> super::super::state::SnapshotState {
         use super::super::checksum::ChunkSum;
         use super::super::map::{PageClass, PageClassRuns};
         use super::super::state::{MemoryChunk, MemoryIndex, SnapshotState};
-        use crate::kvm::vcpu_state::VcpuState;
-        let vcpu = |id: u8| {
-            let mut xsave = kvm_bindings::kvm_xsave::default();
-            for (i, word) in xsave.region.iter_mut().enumerate() {
-                *word = (i as u32).wrapping_mul(2_654_435_761) ^ u32::from(id);
-            }
-            let mut lapic = kvm_bindings::kvm_lapic_state::default();
-            lapic.regs[0x20] = id as i8;
-            let msrs = (0..40)
-                .map(|i| kvm_bindings::kvm_msr_entry {
-                    index: 0xc000_0080 + i,
-                    data: u64::from(i) << 40 | u64::from(id),
-                    ..Default::default()
-                })
-                .collect();
-            let cpuid = (0..30)
-                .map(|i| kvm_bindings::kvm_cpuid_entry2 {
-                    function: i,
-                    eax: i * 7,
-                    ..Default::default()
-                })
-                .collect();
-            VcpuState {
-                id,
-                cpuid,
-                msrs,
-                regs: kvm_bindings::kvm_regs {
-                    rip: 0xffff_ffff_8100_0000 + u64::from(id),
-                    ..Default::default()
-                },
-                sregs: Default::default(),
-                xsave,
-                xcrs: Default::default(),
-                lapic,
-                vcpu_events: Default::default(),
-                mp_state: Default::default(),
-                debug_regs: Default::default(),
-                tsc_khz: Some(2_500_000),
-            }
-        };
         let mut classes = PageClassRuns::default();
         let chunks = (0..500u64)
             .map(|i| {
@@ -317,45 +276,13 @@ mod tests {
                 }
             })
             .collect();
-        SnapshotState {
-            snapshot_id: [9; 16],
-            created_unix_ms: 1_764_000_000_000,
-            vmm_version: "0.1.0".into(),
-            config: serde_json::from_str(
-                r#"{"boot-source": {"kernel_image_path": "/k"},
-                    "machine-config": {"vcpu_count": 2, "mem_size_mib": 16}}"#,
-            )
-            .unwrap(),
-            vcpus: vec![vcpu(0), vcpu(1)],
-            vm: crate::kvm::vm_state::VmKvmState {
-                pic_master: Default::default(),
-                pic_slave: Default::default(),
-                ioapic: Default::default(),
-                pit: Default::default(),
-                clock: Default::default(),
-            },
-            serial: crate::devices::serial::SavedSerial {
-                baud_divisor_low: 1,
-                baud_divisor_high: 0,
-                interrupt_enable: 0,
-                interrupt_identification: 1,
-                line_control: 3,
-                line_status: 0x60,
-                modem_control: 8,
-                modem_status: 0xb0,
-                scratch: 0,
-                in_buffer: b"ls\n".to_vec(),
-            },
-            devices: Vec::new(),
-            memory: MemoryIndex {
-                regions: vec![(0, 500 * 8 * PAGE_BYTES)],
-                chunks,
-                data_bytes: 500 * 3 * PAGE_BYTES,
-                pages: Default::default(),
-                classes: Some(classes),
-            },
-            layer: None,
-        }
+        SnapshotState::example(MemoryIndex {
+            regions: vec![(0, 500 * 8 * PAGE_BYTES)],
+            chunks,
+            data_bytes: 500 * 3 * PAGE_BYTES,
+            pages: Default::default(),
+            classes: Some(classes),
+        })
     }
 
     #[test]

@@ -38,6 +38,84 @@ pub struct SnapshotState {
     pub layer: Option<super::layer::LayerInfo>,
 }
 
+impl SnapshotState {
+    /// A state shaped like a restored VM's around `memory`, for benchmarks and tests (never
+    /// restored): two vCPUs with 30 CPUID entries and 40 MSRs each and patterned XSAVE areas, a
+    /// 512 MiB configuration, the serial port's registers and no devices.
+    pub fn example(memory: MemoryIndex) -> Self {
+        let vcpu = |id: u8| {
+            let mut xsave = kvm_bindings::kvm_xsave::default();
+            for (i, word) in xsave.region.iter_mut().enumerate() {
+                *word = (i as u32).wrapping_mul(2_654_435_761) ^ u32::from(id);
+            }
+            let mut lapic = kvm_bindings::kvm_lapic_state::default();
+            lapic.regs[0x20] = id as i8;
+            VcpuState {
+                id,
+                cpuid: (0..30)
+                    .map(|i| kvm_bindings::kvm_cpuid_entry2 {
+                        function: i,
+                        eax: i * 7,
+                        ..Default::default()
+                    })
+                    .collect(),
+                msrs: (0..40)
+                    .map(|i| kvm_bindings::kvm_msr_entry {
+                        index: 0xc000_0080 + i,
+                        data: (u64::from(i) << 40) | u64::from(id),
+                        ..Default::default()
+                    })
+                    .collect(),
+                regs: kvm_bindings::kvm_regs {
+                    rip: 0xffff_ffff_8100_0000 + u64::from(id),
+                    ..Default::default()
+                },
+                sregs: Default::default(),
+                xsave,
+                xcrs: Default::default(),
+                lapic,
+                vcpu_events: Default::default(),
+                mp_state: Default::default(),
+                debug_regs: Default::default(),
+                tsc_khz: Some(2_500_000),
+            }
+        };
+        SnapshotState {
+            snapshot_id: [9; 16],
+            created_unix_ms: 1_764_000_000_000,
+            vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+            config: serde_json::from_str(
+                r#"{"boot-source": {"kernel_image_path": "/k"},
+                    "machine-config": {"vcpu_count": 2, "mem_size_mib": 512}}"#,
+            )
+            .expect("the example configuration parses"),
+            vcpus: vec![vcpu(0), vcpu(1)],
+            vm: VmKvmState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                pit: Default::default(),
+                clock: Default::default(),
+            },
+            serial: SavedSerial {
+                baud_divisor_low: 1,
+                baud_divisor_high: 0,
+                interrupt_enable: 0,
+                interrupt_identification: 1,
+                line_control: 3,
+                line_status: 0x60,
+                modem_control: 8,
+                modem_status: 0xb0,
+                scratch: 0,
+                in_buffer: Vec::new(),
+            },
+            devices: Vec::new(),
+            memory,
+            layer: None,
+        }
+    }
+}
+
 /// The memory file's index.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,8 +136,12 @@ pub struct MemoryIndex {
 }
 
 /// One stored piece of guest memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "StoredChunk", into = "StoredChunk")]
+///
+/// JSON (formats 1 to 4) spells it as a map ([`StoredChunk`]); MessagePack (format 5, not
+/// human-readable) as the array `[gpa, len_bytes, file_offset, checksum kind, checksum]` with
+/// kind 1 for XXH64 and 2 for CRC-32C: a trimmed guest's index has thousands of chunks, and the
+/// field names were two thirds of each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryChunk {
     /// Guest physical address of its first byte.
     pub gpa: u64,
@@ -83,6 +165,50 @@ struct StoredChunk {
     crc32c: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     xxh64: Option<u64>,
+}
+
+/// [`MemoryChunk`]'s checksum kinds in the binary encoding.
+const XXH64_KIND: u8 = 1;
+const CRC32C_KIND: u8 = 2;
+
+impl Serialize for MemoryChunk {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            return StoredChunk::from(*self).serialize(serializer);
+        }
+        let (kind, sum) = match self.sum {
+            ChunkSum::Xxh64(sum) => (XXH64_KIND, sum),
+            ChunkSum::Crc32c(sum) => (CRC32C_KIND, u64::from(sum)),
+        };
+        (self.gpa, self.len_bytes, self.file_offset, kind, sum).serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for MemoryChunk {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        if deserializer.is_human_readable() {
+            let stored = StoredChunk::deserialize(deserializer)?;
+            return MemoryChunk::try_from(stored).map_err(D::Error::custom);
+        }
+        let (gpa, len_bytes, file_offset, kind, sum) =
+            <(u64, u64, u64, u8, u64)>::deserialize(deserializer)?;
+        let sum = match (kind, u32::try_from(sum)) {
+            (XXH64_KIND, _) => ChunkSum::Xxh64(sum),
+            (CRC32C_KIND, Ok(sum)) => ChunkSum::Crc32c(sum),
+            _ => {
+                return Err(D::Error::custom(format!(
+                    "memory chunk at gpa {gpa:#x}: checksum kind {kind} with value {sum:#x} (expected kind {XXH64_KIND}, XXH64, or {CRC32C_KIND}, a 32-bit CRC-32C)"
+                )))
+            }
+        };
+        Ok(Self {
+            gpa,
+            len_bytes,
+            file_offset,
+            sum,
+        })
+    }
 }
 
 impl TryFrom<StoredChunk> for MemoryChunk {
@@ -162,6 +288,29 @@ impl PageCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_are_compact_arrays_in_messagepack() {
+        for sum in [ChunkSum::Xxh64(u64::MAX - 5), ChunkSum::Crc32c(0xdead_beef)] {
+            let chunk = MemoryChunk {
+                gpa: 0x10_0000,
+                len_bytes: 8192,
+                file_offset: 4096,
+                sum,
+            };
+            let bytes = rmp_serde::to_vec_named(&chunk).unwrap();
+            assert!(bytes.len() <= 24, "{} bytes", bytes.len());
+            assert_eq!(rmp_serde::from_slice::<MemoryChunk>(&bytes).unwrap(), chunk);
+        }
+        for bad in [
+            (1u64, 2u64, 3u64, 9u8, 4u64),
+            (1, 2, 3, CRC32C_KIND, 1 << 40),
+        ] {
+            let bytes = rmp_serde::to_vec(&bad).unwrap();
+            let err = rmp_serde::from_slice::<MemoryChunk>(&bytes).unwrap_err();
+            assert!(err.to_string().contains("checksum kind"), "{err}");
+        }
+    }
 
     #[test]
     fn chunks_spell_their_checksum_by_algorithm_and_need_exactly_one() {
