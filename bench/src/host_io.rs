@@ -154,7 +154,7 @@ fn one_run(
         .with_context(|| format!("creating {}", path.display()))?;
     let rules = KeepRules {
         keep_all: false,
-        residency_known: true,
+        residency: vmm::memory::Residency::PageTables { file_data: &[] },
         changed: None,
     };
     let t0 = Instant::now();

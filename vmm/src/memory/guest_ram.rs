@@ -100,6 +100,28 @@ pub struct GuestRam {
     /// Parts of guest memory are private mappings of a snapshot's memory file: releasing
     /// remaps anonymous memory (`MADV_DONTNEED` would bring back the file's old contents).
     file_backed: bool,
+    /// The guest ranges `(gpa, len_bytes)`, sorted, whose mapping holds a snapshot's data (see
+    /// [`Residency::PageTables`]).
+    file_data: Vec<(u64, u64)>,
+}
+
+/// How the snapshot writer tells the pages the guest never touched: they read zero and are left
+/// out of the memory file.
+#[derive(Clone, Copy, Debug)]
+pub enum Residency<'a> {
+    /// It cannot: every page may hold data. Lazily filled memory: a page not served yet still
+    /// waits in the parent snapshot's memory file.
+    Unknown,
+    /// This process's page tables (`/proc/self/pagemap`): a page neither mapped nor swapped out
+    /// was never touched. Not `mincore`: that calls a swapped-out page absent, and in a private
+    /// file mapping it reports whether the file's page is in the host page cache, so a clone's
+    /// pages evicted from the cache would have been dropped. Pages in `file_data`, guest ranges
+    /// `(gpa, len_bytes)` (sorted) privately mapped from a snapshot's memory file, hold the
+    /// file's data even when this process never mapped them, so they always count as touched.
+    PageTables {
+        /// Guest ranges backed by snapshot data.
+        file_data: &'a [(u64, u64)],
+    },
 }
 
 /// Allocates anonymous guest memory for `ranges` (guest address, bytes) and marks it
@@ -140,6 +162,7 @@ impl GuestRam {
             mem,
             released_bytes: AtomicU64::new(0),
             file_backed: false,
+            file_data: Vec::new(),
         }
     }
 
@@ -162,11 +185,26 @@ impl GuestRam {
         self.backing.as_ref().map(|b| b.status())
     }
 
-    /// Wraps guest memory restored from a snapshot, where ranges are private file mappings.
-    pub fn file_backed(mem: GuestMemoryMmap) -> Self {
+    /// Wraps guest memory restored from a snapshot, where ranges are private file mappings;
+    /// `file_data` are the guest ranges `(gpa, len_bytes)` that hold the snapshots' kept pages
+    /// (holes between them read zero and need not be listed).
+    pub fn file_backed(mem: GuestMemoryMmap, mut file_data: Vec<(u64, u64)>) -> Self {
+        file_data.sort_unstable();
         Self {
             file_backed: true,
+            file_data,
             ..Self::new(mem)
+        }
+    }
+
+    /// How a snapshot of this memory tells never-touched pages.
+    pub fn residency(&self) -> Residency<'_> {
+        if self.is_lazily_filled() {
+            Residency::Unknown
+        } else {
+            Residency::PageTables {
+                file_data: &self.file_data,
+            }
         }
     }
 

@@ -4,7 +4,8 @@
 pub mod changed;
 pub mod dirty;
 pub mod guest_ram;
+pub mod pagemap;
 
 pub use changed::{ChangedPages, ChangedSet};
 pub use dirty::{DirtyLogError, DirtyTracker, DirtyTrackerStats, MemorySlot};
-pub use guest_ram::{allocate_guest_memory, GuestRam, MemoryBacking, ReleaseError};
+pub use guest_ram::{allocate_guest_memory, GuestRam, MemoryBacking, ReleaseError, Residency};

@@ -135,7 +135,8 @@ pub fn flatten(top: &Path, out: &Path) -> Result<SnapshotSummary, SnapshotError>
             mem: &mem,
             page_states: None,
             keep_all: false,
-            residency_known: true,
+            // The chain was copied into anonymous memory: what was never written is zero.
+            residency: crate::memory::Residency::PageTables { file_data: &[] },
             started,
             changed: None,
         },
@@ -201,7 +202,7 @@ mod tests {
             None,
             crate::snapshot::memory_file::KeepRules {
                 keep_all: false,
-                residency_known: true,
+                residency: crate::memory::Residency::PageTables { file_data: &[] },
                 changed,
             },
             [1; 16],
@@ -314,8 +315,16 @@ mod tests {
         // Flatten: one full memory file of the chain's contents resolves to the same pages.
         let flat_path = dir.path().join("flat");
         let mut flat = File::create_new(&flat_path).unwrap();
-        let fi = write_memory_file(&mut flat, &flat_path, &restored, None, false, true, [2; 16])
-            .unwrap();
+        let fi = write_memory_file(
+            &mut flat,
+            &flat_path,
+            &restored,
+            None,
+            false,
+            crate::memory::Residency::PageTables { file_data: &[] },
+            [2; 16],
+        )
+        .unwrap();
         let flat = File::open(&flat_path).unwrap();
         let again = guest_memory(&REGIONS, dir.path()).unwrap();
         let segs = resolve(

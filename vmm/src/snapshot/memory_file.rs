@@ -1,7 +1,9 @@
 //! The memory file: which guest pages to keep, writing them, and mapping them back.
 //!
-//! A page is kept when it is resident on the host (`mincore`, one call per RAM region), not
-//! known free by the balloon's page-state map (inflated, reported, hinted), and not all zero.
+//! A page is kept when the guest touched it (this process mapped it or it was swapped out, as
+//! `/proc/self/pagemap` says, or it holds data of the snapshot the VM was restored from: see
+//! [`Residency`]), it is not known free by the balloon's page-state map (inflated, reported,
+//! hinted), and it is not all zero.
 //! Kept pages form ranges; each range is stored contiguously at a page-aligned file offset, cut
 //! into chunks of at most [`CHUNK_MAX_BYTES`], each with its own checksum. Where two kept ranges
 //! of one RAM region are at most [`HOLE_MAX_BYTES`] apart in the guest, the second is stored as
@@ -30,7 +32,7 @@ use super::map::{PageClass, PageClassRuns};
 use super::state::{MemoryChunk, MemoryIndex, PageCounts};
 use super::write_pipe::{ms_since, write_and_checksum, Piece, WriteTimings};
 use super::SnapshotError;
-use crate::memory::ChangedSet;
+use crate::memory::{pagemap, ChangedSet, Residency};
 
 /// Largest chunk: the unit of checksums (and of the error that names a damaged one).
 pub const CHUNK_MAX_BYTES: u64 = 4 << 20;
@@ -116,17 +118,28 @@ unsafe fn region_views(mem: &GuestMemoryMmap) -> Vec<RegionView<'_>> {
     views
 }
 
-/// Residency of each page of `bytes` (one `mincore` call).
-fn resident_pages(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
-    let pages = bytes.len().div_ceil(PAGE_BYTES as usize);
-    let mut vec = vec![0u8; pages];
-    // SAFETY: `bytes` is a live, page-aligned mapping (a guest RAM region) and `vec` holds one
-    // byte per page of it.
-    let rc = unsafe { libc::mincore(bytes.as_ptr() as *mut _, bytes.len(), vec.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
+/// Which pages of `view` the guest touched (see [`Residency`]): this process's page tables,
+/// then the ranges backed by snapshot data.
+fn touched_pages(view: &RegionView, residency: Residency) -> std::io::Result<Vec<bool>> {
+    let pages = view.bytes.len() / PAGE_BYTES as usize;
+    let file_data = match residency {
+        Residency::Unknown => return Ok(vec![true; pages]),
+        Residency::PageTables { file_data } => file_data,
+    };
+    let mut touched = vec![false; pages];
+    pagemap::for_each_entry(view.bytes.as_ptr() as u64, pages as u64, |i, entry| {
+        touched[i as usize] = entry & (pagemap::PRESENT | pagemap::SWAPPED) != 0;
+    })?;
+    let view_end = view.gpa + view.bytes.len() as u64;
+    for &(gpa, len) in file_data {
+        let (from, to) = (gpa.max(view.gpa), (gpa + len).min(view_end));
+        if from < to {
+            let first = ((from - view.gpa) / PAGE_BYTES) as usize;
+            let last = (to - view.gpa).div_ceil(PAGE_BYTES) as usize;
+            touched[first..last].fill(true);
+        }
     }
-    Ok(vec)
+    Ok(touched)
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -137,25 +150,20 @@ fn is_zero(page: &[u8]) -> bool {
     head.iter().all(|b| *b == 0) && tail.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0)
 }
 
-/// Decides the fate of every page of one region. Without `residency_known` (lazily filled
-/// memory: a page not yet served is not resident but holds data) every page counts as touched.
+/// Decides the fate of every page of one region.
 fn classify(
     view: &RegionView,
     page_states: Option<&PageStateMap>,
     keep_all: bool,
-    residency_known: bool,
+    residency: Residency,
     changed: Option<&ChangedSet>,
 ) -> std::io::Result<Vec<PageFate>> {
     if keep_all {
         return Ok(vec![PageFate::Keep; view.bytes.len() / PAGE_BYTES as usize]);
     }
-    let resident = if residency_known {
-        resident_pages(view.bytes)?
-    } else {
-        vec![1; view.bytes.len() / PAGE_BYTES as usize]
-    };
+    let touched = touched_pages(view, residency)?;
     let first_pfn = view.gpa / PAGE_BYTES;
-    let mut fates = Vec::with_capacity(resident.len());
+    let mut fates = Vec::with_capacity(touched.len());
     for (i, page) in view.bytes.chunks(PAGE_BYTES as usize).enumerate() {
         let state = page_states
             .and_then(|m| m.state(first_pfn + i as u64).ok())
@@ -166,7 +174,7 @@ fn classify(
             PageState::Inflated => PageFate::Inflated,
             PageState::Reported => PageFate::Reported,
             PageState::Hinted => PageFate::Hinted,
-            PageState::Live if resident[i] & 1 == 0 => PageFate::NeverTouched,
+            PageState::Live if !touched[i] => PageFate::NeverTouched,
             PageState::Live if is_zero(page) => PageFate::Zero,
             PageState::Live => PageFate::Keep,
         };
@@ -177,19 +185,18 @@ fn classify(
 
 /// Writes the memory file at `path` (header, then the kept pages) and returns its index.
 /// `file` must be empty. Nothing may write guest memory meanwhile (vCPUs paused).
-/// `residency_known` is false for lazily filled memory (see [`classify`]).
 pub fn write_memory_file(
     file: &mut File,
     path: &Path,
     mem: &GuestMemoryMmap,
     page_states: Option<&PageStateMap>,
     keep_all: bool,
-    residency_known: bool,
+    residency: Residency,
     snapshot_id: [u8; 16],
 ) -> Result<MemoryIndex, SnapshotError> {
     let rules = KeepRules {
         keep_all,
-        residency_known,
+        residency,
         changed: None,
     };
     write_memory_file_since(file, path, mem, page_states, rules, snapshot_id)
@@ -206,19 +213,19 @@ pub struct LayerPageSets {
 }
 
 /// Which pages a memory file keeps, besides what the page-state map says.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct KeepRules<'a> {
     /// Every page (a raw full dump).
     pub keep_all: bool,
-    /// Page residency tells never-touched pages (false for lazily filled memory).
-    pub residency_known: bool,
+    /// How never-touched pages are told.
+    pub residency: Residency<'a>,
     /// Pages written since the parent (a diff layer), or `None` for a full snapshot.
     pub changed: Option<&'a ChangedSet>,
 }
 
 /// Like [`write_memory_file`]; with `changed` (pages written since the parent) it writes a diff
 /// layer: live pages not in `changed` are left to the parent, changed pages that are now zero or
-/// not resident and pages the page-state map holds free are listed as freed ranges. Also returns
+/// never touched and pages the page-state map holds free are listed as freed ranges. Also returns
 /// where the time went (the pages are checksummed on a second thread while they are written).
 pub fn write_memory_file_since(
     file: &mut File,
@@ -230,7 +237,7 @@ pub fn write_memory_file_since(
 ) -> Result<(MemoryIndex, LayerPageSets, WriteTimings), SnapshotError> {
     let KeepRules {
         keep_all,
-        residency_known,
+        residency,
         changed,
     } = rules;
     let mut sets = LayerPageSets::default();
@@ -253,8 +260,9 @@ pub fn write_memory_file_since(
     // The kept pieces in file order (each one chunk of the index, its checksum filled in below).
     let mut pieces: Vec<Piece> = Vec::new();
     for view in &views {
-        let fates = classify(view, page_states, keep_all, residency_known, changed)
-            .map_err(SnapshotError::io("read page residency (mincore) for", path))?;
+        let fates = classify(view, page_states, keep_all, residency, changed).map_err(
+            SnapshotError::io("read page residency (/proc/self/pagemap) for", path),
+        )?;
         let mut page = 0usize;
         // Where the region's last kept range ended, and whether a page since then is left to
         // the parent (such pages must not become a hole: it would hide the parent's bytes).
@@ -716,8 +724,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory");
         let mut file = File::create(&path).unwrap();
-        let index =
-            write_memory_file(&mut file, &path, &mem, Some(&states), false, true, [3; 16]).unwrap();
+        let index = write_memory_file(
+            &mut file,
+            &path,
+            &mem,
+            Some(&states),
+            false,
+            crate::memory::Residency::PageTables { file_data: &[] },
+            [3; 16],
+        )
+        .unwrap();
         drop(file);
         assert_eq!(index.pages.kept, 3);
         assert_eq!(index.pages.skipped_reported, 1);
@@ -770,7 +786,7 @@ mod tests {
         assert_eq!(byte[0], 0xab);
 
         // Releasing a file-backed page must give zeros, not the file's contents back.
-        let ram = crate::memory::GuestRam::file_backed(restored.clone());
+        let ram = crate::memory::GuestRam::file_backed(restored.clone(), Vec::new());
         ram.release(4096, 8192).unwrap();
         assert_eq!(restored.read_obj::<u8>(GuestAddress(4096)).unwrap(), 0);
         assert_eq!(restored.read_obj::<u8>(GuestAddress(2 * 4096)).unwrap(), 0);
@@ -786,8 +802,99 @@ mod tests {
     fn write(mem: &GuestMemoryMmap, dir: &Path) -> (std::path::PathBuf, MemoryIndex) {
         let path = dir.join("memory");
         let mut file = File::create(&path).unwrap();
-        let index = write_memory_file(&mut file, &path, mem, None, false, true, [5; 16]).unwrap();
+        let index = write_memory_file(
+            &mut file,
+            &path,
+            mem,
+            None,
+            false,
+            crate::memory::Residency::PageTables { file_data: &[] },
+            [5; 16],
+        )
+        .unwrap();
         (path, index)
+    }
+
+    /// A restored clone's pages hold the snapshot's data whether or not the clone ever touched
+    /// them, and whether or not the host still has them in its page cache: a snapshot of the
+    /// clone keeps them. (`mincore`, used before, said "not resident" for pages evicted from the
+    /// page cache, and such pages were left out as never touched.)
+    #[test]
+    fn a_clones_untouched_pages_are_kept_even_out_of_the_page_cache() {
+        let regions = [(GuestAddress(0), 4 * MIB as usize)];
+        let mem = GuestMemoryMmap::from_ranges(&regions).unwrap();
+        mem.write_slice(&vec![0x5a; 64 << 10], GuestAddress(MIB))
+            .unwrap();
+        mem.write_obj(0x5bu8, GuestAddress(3 * MIB)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (path, index) = write(&mem, dir.path());
+        assert_eq!(index.pages.kept, 17);
+
+        let restored = GuestMemoryMmap::from_ranges(&regions).unwrap();
+        let file = File::open(&path).unwrap();
+        map_into_guest(&restored, &file, &path, &index.chunks, &file_holes(&index)).unwrap();
+        // SAFETY: advice on an open file descriptor; it only drops clean cached pages.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        // The clone writes one page of its own.
+        restored.write_obj(0x11u8, GuestAddress(2 * MIB)).unwrap();
+        let file_data = index.chunks.iter().map(|c| (c.gpa, c.len_bytes)).collect();
+        let ram = crate::memory::GuestRam::file_backed(restored.clone(), file_data);
+
+        let again_path = dir.path().join("again");
+        let mut again = File::create(&again_path).unwrap();
+        let again_index = write_memory_file(
+            &mut again,
+            &again_path,
+            &restored,
+            None,
+            false,
+            ram.residency(),
+            [6; 16],
+        )
+        .unwrap();
+        assert_eq!(again_index.pages.kept, 18, "{:?}", again_index.pages);
+        let copy = GuestMemoryMmap::from_ranges(&regions).unwrap();
+        let again = File::open(&again_path).unwrap();
+        map_into_guest(
+            &copy,
+            &again,
+            &again_path,
+            &again_index.chunks,
+            &file_holes(&again_index),
+        )
+        .unwrap();
+        for gpa in [MIB, MIB + (64 << 10) - 1, 2 * MIB, 3 * MIB] {
+            assert_eq!(
+                copy.read_obj::<u8>(GuestAddress(gpa)).unwrap(),
+                restored.read_obj::<u8>(GuestAddress(gpa)).unwrap(),
+                "gpa {gpa:#x}"
+            );
+        }
+    }
+
+    /// Without the snapshot's ranges the page tables alone see only what this process mapped:
+    /// written pages, not the file's pages it never read.
+    #[test]
+    fn page_tables_tell_touched_pages() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MIB as usize)]).unwrap();
+        mem.write_obj(1u8, GuestAddress(5 * 4096)).unwrap();
+        let _ = mem.read_obj::<u8>(GuestAddress(7 * 4096)).unwrap();
+        // SAFETY: nothing writes `mem` meanwhile.
+        let views = unsafe { region_views(&mem) };
+        let touched = touched_pages(&views[0], Residency::PageTables { file_data: &[] }).unwrap();
+        let which: Vec<usize> = (0..touched.len()).filter(|&i| touched[i]).collect();
+        // A read maps the shared zero page: touched, and then found zero.
+        assert_eq!(which, [5, 7]);
+        let with_file = Residency::PageTables {
+            file_data: &[(0x1000, 0x2000), (MIB - 4096, 8192)],
+        };
+        let touched = touched_pages(&views[0], with_file).unwrap();
+        let which: Vec<usize> = (0..touched.len()).filter(|&i| touched[i]).collect();
+        assert_eq!(which, [1, 2, 5, 7, 255]);
+        assert!(touched_pages(&views[0], Residency::Unknown)
+            .unwrap()
+            .iter()
+            .all(|t| *t));
     }
 
     #[test]

@@ -156,7 +156,8 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         source,
     })?;
     phases.mark("guest_memory_ms");
-    let (mmaps, chunks, lazy) = match options.lazy {
+    // `file_data`: the guest ranges mapped from the snapshots' kept pages.
+    let (mmaps, chunks, lazy, file_data) = match options.lazy {
         LazyMode::Uffd if chain.links.len() > 1 => {
             let layers = chain.links.len();
             return Err(
@@ -176,7 +177,8 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
             .map_err(|e| SnapshotError::from(Box::new(e)))?;
             // Chunks are verified by the handler when first touched.
             phases.mark("uffd_register_ms");
-            (0, loaded.state.memory.chunks.len(), Some(Arc::new(lazy)))
+            let chunks = loaded.state.memory.chunks.len();
+            (0, chunks, Some(Arc::new(lazy)), Vec::new())
         }
         LazyMode::Off if chain.links.len() == 1 => {
             let loaded = chain.top();
@@ -206,7 +208,8 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
                 let guest = chunks.iter().map(|c| (c.gpa, c.len_bytes));
                 super::prefault::spawn_all(super::prefault::host_ranges(&mem, guest));
             }
-            (mmaps, chunks.len(), None)
+            let file_data = chunks.iter().map(|c| (c.gpa, c.len_bytes)).collect();
+            (mmaps, chunks.len(), None, file_data)
         }
         LazyMode::Off => {
             let segments = chain.segments();
@@ -226,7 +229,12 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
                 let guest = file_runs.iter().flatten().map(|c| (c.gpa, c.len_bytes));
                 super::prefault::spawn_all(super::prefault::host_ranges(&mem, guest));
             }
-            (mmaps, segments.len(), None)
+            let file_data = file_runs
+                .iter()
+                .flatten()
+                .map(|c| (c.gpa, c.len_bytes))
+                .collect();
+            (mmaps, segments.len(), None, file_data)
         }
     };
     let top = chain.links.pop().expect("a chain has a top").loaded;
@@ -268,7 +276,7 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         vm_fd,
         ram: Arc::new(match &lazy {
             Some(lazy) => GuestRam::lazily_filled(mem, lazy.clone()),
-            None => GuestRam::file_backed(mem),
+            None => GuestRam::file_backed(mem, file_data),
         }),
         vcpu_states: state.vcpus,
         serial_state: state.serial,

@@ -268,7 +268,8 @@ pub struct PageCounts {
     pub skipped_reported: u64,
     /// Hinted free by free page hinting and not written since.
     pub skipped_hinted: u64,
-    /// Never resident on the host (the guest never touched them, or they were released).
+    /// Never touched by the guest (never mapped on the host nor swapped out, and not data of
+    /// the snapshot the VM was restored from), or released.
     pub skipped_never_touched: u64,
     /// Resident but all zero.
     pub skipped_zero: u64,

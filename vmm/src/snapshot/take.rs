@@ -169,7 +169,7 @@ pub fn take(
             mem: vm.ram.memory(),
             page_states: map_guard.as_deref(),
             keep_all: request.raw_memory,
-            residency_known: !vm.ram.is_lazily_filled(),
+            residency: vm.ram.residency(),
             started,
             changed: changed.as_ref(),
         },

@@ -30,7 +30,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -41,15 +40,12 @@ use super::format::{id_hex, PAGE_BYTES};
 use super::prefault::{host_ranges, populate};
 use super::SnapshotError;
 use crate::kvm::vcpu::Vcpu;
+use crate::memory::pagemap;
 
 /// Name of the record inside a snapshot directory.
 pub const WORKING_SET_FILE: &str = "working-set.json";
 /// Largest record read (a guest of 64 GiB fragmented page by page needs less).
 const MAX_RECORD_BYTES: u64 = 64 << 20;
-/// Pagemap entries read per `pread` (8 bytes each).
-const PAGEMAP_BATCH: usize = 8192;
-/// Pagemap bit: the page is present in RAM.
-const PAGEMAP_PRESENT: u64 = 1 << 63;
 
 /// The record on disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,33 +64,24 @@ pub struct WorkingSet {
 /// The guest pages present in this process's page tables, as merged `(gpa, len_bytes)` ranges
 /// (from `/proc/self/pagemap`; a page is present once the guest or the VMM touched it).
 pub fn record(mem: &GuestMemoryMmap) -> Result<Vec<(u64, u64)>, SnapshotError> {
-    let path = Path::new("/proc/self/pagemap");
-    let pagemap = File::open(path).map_err(SnapshotError::io("open", path))?;
     let mut ranges: Vec<(u64, u64)> = Vec::new();
-    let mut entries = vec![0u8; PAGEMAP_BATCH * 8];
     for region in mem.iter() {
-        let host = region.as_ptr() as u64;
-        let pages = region.len() / PAGE_BYTES;
-        let mut page = 0u64;
-        while page < pages {
-            let batch = (pages - page).min(PAGEMAP_BATCH as u64) as usize;
-            let bytes = &mut entries[..batch * 8];
-            pagemap
-                .read_exact_at(bytes, (host / PAGE_BYTES + page) * 8)
-                .map_err(SnapshotError::io("read", path))?;
-            for (i, entry) in bytes.chunks_exact(8).enumerate() {
-                let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
-                if entry & PAGEMAP_PRESENT == 0 {
-                    continue;
+        let start = region.start_addr().0;
+        pagemap::for_each_entry(
+            region.as_ptr() as u64,
+            region.len() / PAGE_BYTES,
+            |i, entry| {
+                if entry & pagemap::PRESENT == 0 {
+                    return;
                 }
-                let gpa = region.start_addr().0 + (page + i as u64) * PAGE_BYTES;
+                let gpa = start + i * PAGE_BYTES;
                 match ranges.last_mut() {
                     Some(last) if last.0 + last.1 == gpa => last.1 += PAGE_BYTES,
                     _ => ranges.push((gpa, PAGE_BYTES)),
                 }
-            }
-            page += batch as u64;
-        }
+            },
+        )
+        .map_err(SnapshotError::io("read", Path::new(pagemap::PAGEMAP_PATH)))?;
     }
     Ok(ranges)
 }

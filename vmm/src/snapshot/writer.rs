@@ -160,9 +160,8 @@ pub struct SnapshotParts<'a> {
     pub page_states: Option<&'a PageStateMap>,
     /// Keep every page (raw full dump) instead of only the live, non-zero, resident ones.
     pub keep_all: bool,
-    /// Whether a page not resident on the host was never touched (false for lazily filled
-    /// memory, where it may still be waiting in the parent snapshot's memory file).
-    pub residency_known: bool,
+    /// How never-touched pages are told ([`crate::memory::GuestRam::residency`]).
+    pub residency: crate::memory::Residency<'a>,
     /// When saving the state started (for the summary).
     pub started: Instant,
     /// For a diff layer (`state.layer` set): the pages changed since the parent.
@@ -249,7 +248,7 @@ fn write_into(
         parts.page_states,
         super::memory_file::KeepRules {
             keep_all: parts.keep_all,
-            residency_known: parts.residency_known,
+            residency: parts.residency,
             changed,
         },
         state.snapshot_id,

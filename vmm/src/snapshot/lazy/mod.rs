@@ -313,7 +313,16 @@ mod tests {
             .unwrap();
         let path = dir.join("memory");
         let mut file = File::create(&path).unwrap();
-        let index = write_memory_file(&mut file, &path, &mem, None, false, true, [1; 16]).unwrap();
+        let index = write_memory_file(
+            &mut file,
+            &path,
+            &mem,
+            None,
+            false,
+            crate::memory::Residency::PageTables { file_data: &[] },
+            [1; 16],
+        )
+        .unwrap();
         (path, index)
     }
 
@@ -434,8 +443,16 @@ mod tests {
         // the original kept (the pages are read through the handler).
         let again = dir.path().join("again");
         let mut again_file = File::create(&again).unwrap();
-        let again_index =
-            write_memory_file(&mut again_file, &again, &mem, None, false, false, [2; 16]).unwrap();
+        let again_index = write_memory_file(
+            &mut again_file,
+            &again,
+            &mem,
+            None,
+            false,
+            crate::memory::Residency::Unknown,
+            [2; 16],
+        )
+        .unwrap();
         assert_eq!(again_index.pages.kept, index.pages.kept);
         assert_eq!(again_index.chunks.len(), index.chunks.len());
         assert!(stat(&lazy, "pages_from_file") >= index.pages.kept);

@@ -21,7 +21,7 @@ pub enum PageClass {
     Reported,
     /// Hinted free by free page hinting and not written since.
     Hinted,
-    /// Never resident on the host.
+    /// Never touched by the guest (or released).
     NeverTouched,
     /// Resident but all zero.
     Zero,
