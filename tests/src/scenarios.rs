@@ -193,7 +193,10 @@ impl Ctx {
         } else {
             format!("{}/{suffix}", self.name)
         };
-        Proc::spawn(&tag, &self.vmm, args, env)
+        // Every diff layer is checked against the VM it came from (see `vmm::snapshot::audit`).
+        let mut env = env.to_vec();
+        env.push((vmm::snapshot::audit::AUDIT_LAYERS_ENV, "1"));
+        Proc::spawn(&tag, &self.vmm, args, &env)
     }
 
     /// Runs a control subcommand (`pause`, `status --json`, ...) against `sock` to completion,

@@ -17,6 +17,7 @@
 //!   restores;
 //! - [`crc32c`]: the checksum of the state file and the headers.
 
+pub mod audit;
 pub mod chain;
 pub mod checksum;
 pub mod crc32c;

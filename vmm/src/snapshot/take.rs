@@ -174,6 +174,14 @@ pub fn take(
             changed: changed.as_ref(),
         },
     );
+    // Still paused (vCPUs and device workers): the chain must give back what memory holds.
+    let summary = summary.and_then(|summary| {
+        if request.parent.is_some() && super::audit::enabled() {
+            let mem = vm.ram.memory();
+            super::audit::check_layer(path, mem, map_guard.as_deref(), changed.as_ref())?;
+        }
+        Ok(summary)
+    });
     let summary = match (summary, vm.layering) {
         (Ok(summary), Some(layering)) => {
             layering.set_lineage(Lineage {
