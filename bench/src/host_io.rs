@@ -57,20 +57,11 @@ struct StateDecode {
 
 /// Encodes an example state around `index` both ways and times `parse_state` on each file.
 fn decode_times(index: vmm::snapshot::state::MemoryIndex) -> anyhow::Result<StateDecode> {
-    use vmm::snapshot::crc32c::crc32c;
-    use vmm::snapshot::format::{encode_state_body, StateHeader};
+    use vmm::snapshot::format::{encode_state_body, state_file_bytes};
     let chunks = index.chunks.len();
     let state = vmm::snapshot::state::SnapshotState::example(index);
-    let file = |format_version: u32, body: Vec<u8>| {
-        let header = StateHeader {
-            body_bytes: body.len() as u64,
-            format_version,
-            body_crc32c: crc32c(&body),
-        };
-        [&header.encode()[..], &body].concat()
-    };
-    let json = file(4, serde_json::to_vec(&state)?);
-    let messagepack = file(5, encode_state_body(&state)?);
+    let json = state_file_bytes(4, &serde_json::to_vec(&state)?);
+    let messagepack = state_file_bytes(5, &encode_state_body(&state)?);
     let time = |bytes: &[u8]| -> anyhow::Result<f64> {
         let t = Instant::now();
         let decoded = vmm::snapshot::reader::parse_state(bytes, Path::new("example-state"))?;

@@ -8,29 +8,17 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use vmm::snapshot::crc32c::crc32c;
 use vmm::snapshot::format::{
-    encode_state_body, MemoryHeader, StateHeader, FORMAT_VERSION, STATE_HEADER_BYTES,
+    encode_state_body, state_file_bytes, MemoryHeader, StateHeader, FORMAT_VERSION,
+    STATE_HEADER_BYTES,
 };
 use vmm::snapshot::reader::parse_state;
 use vmm::snapshot::state::SnapshotState;
 
-/// A state file of `format_version` around `body` with a valid header.
-fn state_file(format_version: u32, body: &[u8]) -> Vec<u8> {
-    let header = StateHeader {
-        body_bytes: body.len() as u64,
-        format_version,
-        body_crc32c: crc32c(body),
-    };
-    let mut file = header.encode().to_vec();
-    file.extend_from_slice(body);
-    file
-}
-
 /// Re-encodes a parsed state as this VMM writes it and checks that it parses back the same.
 fn check_re_encoding(state: &SnapshotState, path: &Path) {
     let body = encode_state_body(state).expect("state encodes");
-    let again = parse_state(&state_file(FORMAT_VERSION, &body), path)
+    let again = parse_state(&state_file_bytes(FORMAT_VERSION, &body), path)
         .expect("re-encoded state parses");
     assert_eq!(encode_state_body(&again).unwrap(), body);
 }
@@ -61,13 +49,13 @@ fuzz_target!(|data: &[u8]| {
         3 => {
             // A valid format 4 header around a fuzzed body: reaches the JSON decoder and the
             // checks after.
-            if let Ok(state) = parse_state(&state_file(4, rest), path) {
+            if let Ok(state) = parse_state(&state_file_bytes(4, rest), path) {
                 check_re_encoding(&state, path);
             }
         }
         _ => {
             // A valid header of this VMM's format around a fuzzed body: the MessagePack decoder.
-            if let Ok(state) = parse_state(&state_file(FORMAT_VERSION, rest), path) {
+            if let Ok(state) = parse_state(&state_file_bytes(FORMAT_VERSION, rest), path) {
                 check_re_encoding(&state, path);
             }
         }

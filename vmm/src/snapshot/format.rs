@@ -196,6 +196,20 @@ pub fn encode_state_body(
     rmp_serde::to_vec_named(state)
 }
 
+/// A whole state file: the header for `body` (its length and CRC-32C) under `format_version`,
+/// then `body`. The writer, the fuzz targets and the benchmarks all frame state files with it.
+pub fn state_file_bytes(format_version: u32, body: &[u8]) -> Vec<u8> {
+    let header = StateHeader {
+        format_version,
+        body_bytes: body.len() as u64,
+        body_crc32c: crc32c(body),
+    };
+    let mut file = Vec::with_capacity(STATE_HEADER_BYTES + body.len());
+    file.extend_from_slice(&header.encode());
+    file.extend_from_slice(body);
+    file
+}
+
 /// Decodes a state body of `format_version` (MessagePack from format 5 on, JSON before).
 pub fn decode_state_body(
     format_version: u32,

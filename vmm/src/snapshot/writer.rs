@@ -19,8 +19,7 @@ use balloon::PageStateMap;
 use serde::Serialize;
 use vm_memory::GuestMemoryMmap;
 
-use super::crc32c::crc32c;
-use super::format::{StateHeader, MEMORY_FILE, STATE_FILE};
+use super::format::{MEMORY_FILE, STATE_FILE};
 use super::memory_file::write_memory_file_since;
 use super::state::{PageCounts, SnapshotState};
 use super::write_pipe::{ms_since, WriteTimings};
@@ -272,22 +271,17 @@ fn write_into(
         path: state_path.clone(),
         source: std::io::Error::other(e),
     })?;
-    let header = StateHeader {
-        body_bytes: body.len() as u64,
-        format_version: super::format::FORMAT_VERSION,
-        body_crc32c: crc32c(&body),
-    };
+    let bytes = super::format::state_file_bytes(super::format::FORMAT_VERSION, &body);
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&state_path)
         .map_err(SnapshotError::io("create", &state_path))?;
-    file.write_all(&header.encode())
-        .and_then(|()| file.write_all(&body))
+    file.write_all(&bytes)
         .and_then(|()| file.sync_all())
         .map_err(SnapshotError::io("write", &state_path))?;
-    let state_bytes = (header.encode().len() + body.len()) as u64;
-    let hash = super::layer::hash_hex(&[&header.encode()[..], &body].concat());
+    let state_bytes = bytes.len() as u64;
+    let hash = super::layer::hash_hex(&bytes);
     timings.state_file_ms = ms_since(state_start);
     Ok((state_bytes, memory_file_bytes, state, hash, timings))
 }
