@@ -116,17 +116,17 @@ fn parse_restore_plainly(args: &[OsString]) -> Option<Cli> {
     let args = cli::restore::RestoreArgs {
         snapshot: values.get("snapshot")?.into(),
         api_sock: values.get("api-sock").map(Into::into),
-        lazy: value_enum(values.get("lazy"), vmm::snapshot::lazy::LazyMode::Off)?,
+        lazy: value_enum(values.get("lazy"), cli::restore::DEFAULT_LAZY)?,
         track_dirty_pages: flag("track-dirty-pages"),
         vm: cli::restore::RestoredVmArgs {
-            serial: values.get("serial").unwrap_or(&"stdout").to_string(),
+            serial: values
+                .get("serial")
+                .unwrap_or(&cli::restore::DEFAULT_SERIAL)
+                .to_string(),
             skip_memory_verify: flag("skip-memory-verify"),
             reverify: flag("reverify"),
             prefault: flag("prefault"),
-            working_set: value_enum(
-                values.get("working-set"),
-                vmm::snapshot::working_set::WorkingSetMode::BeforeStart,
-            )?,
+            working_set: value_enum(values.get("working-set"), cli::restore::DEFAULT_WORKING_SET)?,
             record_working_set_ms: match values.get("record-working-set-ms") {
                 Some(ms) => Some(ms.parse().ok()?),
                 None => None,

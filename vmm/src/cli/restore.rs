@@ -15,6 +15,14 @@ use crate::snapshot::restore::RestoreOptions;
 use crate::snapshot::working_set::WorkingSetMode;
 use crate::vm::Vm;
 
+/// How memory is restored unless asked otherwise. The defaults are shared by the clap
+/// definitions below and `main.rs`'s plain parser of `vmm restore`.
+pub const DEFAULT_LAZY: LazyMode = LazyMode::Off;
+/// Where the console goes by default.
+pub const DEFAULT_SERIAL: &str = "stdout";
+/// When the working set comes in by default.
+pub const DEFAULT_WORKING_SET: WorkingSetMode = WorkingSetMode::BeforeStart;
+
 /// Arguments of `vmm restore`.
 #[derive(clap::Args, Debug)]
 pub struct RestoreArgs {
@@ -26,7 +34,7 @@ pub struct RestoreArgs {
     pub api_sock: Option<PathBuf>,
     /// How guest memory is restored: `off` maps the memory file (private, copy-on-write);
     /// `uffd` fills each page on first touch with a userfaultfd handler.
-    #[arg(long, value_enum, default_value_t = LazyMode::Off)]
+    #[arg(long, value_enum, default_value_t = DEFAULT_LAZY)]
     pub lazy: LazyMode,
     /// Log dirty pages so diff layers can be written on this snapshot (`vmm snapshot --parent`).
     #[arg(long)]
@@ -40,7 +48,7 @@ pub struct RestoreArgs {
 #[derive(clap::Args, Debug)]
 pub struct RestoredVmArgs {
     /// Where the serial console goes: `stdout` (default) or a file.
-    #[arg(long, default_value = "stdout")]
+    #[arg(long, default_value = DEFAULT_SERIAL)]
     pub serial: String,
     /// Do not check the memory chunks' checksums (the state file is always checked).
     #[arg(long)]
@@ -59,7 +67,7 @@ pub struct RestoredVmArgs {
     /// `snapshot/working_set.rs`): `before-start` maps those pages and builds KVM's page tables
     /// for them before the vCPUs run (later start, fewer faults after); `background` maps them
     /// from a thread while the vCPUs already run; `off` leaves them.
-    #[arg(long, value_enum, default_value_t = WorkingSetMode::BeforeStart)]
+    #[arg(long, value_enum, default_value_t = DEFAULT_WORKING_SET)]
     pub working_set: WorkingSetMode,
     /// Record the guest pages this clone touches in its first MS milliseconds into the
     /// snapshot's `working-set.json`, for later restores to bring in.
