@@ -193,9 +193,9 @@ impl Ctx {
         } else {
             format!("{}/{suffix}", self.name)
         };
-        // Every diff layer is checked against the VM it came from (see `vmm::snapshot::audit`).
+        // Every snapshot is checked against the VM it came from (see `vmm::snapshot::audit`).
         let mut env = env.to_vec();
-        env.push((vmm::snapshot::audit::AUDIT_LAYERS_ENV, "1"));
+        env.push((vmm::snapshot::audit::AUDIT_SNAPSHOTS_ENV, "1"));
         Proc::spawn(&tag, &self.vmm, args, &env)
     }
 

@@ -1,13 +1,17 @@
-//! Checking a diff layer against the paused VM it was just taken from: the chain the layer ends
-//! must give back every live page byte for byte.
+//! Checks of a snapshot against the paused VM it was just taken from, for the tests: what the
+//! snapshot leaves out or leaves to a parent must really be what the VM holds.
 //!
-//! A layer stores only the pages the dirty log, the devices and the used rings recorded as
-//! changed. A write none of them saw would leave the parent's stale bytes in every clone of the
-//! chain, and show up much later as a wrong file or a crashed guest kernel. The audit reads the
-//! whole chain back and compares it with guest memory while the vCPUs and device workers are
-//! still paused, so such a miss fails the snapshot that made it, naming the pages. It costs a
-//! read of the chain and a copy of guest RAM, so it is off unless [`AUDIT_LAYERS_ENV`] is `1`
-//! (the end-to-end tests set it).
+//! - A diff layer stores only the pages the dirty log, the devices and the used rings recorded
+//!   as changed. A write none of them saw would leave the parent's stale bytes in every clone of
+//!   the chain, and show up much later as a wrong file or a crashed guest kernel.
+//!   [`check_layer`] reads the whole chain back and compares it with guest memory.
+//! - A page the balloon holds Inflated or Reported is left out (it reads zero in a clone). The
+//!   balloon released it when it marked it, so it reads zero here too, unless the guest wrote
+//!   it since and the dirty log missed that write: [`check_released_pages`] reads them.
+//!
+//! Both run while the vCPUs and device workers are still paused, so a miss fails the snapshot
+//! that made it, naming the pages. They cost reading the chain and guest memory, so they are
+//! off unless [`AUDIT_SNAPSHOTS_ENV`] is `1` (the end-to-end tests set it).
 
 use std::path::Path;
 
@@ -18,8 +22,8 @@ use super::format::PAGE_BYTES;
 use super::SnapshotError;
 use crate::memory::ChangedSet;
 
-/// Environment variable that turns the audit of every diff layer on (`1`).
-pub const AUDIT_LAYERS_ENV: &str = "VMM_AUDIT_LAYERS";
+/// Environment variable that turns the audit of every snapshot on (`1`).
+pub const AUDIT_SNAPSHOTS_ENV: &str = "VMM_AUDIT_SNAPSHOTS";
 
 /// Most differing pages a report lists.
 const LISTED_PAGES: usize = 16;
@@ -27,9 +31,52 @@ const LISTED_PAGES: usize = 16;
 /// Bytes compared per step.
 const STEP_BYTES: u64 = 1 << 20;
 
-/// Whether [`AUDIT_LAYERS_ENV`] asks for the audit.
+/// Whether [`AUDIT_SNAPSHOTS_ENV`] asks for the audit.
 pub fn enabled() -> bool {
-    std::env::var(AUDIT_LAYERS_ENV).is_ok_and(|v| v == "1")
+    std::env::var(AUDIT_SNAPSHOTS_ENV).is_ok_and(|v| v == "1")
+}
+
+/// Reads every page `page_states` holds Inflated or Reported and fails, naming the snapshot at
+/// `path` and the first such pages, if any is not all zero (see the module documentation; a
+/// failed release, counted in the balloon's `release_errors`, would also explain one).
+pub fn check_released_pages(
+    path: &Path,
+    mem: &GuestMemoryMmap,
+    page_states: &PageStateMap,
+) -> Result<(), SnapshotError> {
+    let mut page = vec![0u8; PAGE_BYTES as usize];
+    let (mut checked, mut non_zero) = (0u64, 0u64);
+    let mut listed = Vec::new();
+    for run in page_states.iter_runs() {
+        if !matches!(run.state, PageState::Inflated | PageState::Reported) {
+            continue;
+        }
+        for pfn in run.start_pfn..run.start_pfn + run.nr_pages {
+            let gpa = pfn * PAGE_BYTES;
+            mem.read_slice(&mut page, GuestAddress(gpa))
+                .map_err(|e| SnapshotError::Invalid {
+                    path: path.to_owned(),
+                    reason: format!("audit cannot read guest memory at {gpa:#x}: {e}"),
+                })?;
+            checked += 1;
+            if page.iter().any(|b| *b != 0) {
+                non_zero += 1;
+                if listed.len() < LISTED_PAGES {
+                    listed.push(format!("{gpa:#x} ({:?})", run.state));
+                }
+            }
+        }
+    }
+    if non_zero == 0 {
+        return Ok(());
+    }
+    Err(SnapshotError::Invalid {
+        path: path.to_owned(),
+        reason: format!(
+            "snapshot audit: {non_zero} of the {checked} pages left out as inflated or reported hold data (a guest write the dirty log missed): {}",
+            listed.join(", ")
+        ),
+    })
 }
 
 /// Compares the chain ending at `top` with `mem`, page by page, over the pages the page-state
@@ -170,5 +217,27 @@ mod tests {
         told.insert_range(0x1000, 4096);
         let whole = write(&dir.path().join("whole"), &mem, Some(&base), Some(&told));
         check_layer(&whole.path, &mem, None, Some(&told)).unwrap();
+    }
+
+    #[test]
+    fn a_left_out_page_that_holds_data_is_named() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut map = PageStateMap::with_ram_size(1 << 20).unwrap();
+        map.mark_range(0x10000, 0x4000, PageState::Reported)
+            .unwrap();
+        map.mark_range(0x20000, 0x1000, PageState::Hinted).unwrap();
+        // Live and hinted pages may hold anything.
+        mem.write_slice(&[7; 4096], GuestAddress(0x20000)).unwrap();
+        mem.write_slice(&[7; 4096], GuestAddress(0x30000)).unwrap();
+        let path = Path::new("snap");
+        check_released_pages(path, &mem, &map).unwrap();
+        mem.write_obj(1u8, GuestAddress(0x12000 + 100)).unwrap();
+        let err = check_released_pages(path, &mem, &map)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("1 of the 4 pages") && err.contains("0x12000 (Reported)"),
+            "{err}"
+        );
     }
 }

@@ -174,11 +174,16 @@ pub fn take(
             changed: changed.as_ref(),
         },
     );
-    // Still paused (vCPUs and device workers): the chain must give back what memory holds.
+    // Still paused (vCPUs and device workers): what was left out must be what memory holds.
     let summary = summary.and_then(|summary| {
-        if request.parent.is_some() && super::audit::enabled() {
+        if super::audit::enabled() {
             let mem = vm.ram.memory();
-            super::audit::check_layer(path, mem, map_guard.as_deref(), changed.as_ref())?;
+            if let Some(map) = map_guard.as_deref() {
+                super::audit::check_released_pages(path, mem, map)?;
+            }
+            if request.parent.is_some() {
+                super::audit::check_layer(path, mem, map_guard.as_deref(), changed.as_ref())?;
+            }
         }
         Ok(summary)
     });
