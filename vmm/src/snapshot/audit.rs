@@ -36,6 +36,15 @@ pub fn enabled() -> bool {
     std::env::var(AUDIT_SNAPSHOTS_ENV).is_ok_and(|v| v == "1")
 }
 
+/// Copies guest memory at `gpa` into `buf`; an error names the snapshot being audited.
+fn read(mem: &GuestMemoryMmap, gpa: u64, buf: &mut [u8], path: &Path) -> Result<(), SnapshotError> {
+    mem.read_slice(buf, GuestAddress(gpa))
+        .map_err(|e| SnapshotError::Invalid {
+            path: path.to_owned(),
+            reason: format!("audit cannot read guest memory at {gpa:#x}: {e}"),
+        })
+}
+
 /// Reads every page `page_states` holds Inflated or Reported and fails, naming the snapshot at
 /// `path` and the first such pages, if any is not all zero (see the module documentation; a
 /// failed release, counted in the balloon's `release_errors`, would also explain one).
@@ -53,11 +62,7 @@ pub fn check_released_pages(
         }
         for pfn in run.start_pfn..run.start_pfn + run.nr_pages {
             let gpa = pfn * PAGE_BYTES;
-            mem.read_slice(&mut page, GuestAddress(gpa))
-                .map_err(|e| SnapshotError::Invalid {
-                    path: path.to_owned(),
-                    reason: format!("audit cannot read guest memory at {gpa:#x}: {e}"),
-                })?;
+            read(mem, gpa, &mut page, path)?;
             checked += 1;
             if page.iter().any(|b| *b != 0) {
                 non_zero += 1;
@@ -100,15 +105,8 @@ pub fn check_layer(
         let mut off = 0;
         while off < len {
             let n = (len - off).min(STEP_BYTES);
-            let at = GuestAddress(start + off);
-            let read = |m: &GuestMemoryMmap, buf: &mut [u8]| {
-                m.read_slice(buf, at).map_err(|e| SnapshotError::Invalid {
-                    path: top.to_owned(),
-                    reason: format!("audit cannot read guest memory at {:#x}: {e}", at.0),
-                })
-            };
-            read(mem, &mut live[..n as usize])?;
-            read(&chain, &mut stored[..n as usize])?;
+            read(mem, start + off, &mut live[..n as usize], top)?;
+            read(&chain, start + off, &mut stored[..n as usize], top)?;
             let pages = live[..n as usize]
                 .chunks(PAGE_BYTES as usize)
                 .zip(stored[..n as usize].chunks(PAGE_BYTES as usize));
