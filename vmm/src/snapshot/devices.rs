@@ -191,10 +191,38 @@ pub struct RestoredDevices {
     pub vsock: Option<vsock::VsockHandle>,
 }
 
-/// Rebuilds each device from its saved state (validated by the device crate).
+/// Marks the pages of `data_ranges` (guest ranges the snapshot holds data for) live in `map`.
+///
+/// A page the memory file keeps is live by construction: the writer classifies pages with the
+/// map and keeps only live ones. Snapshots written before the writer synced the dirty log ahead
+/// of saving the map could still name such a page free (the guest wrote it since the previous
+/// sync); trusting that, the clone's next snapshot would have left the page's data out. Returns
+/// how many pages changed (logged when any did).
+pub fn live_where_data(
+    map: &mut PageStateMap,
+    data_ranges: &[(u64, u64)],
+) -> Result<u64, balloon::PageStateError> {
+    let page = super::format::PAGE_BYTES;
+    let mut changed = 0;
+    for &(gpa, len) in data_ranges {
+        changed += map.mark_written(gpa / page..(gpa + len).div_ceil(page))?;
+    }
+    if changed > 0 {
+        tracing::info!(
+            pages = changed,
+            "page-state map: pages the snapshot holds data for were marked free; now live"
+        );
+    }
+    Ok(changed)
+}
+
+/// Rebuilds each device from its saved state (validated by the device crate). `data_ranges`
+/// are the guest ranges the snapshot restored data into: the balloon's page-state map holds
+/// them live whatever the saved map says (see [`live_where_data`]).
 pub fn restore_devices(
     states: &[DeviceState],
     ram: &Arc<GuestRam>,
+    data_ranges: &[(u64, u64)],
     vsock_config: Option<&vsock::VsockConfig>,
     state_path: &std::path::Path,
 ) -> Result<RestoredDevices, SnapshotError> {
@@ -215,7 +243,9 @@ pub fn restore_devices(
                 page_states,
                 ..
             } => {
-                let map = PageStateMap::restore(page_states, &ram.page_layout())
+                let mut map = PageStateMap::restore(page_states, &ram.page_layout())
+                    .map_err(|e| invalid("balloon", format!("page-state map: {e}")))?;
+                live_where_data(&mut map, data_ranges)
                     .map_err(|e| invalid("balloon", format!("page-state map: {e}")))?;
                 let balloon =
                     Balloon::restore(device, Arc::new(Mutex::new(map)), ram.clone(), ram.memory())
@@ -256,4 +286,33 @@ pub fn restore_devices(
         }
     }
     Ok(restored)
+}
+
+#[cfg(test)]
+mod tests {
+    use balloon::PageState;
+
+    use super::*;
+
+    /// A saved map that names a page free while the memory file holds its data (written by a
+    /// VMM that saved the map before its last dirty-log sync) gets the page back live.
+    #[test]
+    fn pages_the_snapshot_holds_data_for_are_live() {
+        let mut map = PageStateMap::with_ram_size(1 << 20).unwrap();
+        map.mark_range(0, 1 << 20, PageState::Reported).unwrap();
+        let changed = live_where_data(&mut map, &[(0x3000, 0x2000), (0x10000, 0x1000)]).unwrap();
+        assert_eq!(changed, 3);
+        for (pfn, state) in [
+            (2, PageState::Reported),
+            (3, PageState::Live),
+            (4, PageState::Live),
+            (5, PageState::Reported),
+            (0x10, PageState::Live),
+        ] {
+            assert_eq!(map.state(pfn).unwrap(), state, "pfn {pfn}");
+        }
+        // Already live: nothing changes; outside RAM: an error.
+        assert_eq!(live_where_data(&mut map, &[(0x3000, 0x1000)]).unwrap(), 0);
+        assert!(live_where_data(&mut map, &[(2 << 20, 0x1000)]).is_err());
+    }
 }

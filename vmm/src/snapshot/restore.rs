@@ -134,6 +134,8 @@ pub struct Prepared {
     pub lazy: Option<Arc<LazyMemory>>,
     /// The snapshot restored: the parent a diff layer of this VM must name.
     pub lineage: super::layer::Lineage,
+    /// Guest ranges `(gpa, len_bytes)` that hold the snapshot's kept pages.
+    pub data_ranges: Vec<(u64, u64)>,
 }
 
 /// Loads the snapshot in `dir` and prepares memory and the KVM VM.
@@ -156,8 +158,8 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         source,
     })?;
     phases.mark("guest_memory_ms");
-    // `file_data`: the guest ranges mapped from the snapshots' kept pages.
-    let (mmaps, chunks, lazy, file_data) = match options.lazy {
+    // `file_data`: the guest ranges holding the snapshots' kept pages (mapped, or served lazily).
+    let (mmaps, chunks, lazy, file_data): (_, _, _, Vec<(u64, u64)>) = match options.lazy {
         LazyMode::Uffd if chain.links.len() > 1 => {
             let layers = chain.links.len();
             return Err(
@@ -177,8 +179,9 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
             .map_err(|e| SnapshotError::from(Box::new(e)))?;
             // Chunks are verified by the handler when first touched.
             phases.mark("uffd_register_ms");
-            let chunks = loaded.state.memory.chunks.len();
-            (0, chunks, Some(Arc::new(lazy)), Vec::new())
+            let chunks = &loaded.state.memory.chunks;
+            let file_data = chunks.iter().map(|c| (c.gpa, c.len_bytes)).collect();
+            (0, chunks.len(), Some(Arc::new(lazy)), file_data)
         }
         LazyMode::Off if chain.links.len() == 1 => {
             let loaded = chain.top();
@@ -276,7 +279,7 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         vm_fd,
         ram: Arc::new(match &lazy {
             Some(lazy) => GuestRam::lazily_filled(mem, lazy.clone()),
-            None => GuestRam::file_backed(mem, file_data),
+            None => GuestRam::file_backed(mem, file_data.clone()),
         }),
         vcpu_states: state.vcpus,
         serial_state: state.serial,
@@ -286,5 +289,6 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         phases,
         lazy,
         lineage,
+        data_ranges: file_data,
     })
 }

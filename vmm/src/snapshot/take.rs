@@ -92,6 +92,21 @@ pub fn take(
     // Device workers are parked from before their state is saved until the memory file is
     // written (or the snapshot fails): they neither write guest memory nor move queues.
     let _paused = PausedWorkers::pause(vm.virtio_devices)?;
+    // The page-state map is final from here on (vCPUs parked, workers paused): the balloon's
+    // saved state and the memory file's classification both read it after this last sync.
+    // Saving the map before it once left pages the guest had written since the previous sync
+    // marked free in the state while the memory file kept their data; the clone's next
+    // snapshot then dropped them (the intermittent `layers_chain` failure).
+    if let Some(dirty) = vm.dirty {
+        if let Err(err) = dirty.sync() {
+            // Pages whose state is stale stay in the state the map has: sync failures only
+            // make a snapshot keep pages (the map counts them Live), never lose them, except for
+            // pages written after a hint; refuse rather than risk that.
+            return Err(SnapshotError::Vcpus(format!(
+                "cannot sync the dirty log before reading the page-state map: {err}"
+            )));
+        }
+    }
     // Devices first: a VM with a device whose state cannot be saved gets no snapshot at all.
     let devices = vm
         .virtio_devices
@@ -109,16 +124,6 @@ pub fn take(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .save_state();
-    if let Some(dirty) = vm.dirty {
-        if let Err(err) = dirty.sync() {
-            // Pages whose state is stale stay in the state the map has: sync failures only
-            // make a snapshot keep pages (the map counts them Live), never lose them, except for
-            // pages written after a hint; refuse rather than risk that.
-            return Err(SnapshotError::Vcpus(format!(
-                "cannot sync the dirty log before reading the page-state map: {err}"
-            )));
-        }
-    }
     let layer = match (&request.parent, vm.layering) {
         (None, _) => None,
         (Some(_), None) => return Err(LayerError::NotTracking.into()),
