@@ -41,7 +41,9 @@ pub struct SnapshotState {
 impl SnapshotState {
     /// A state shaped like a restored VM's around `memory`, for benchmarks and tests (never
     /// restored): two vCPUs with 30 CPUID entries and 40 MSRs each and patterned XSAVE areas, a
-    /// 512 MiB configuration, the serial port's registers and no devices.
+    /// 512 MiB configuration, the serial port's registers and no devices. Only in test builds
+    /// and with the `examples` feature (which `bench` turns on), not in the product.
+    #[cfg(any(test, feature = "examples"))]
     pub fn example(memory: MemoryIndex) -> Self {
         let vcpu = |id: u8| {
             let mut xsave = kvm_bindings::kvm_xsave::default();
