@@ -443,22 +443,19 @@ fn run_step(
                 pids.push(read_pid(f).map_err(|e| (e, serde_json::Value::Null))?);
             }
             let max = Duration::from_millis(s.max_duration_ms).min(remaining);
-            let quota = s
-                .quota_mib_per_s
-                .map(|q| u64::from(q) << 20)
-                .map(|per_s| (per_s, 1000));
-            damon_pass(
-                env,
-                damon,
-                policy,
-                mem,
-                policy.effective_cold_age_ms(s.cold_age_ms),
-                quota,
-                s.spare_anon,
-                s.unmapped_page_cache_only,
-                max,
+            let quota_bytes = s.quota_mib_per_s.map(|q| u64::from(q) << 20);
+            let params = PageoutParams {
+                cold_age_ms: policy.effective_cold_age_ms(s.cold_age_ms),
+                // A quota per second; no interval without a quota.
+                reset_interval_ms: if quota_bytes.is_some() { 1000 } else { 0 },
+                quota_bytes,
+                spare_anon: s.spare_anon,
+                only_unmapped: s.unmapped_page_cache_only,
+                max_duration: max,
                 pids,
-            )
+                achieved_aggr_us: None,
+            };
+            damon_pass(env, damon, policy, mem, params)
         }
         Step::DropCaches(s) => drop_caches(env, damon, policy, mem, s, remaining),
         Step::CompactMemory(_) => env
@@ -470,54 +467,37 @@ fn run_step(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One DAMON-guided pageout pass with `params` (`achieved_aggr_us` is found here; the quota is
+/// narrowed to the policy's `keep_hot_mib`).
 fn damon_pass(
     env: &TrimEnv,
     damon: &StepDamon,
     policy: &Policy,
     mem: Option<&MemInfo>,
-    cold_age_ms: u64,
-    quota: Option<(u64, u64)>,
-    spare_anon: bool,
-    only_unmapped: bool,
-    max: Duration,
-    pids: Vec<u32>,
+    mut params: PageoutParams,
 ) -> StepResult {
-    let (mut quota_bytes, mut reset_interval_ms) = match quota {
-        Some((bytes, interval)) => (Some(bytes), interval),
-        None => (None, 0),
-    };
     // keep_hot_mib: page out at most the page cache above it over the whole pass.
     if let (Some(keep), Some(m)) = (policy.keep_hot_mib, mem) {
         let excess_bytes = m.file_cache_kib().saturating_sub(keep << 10) << 10;
         if excess_bytes == 0 {
             return Ok(json!({ "kept": "file page cache is at or below keep_hot_mib" }));
         }
-        let window_ms = ms(max).max(1);
-        let over_pass = quota_bytes.map_or(u64::MAX, |b| {
+        let window_ms = ms(params.max_duration).max(1);
+        let over_pass = params.quota_bytes.map_or(u64::MAX, |b| {
             b.saturating_mul(window_ms)
-                .div_ceil(reset_interval_ms.max(1))
+                .div_ceil(params.reset_interval_ms.max(1))
         });
-        quota_bytes = Some(excess_bytes.min(over_pass));
-        reset_interval_ms = window_ms;
+        params.quota_bytes = Some(excess_bytes.min(over_pass));
+        params.reset_interval_ms = window_ms;
     }
     let t_ages = Instant::now();
-    let ages = if pids.is_empty() {
+    let ages = if params.pids.is_empty() {
         achieved_paddr_aggr(env, damon)
     } else {
         AchievedAggr::default()
     };
     let ages_ms = ms(t_ages.elapsed());
-    let params = PageoutParams {
-        achieved_aggr_us: ages.during_aggr_us,
-        cold_age_ms,
-        quota_bytes,
-        reset_interval_ms,
-        spare_anon,
-        only_unmapped,
-        max_duration: max,
-        pids,
-    };
+    params.achieved_aggr_us = ages.during_aggr_us;
     let mut detail = match pageout_pass(
         &env.damon,
         &damon.pass,
@@ -633,18 +613,17 @@ fn drop_caches(
     let mut detail = serde_json::Map::new();
     if s.page_cache == PageCacheDrop::Cold {
         let max = Duration::from_millis(DEFAULT_DAMON_PAGEOUT_MAX_DURATION_MS).min(remaining);
-        let cold = damon_pass(
-            env,
-            damon,
-            policy,
-            mem,
-            policy.effective_cold_age_ms(s.cold_age_ms),
-            None,
-            true,
-            false,
-            max,
-            Vec::new(),
-        )?;
+        let params = PageoutParams {
+            cold_age_ms: policy.effective_cold_age_ms(s.cold_age_ms),
+            quota_bytes: None,
+            reset_interval_ms: 0,
+            spare_anon: true,
+            only_unmapped: false,
+            max_duration: max,
+            pids: Vec::new(),
+            achieved_aggr_us: None,
+        };
+        let cold = damon_pass(env, damon, policy, mem, params)?;
         detail.insert("cold_pageout".into(), cold);
     }
     // drop_caches: 1 page cache, 2 slab, 3 both.
