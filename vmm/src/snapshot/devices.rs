@@ -196,8 +196,11 @@ pub struct RestoredDevices {
 /// A page the memory file keeps is live by construction: the writer classifies pages with the
 /// map and keeps only live ones. Snapshots written before the writer synced the dirty log ahead
 /// of saving the map could still name such a page free (the guest wrote it since the previous
-/// sync); trusting that, the clone's next snapshot would have left the page's data out. Returns
-/// how many pages changed (logged when any did).
+/// sync); trusting that, the clone's next snapshot would have left the page's data out. A raw
+/// full dump keeps free pages too, so after its restore no page is free in the map: the clone's
+/// next snapshot then leaves inflated and reported pages out as zero (they were released) and
+/// keeps hinted ones, larger but never lossy. Returns how many pages changed (logged when any
+/// did).
 pub fn live_where_data(
     map: &mut PageStateMap,
     data_ranges: &[(u64, u64)],
