@@ -566,7 +566,6 @@ impl Vm {
             mut phases,
             lazy,
             lineage,
-            data_ranges,
         } = restored;
         let snapshot_id = lineage.snapshot_id;
         let layering = new_layering(&config, ram.memory(), Some(lineage));
@@ -575,7 +574,6 @@ impl Vm {
         let restored_devices = crate::snapshot::devices::restore_devices(
             &devices,
             &ram,
-            &data_ranges,
             config.vsock.as_ref(),
             &state_path,
         )?;

@@ -100,9 +100,9 @@ pub struct GuestRam {
     /// Parts of guest memory are private mappings of a snapshot's memory file: releasing
     /// remaps anonymous memory (`MADV_DONTNEED` would bring back the file's old contents).
     file_backed: bool,
-    /// The guest ranges `(gpa, len_bytes)`, sorted, whose mapping holds a snapshot's data (see
-    /// [`Residency::PageTables`]).
-    file_data: Vec<(u64, u64)>,
+    /// The guest ranges `(gpa, len_bytes)`, sorted, that a restored snapshot holds data for
+    /// (mapped from its memory file, or served lazily); empty for a booted VM.
+    snapshot_data: Vec<(u64, u64)>,
 }
 
 /// How the snapshot writer tells the pages the guest never touched: they read zero and are left
@@ -154,6 +154,11 @@ pub fn allocate_guest_memory(
     Ok(mem)
 }
 
+fn sorted(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    ranges
+}
+
 impl GuestRam {
     /// Wraps the guest's memory.
     pub fn new(mem: GuestMemoryMmap) -> Self {
@@ -162,15 +167,21 @@ impl GuestRam {
             mem,
             released_bytes: AtomicU64::new(0),
             file_backed: false,
-            file_data: Vec::new(),
+            snapshot_data: Vec::new(),
         }
     }
 
-    /// Wraps anonymous guest memory that `backing` fills on first touch (lazy restore).
-    /// Releasing stays `MADV_DONTNEED`: the backing sees it and serves zeros afterwards.
-    pub fn lazily_filled(mem: GuestMemoryMmap, backing: std::sync::Arc<dyn MemoryBacking>) -> Self {
+    /// Wraps anonymous guest memory that `backing` fills on first touch (lazy restore), with
+    /// the data for `snapshot_data`, guest ranges `(gpa, len_bytes)`. Releasing stays
+    /// `MADV_DONTNEED`: the backing sees it and serves zeros afterwards.
+    pub fn lazily_filled(
+        mem: GuestMemoryMmap,
+        backing: std::sync::Arc<dyn MemoryBacking>,
+        snapshot_data: Vec<(u64, u64)>,
+    ) -> Self {
         Self {
             backing: Some(backing),
+            snapshot_data: sorted(snapshot_data),
             ..Self::new(mem)
         }
     }
@@ -186,15 +197,20 @@ impl GuestRam {
     }
 
     /// Wraps guest memory restored from a snapshot, where ranges are private file mappings;
-    /// `file_data` are the guest ranges `(gpa, len_bytes)` that hold the snapshots' kept pages
-    /// (holes between them read zero and need not be listed).
-    pub fn file_backed(mem: GuestMemoryMmap, mut file_data: Vec<(u64, u64)>) -> Self {
-        file_data.sort_unstable();
+    /// `snapshot_data` are the guest ranges `(gpa, len_bytes)` that hold the snapshots' kept
+    /// pages (holes between them read zero and need not be listed).
+    pub fn file_backed(mem: GuestMemoryMmap, snapshot_data: Vec<(u64, u64)>) -> Self {
         Self {
             file_backed: true,
-            file_data,
+            snapshot_data: sorted(snapshot_data),
             ..Self::new(mem)
         }
+    }
+
+    /// The guest ranges `(gpa, len_bytes)`, sorted, that the restored snapshot holds data for;
+    /// empty for a booted VM.
+    pub fn snapshot_data(&self) -> &[(u64, u64)] {
+        &self.snapshot_data
     }
 
     /// How a snapshot of this memory tells never-touched pages.
@@ -203,7 +219,7 @@ impl GuestRam {
             Residency::Unknown
         } else {
             Residency::PageTables {
-                file_data: &self.file_data,
+                file_data: &self.snapshot_data,
             }
         }
     }

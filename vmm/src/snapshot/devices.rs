@@ -219,13 +219,12 @@ pub fn live_where_data(
     Ok(changed)
 }
 
-/// Rebuilds each device from its saved state (validated by the device crate). `data_ranges`
-/// are the guest ranges the snapshot restored data into: the balloon's page-state map holds
-/// them live whatever the saved map says (see [`live_where_data`]).
+/// Rebuilds each device from its saved state (validated by the device crate). The guest ranges
+/// the snapshot restored data into ([`GuestRam::snapshot_data`]) stay live in the balloon's
+/// page-state map whatever the saved map says (see [`live_where_data`]).
 pub fn restore_devices(
     states: &[DeviceState],
     ram: &Arc<GuestRam>,
-    data_ranges: &[(u64, u64)],
     vsock_config: Option<&vsock::VsockConfig>,
     state_path: &std::path::Path,
 ) -> Result<RestoredDevices, SnapshotError> {
@@ -248,7 +247,7 @@ pub fn restore_devices(
             } => {
                 let mut map = PageStateMap::restore(page_states, &ram.page_layout())
                     .map_err(|e| invalid("balloon", format!("page-state map: {e}")))?;
-                live_where_data(&mut map, data_ranges)
+                live_where_data(&mut map, ram.snapshot_data())
                     .map_err(|e| invalid("balloon", format!("page-state map: {e}")))?;
                 let balloon =
                     Balloon::restore(device, Arc::new(Mutex::new(map)), ram.clone(), ram.memory())

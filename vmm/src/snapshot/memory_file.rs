@@ -837,7 +837,7 @@ mod tests {
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         // The clone writes one page of its own.
         restored.write_obj(0x11u8, GuestAddress(2 * MIB)).unwrap();
-        let file_data = index.chunks.iter().map(|c| (c.gpa, c.len_bytes)).collect();
+        let file_data = index.chunks.iter().map(MemoryChunk::guest_range).collect();
         let ram = crate::memory::GuestRam::file_backed(restored.clone(), file_data);
 
         let again_path = dir.path().join("again");

@@ -13,6 +13,7 @@ use vm_memory::GuestAddress;
 use super::chain::Chain;
 use super::lazy::{LazyMemory, LazyMode};
 use super::memory_file::{map_into_guest, verify_mapped};
+use super::state::MemoryChunk;
 use super::SnapshotError;
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::serial::SavedSerial;
@@ -134,8 +135,6 @@ pub struct Prepared {
     pub lazy: Option<Arc<LazyMemory>>,
     /// The snapshot restored: the parent a diff layer of this VM must name.
     pub lineage: super::layer::Lineage,
-    /// Guest ranges `(gpa, len_bytes)` that hold the snapshot's kept pages.
-    pub data_ranges: Vec<(u64, u64)>,
 }
 
 /// Loads the snapshot in `dir` and prepares memory and the KVM VM.
@@ -180,7 +179,7 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
             // Chunks are verified by the handler when first touched.
             phases.mark("uffd_register_ms");
             let chunks = &loaded.state.memory.chunks;
-            let file_data = chunks.iter().map(|c| (c.gpa, c.len_bytes)).collect();
+            let file_data = chunks.iter().map(MemoryChunk::guest_range).collect();
             (0, chunks.len(), Some(Arc::new(lazy)), file_data)
         }
         LazyMode::Off if chain.links.len() == 1 => {
@@ -207,11 +206,7 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
                 })?;
             }
             phases.mark("verify_memory_ms");
-            if options.prefault {
-                let guest = chunks.iter().map(|c| (c.gpa, c.len_bytes));
-                super::prefault::spawn_all(super::prefault::host_ranges(&mem, guest));
-            }
-            let file_data = chunks.iter().map(|c| (c.gpa, c.len_bytes)).collect();
+            let file_data = chunks.iter().map(MemoryChunk::guest_range).collect();
             (mmaps, chunks.len(), None, file_data)
         }
         LazyMode::Off => {
@@ -228,18 +223,14 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
                 chain.verify_files(options.reverify)?;
             }
             phases.mark("verify_memory_ms");
-            if options.prefault {
-                let guest = file_runs.iter().flatten().map(|c| (c.gpa, c.len_bytes));
-                super::prefault::spawn_all(super::prefault::host_ranges(&mem, guest));
-            }
-            let file_data = file_runs
-                .iter()
-                .flatten()
-                .map(|c| (c.gpa, c.len_bytes))
-                .collect();
-            (mmaps, segments.len(), None, file_data)
+            let file_data = file_runs.iter().flatten().map(MemoryChunk::guest_range);
+            (mmaps, segments.len(), None, file_data.collect())
         }
     };
+    if options.prefault && lazy.is_none() {
+        let host = super::prefault::host_ranges(&mem, file_data.iter().copied());
+        super::prefault::spawn_all(host);
+    }
     let top = chain.links.pop().expect("a chain has a top").loaded;
     let top_load_timings = top.timings;
     let mut state = top.state;
@@ -278,8 +269,8 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         kvm,
         vm_fd,
         ram: Arc::new(match &lazy {
-            Some(lazy) => GuestRam::lazily_filled(mem, lazy.clone()),
-            None => GuestRam::file_backed(mem, file_data.clone()),
+            Some(lazy) => GuestRam::lazily_filled(mem, lazy.clone(), file_data),
+            None => GuestRam::file_backed(mem, file_data),
         }),
         vcpu_states: state.vcpus,
         serial_state: state.serial,
@@ -289,6 +280,5 @@ pub fn prepare(dir: &Path, options: &RestoreOptions) -> Result<Prepared, BootErr
         phases,
         lazy,
         lineage,
-        data_ranges: file_data,
     })
 }

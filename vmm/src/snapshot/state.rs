@@ -155,6 +155,13 @@ pub struct MemoryChunk {
     pub sum: ChunkSum,
 }
 
+impl MemoryChunk {
+    /// The guest range it holds, `(gpa, len_bytes)`.
+    pub fn guest_range(&self) -> (u64, u64) {
+        (self.gpa, self.len_bytes)
+    }
+}
+
 /// A [`MemoryChunk`] as the state file spells it: the checksum under its algorithm's name
 /// (`"xxh64"`, or `"crc32c"` in formats 1 to 3), exactly one of them.
 #[derive(Serialize, Deserialize)]

@@ -340,7 +340,7 @@ mod tests {
         let lazy = Arc::new(
             LazyMemory::start(&mem, &index, &file, &path, &dir.path().join("state"), true).unwrap(),
         );
-        let ram = GuestRam::lazily_filled(mem.clone(), lazy.clone());
+        let ram = GuestRam::lazily_filled(mem.clone(), lazy.clone(), Vec::new());
         assert!(ram.is_lazily_filled());
         // Touches from another thread, as a device worker would.
         let reader = mem.clone();
