@@ -187,6 +187,11 @@ pub(crate) fn build_image(vmm: &Path, root: &Path) -> anyhow::Result<Image> {
 /// Builds `vmm` + `guest-trimmer` with `scripts/build-static.sh` and `bench` with
 /// [`rig::build_static`]; returns (vmm, bench).
 pub(crate) fn build(root: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    Ok((build_static_vmm(root)?, build_static_bench(root)?))
+}
+
+/// Builds `vmm` + `guest-trimmer` with `scripts/build-static.sh`; returns the static `vmm`.
+pub(crate) fn build_static_vmm(root: &Path) -> anyhow::Result<PathBuf> {
     say("building the static vmm and guest-trimmer (scripts/build-static.sh)");
     let text = output_of(&root.join("scripts/build-static.sh"), &[], root)
         .context("building the static vmm")?;
@@ -199,7 +204,7 @@ pub(crate) fn build(root: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     if !rig::is_static_executable(&vmm).with_context(|| format!("checking {}", vmm.display()))? {
         bail!("{} is not statically linked", vmm.display());
     }
-    Ok((vmm, build_static_bench(root)?))
+    Ok(vmm)
 }
 
 /// Builds the static `bench` binary (the in-rig driver) and returns its path.
@@ -254,14 +259,14 @@ fn binary_size(vmm: &Path, qemu: &QemuBundle) -> anyhow::Result<BinarySize> {
     })
 }
 
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
 
 /// What /dev/kvm is on this host.
-fn dev_kvm_kind() -> String {
+pub(crate) fn dev_kvm_kind() -> String {
     if Path::new("/sys/module/kvm_pvm").exists() {
         "kvm_pvm (PVM: runs until the first KVM_RUN, then a stock guest fails)".into()
     } else if Path::new("/dev/kvm").exists() {

@@ -27,6 +27,7 @@ mod crash;
 mod driver;
 mod host;
 mod host_io;
+mod host_restore;
 mod layers;
 mod protocol;
 mod qemu;
@@ -80,6 +81,8 @@ enum Cmd {
     Layers(layers::LayersArgs),
     /// The snapshot writer and the restore's memory mapping on this host's CPU and disk (no VM).
     HostIo(host_io::HostIoArgs),
+    /// Restore → first KVM_RUN, phase by phase, on this host's own /dev/kvm (real time).
+    HostRestore(host_restore::HostRestoreArgs),
     /// Memory chunk checksums on this host's CPU and (with `--rig`) the rig's emulated one.
     Checksums(checksums::ChecksumsArgs),
     /// Draw a results file's figures as bar charts (SVG).
@@ -106,6 +109,7 @@ fn main() {
         Cmd::Soak(args) => soak::run(args),
         Cmd::Layers(args) => layers::run(args),
         Cmd::HostIo(args) => host_io::run(args),
+        Cmd::HostRestore(args) => host_restore::run(args),
         Cmd::Checksums(args) => checksums::run(args),
         Cmd::Chart(args) => chart::run(args),
         Cmd::Suite(args) => suite::run(args),
