@@ -268,7 +268,8 @@ pub(crate) fn tempfile_dir() -> anyhow::Result<PathBuf> {
 /// What /dev/kvm is on this host.
 pub(crate) fn dev_kvm_kind() -> String {
     if Path::new("/sys/module/kvm_pvm").exists() {
-        "kvm_pvm (PVM: runs until the first KVM_RUN, then a stock guest fails)".into()
+        "kvm_pvm (PVM: a stock guest runs for about 2 s, then KVM's instruction emulator fails it)"
+            .into()
     } else if Path::new("/dev/kvm").exists() {
         "hardware KVM".into()
     } else {
