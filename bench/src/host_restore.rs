@@ -382,3 +382,36 @@ fn dir_bytes(dir: &Path) -> anyhow::Result<u64> {
     }
     Ok(total)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(phases: &[(&str, f64)], setup_ms: f64) -> Sample {
+        Sample {
+            setup_ms,
+            phases: phases
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect(),
+            exit_reason: "shutdown".into(),
+        }
+    }
+
+    #[test]
+    fn steps_cover_process_start_to_the_first_kvm_run() {
+        let names = STEPS.iter().filter_map(|(_, _, to)| *to);
+        let phases: Vec<(&str, f64)> = names.zip(1..).map(|(n, i)| (n, f64::from(i))).collect();
+        let s = sample(&phases, 12.5);
+        let steps = s.steps_ms().unwrap();
+        assert_eq!(steps.len(), STEPS.len());
+        assert!((steps.iter().sum::<f64>() - 12.5).abs() < 1e-9);
+        assert_eq!(STEPS[KVM_VM_STEP].2, Some("kvm_vm_ms"));
+    }
+
+    #[test]
+    fn a_missing_phase_is_named() {
+        let err = sample(&[("cli_ms", 0.1)], 5.0).steps_ms().unwrap_err();
+        assert!(err.to_string().contains("seccomp_setup_ms"), "{err}");
+    }
+}

@@ -1197,6 +1197,22 @@ impl VcpuThreads {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vcpu_threads_whose_vcpus_never_come_end() {
+        let (events, _rx) = mpsc::channel();
+        let timeline = Arc::new(BootTimeline::new(Instant::now()));
+        let started =
+            VcpuThreads::start(2, &Arc::new(VcpuControl::default()), &timeline, &events).unwrap();
+        let VcpuThreads { handoffs, threads } = started;
+        assert_eq!(threads.len(), 2);
+        // What a failed set-up does: the handoffs go, and each thread must end, not wait.
+        drop(handoffs);
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert!(timeline.timings().phases.contains_key("vcpu_thread_ms"));
+    }
     use crate::api::{ApiError, ApiHandler, ApiRequest, BalloonRequest};
 
     #[test]
