@@ -277,11 +277,9 @@ pub(crate) fn dev_kvm_kind() -> String {
     }
 }
 
-/// `setup_ms` of `runs` `vmm run`s on this host's /dev/kvm.
-fn host_setup(vmm: &Path, image: &Image, runs: u32) -> anyhow::Result<HostSetup> {
-    let dir = tempfile_dir()?;
-    let metrics = dir.join("host-metrics.json");
-    let argv: Vec<String> = vec![
+/// `vmm run` of the image with `mem_mib` and 2 vCPUs, then `extra`.
+pub(crate) fn vmm_run_argv(vmm: &Path, image: &Image, mem_mib: u32, extra: &[&str]) -> Vec<String> {
+    let mut argv = vec![
         vmm.display().to_string(),
         "run".into(),
         "--kernel".into(),
@@ -289,14 +287,25 @@ fn host_setup(vmm: &Path, image: &Image, runs: u32) -> anyhow::Result<HostSetup>
         "--initrd".into(),
         image.initrd.display().to_string(),
         "--mem-mib".into(),
-        BOOT_MEM_MIB.to_string(),
+        mem_mib.to_string(),
         "--vcpus".into(),
         "2".into(),
-        "--cmdline".into(),
-        POWEROFF_RUN.into(),
-        "--metrics-file".into(),
-        metrics.display().to_string(),
     ];
+    argv.extend(extra.iter().map(|a| a.to_string()));
+    argv
+}
+
+/// `setup_ms` of `runs` `vmm run`s on this host's /dev/kvm.
+fn host_setup(vmm: &Path, image: &Image, runs: u32) -> anyhow::Result<HostSetup> {
+    let dir = tempfile_dir()?;
+    let metrics = dir.join("host-metrics.json");
+    let metrics_arg = metrics.display().to_string();
+    let argv = vmm_run_argv(
+        vmm,
+        image,
+        BOOT_MEM_MIB,
+        &["--cmdline", POWEROFF_RUN, "--metrics-file", &metrics_arg],
+    );
     let mut h = HostSetup {
         dev_kvm: dev_kvm_kind(),
         argv: argv.clone(),

@@ -21,7 +21,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use crate::console::TimedChild;
-use crate::host::{build_image, build_static_vmm, dev_kvm_kind, say, workspace_root};
+use crate::host::{build_image, build_static_vmm, dev_kvm_kind, say, vmm_run_argv, workspace_root};
 use crate::rig_script::write_results;
 use crate::stats::Summary;
 
@@ -173,26 +173,23 @@ fn take_snapshot(
     snapshot: &Path,
 ) -> anyhow::Result<()> {
     let api = dir.join("boot-api.sock");
-    let argv: Vec<String> = vec![
-        vmm.display().to_string(),
-        "run".into(),
-        "--kernel".into(),
-        image.kernel.display().to_string(),
-        "--initrd".into(),
-        image.initrd.display().to_string(),
-        "--mem-mib".into(),
-        args.mem_mib.to_string(),
-        "--vcpus".into(),
-        "2".into(),
-        "--balloon".into(),
-        "amount_mib=0,free_page_reporting=true".into(),
-        "--vsock-cid".into(),
-        "3".into(),
-        "--vsock-uds".into(),
-        dir.join("vsock.sock").display().to_string(),
-        "--api-sock".into(),
-        api.display().to_string(),
-    ];
+    let (vsock, api_arg) = (dir.join("vsock.sock"), api.display().to_string());
+    let vsock_arg = vsock.display().to_string();
+    let argv = vmm_run_argv(
+        vmm,
+        image,
+        args.mem_mib,
+        &[
+            "--balloon",
+            "amount_mib=0,free_page_reporting=true",
+            "--vsock-cid",
+            "3",
+            "--vsock-uds",
+            &vsock_arg,
+            "--api-sock",
+            &api_arg,
+        ],
+    );
     say(&format!(
         "booting the guest on this host's /dev/kvm ({}) to snapshot it after {} ms",
         dev_kvm_kind(),
