@@ -14,6 +14,7 @@
 //! memory slot, irqchip, PIT and clock state: kernel work, whose cost is the host KVM's, and
 //! PVM's memory slot alone takes 5-7 ms here).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use serde_json::{json, Value};
 
 use crate::console::TimedChild;
 use crate::host::{build_image, build_static_vmm, dev_kvm_kind, say, vmm_run_argv, workspace_root};
+use crate::protocol::VmmMetrics;
 use crate::rig_script::write_results;
 use crate::stats::Summary;
 
@@ -99,7 +101,7 @@ const KVM_VM_STEP: usize = 4;
 /// One restore's timeline: `setup_ms` and the phases, ms since process start.
 struct Sample {
     setup_ms: f64,
-    phases: serde_json::Map<String, Value>,
+    phases: BTreeMap<String, f64>,
     exit_reason: String,
 }
 
@@ -107,11 +109,11 @@ impl Sample {
     fn at(&self, phase: Option<&str>) -> anyhow::Result<f64> {
         match phase {
             None => Ok(0.0),
-            Some(name) => self
-                .phases
-                .get(name)
-                .and_then(Value::as_f64)
-                .with_context(|| format!("the metrics file has no phase {name:?} (an older vmm?)")),
+            Some(name) => {
+                self.phases.get(name).copied().with_context(|| {
+                    format!("the metrics file has no phase {name:?} (an older vmm?)")
+                })
+            }
         }
     }
 
@@ -273,16 +275,15 @@ fn restore_once(
                 .join(" | ")
         )
     })?;
-    let v: Value =
+    let parsed: VmmMetrics =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", metrics.display()))?;
-    let setup_ms = v["setup_ms"]
-        .as_f64()
-        .with_context(|| format!("{} has no setup_ms: {v}", metrics.display()))?;
-    let phases = v["phases"].as_object().cloned().unwrap_or_default();
+    let setup_ms = parsed
+        .setup_ms
+        .with_context(|| format!("{} has no setup_ms: {text}", metrics.display()))?;
     Ok(Sample {
         setup_ms,
-        phases,
-        exit_reason: v["exit_reason"].as_str().unwrap_or("?").to_owned(),
+        phases: parsed.phases,
+        exit_reason: parsed.exit_reason.unwrap_or_else(|| "?".into()),
     })
 }
 
@@ -387,10 +388,7 @@ mod tests {
     fn sample(phases: &[(&str, f64)], setup_ms: f64) -> Sample {
         Sample {
             setup_ms,
-            phases: phases
-                .iter()
-                .map(|(k, v)| (k.to_string(), json!(v)))
-                .collect(),
+            phases: phases.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             exit_reason: "shutdown".into(),
         }
     }

@@ -125,6 +125,9 @@ pub struct VmmMetrics {
     pub exit_reason: Option<String>,
     /// The VMM's exit code.
     pub exit_code: Option<i32>,
+    /// Named milestones, ms since process start (a restore's phases; absent for a boot).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub phases: std::collections::BTreeMap<String, f64>,
 }
 
 /// One boot's measurement. Times are from the driver's `spawn()` (emulated rig time).

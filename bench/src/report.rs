@@ -442,6 +442,7 @@ mod tests {
                 ready_ms: Some(ready - 1.0),
                 exit_reason: Some("poweroff".into()),
                 exit_code: Some(0),
+                phases: Default::default(),
             }),
             console_bytes: 1,
             kernel_cmdline: None,
